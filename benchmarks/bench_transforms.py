@@ -1,0 +1,161 @@
+"""Speed of the channel-directed transforms, measured side by side in one run.
+
+    python benchmarks/bench_transforms.py [--quick] [--end-to-end]
+
+Per conv shape (CIFAR ResNet-56, VGG-16, one 512x512x3x3 layer), median time of:
+  clone      a plain `clone()` of the gradient: the memory-bound floor
+  h0         cdgrad.reweighted_h0 (out of place)
+  sobolev    cdgrad.sobolev (out of place; the CPU fast path when the native kernel is available)
+  reference  cdgrad's plain-PyTorch Sobolev (two cumsums along dim 0)
+  published  a straightforward implementation of the published algorithm: permute the output axis last,
+             repeat the mean, shift with a matmul, cumsum along the last axis, permute back
+and the ratios.  Then whole models: every conv gradient of a ResNet-56 / VGG-16 transformed in place in
+one call (as `cdgrad.attach` does) vs cloning each gradient.  With --end-to-end, the extra time that
+`optimizer.step()` takes with the transform, as a share of a whole CIFAR ResNet-56 training iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+import cdgrad
+from cdgrad import _native
+from cdgrad import functional as F
+
+RESNET56 = [(16, 3, 3, 3), (16, 16, 3, 3), (32, 16, 3, 3), (32, 32, 3, 3), (64, 32, 3, 3), (64, 64, 3, 3)]
+VGG16 = [(64, 3, 3, 3), (64, 64, 3, 3), (128, 64, 3, 3), (128, 128, 3, 3), (256, 128, 3, 3), (256, 256, 3, 3),
+         (512, 256, 3, 3), (512, 512, 3, 3)]
+# how many conv layers of each shape the models have (ResNet-56 with option-A shortcuts)
+RESNET56_COUNTS = [1, 18, 1, 17, 1, 17]
+VGG16_COUNTS = [1, 1, 1, 1, 1, 2, 1, 5]
+
+
+def published_style_sobolev(f: torch.Tensor, lam: float) -> torch.Tensor:
+    """The published algorithm written plainly (with the per-fiber constant fixed, so results compare)."""
+    x = f.permute(*range(1, f.dim()), 0)  # output axis last
+    O = x.shape[-1]
+    mean = x.mean(-1, keepdim=True).repeat(*([1] * (x.dim() - 1)), O)
+    c = torch.cumsum(x - mean, -1) / (lam * O * O)
+    shift = torch.diag(torch.ones(O - 1, dtype=f.dtype), 1)  # (c @ shift)[o] = c[o-1], c[-1] = 0
+    v = c.mean(-1, keepdim=True).repeat(*([1] * (x.dim() - 1)), O) - c @ shift
+    u = torch.cumsum(v, -1)
+    g = mean + u - u.mean(-1, keepdim=True)
+    return g.permute(-1, *range(0, f.dim() - 1)).contiguous()
+
+
+def timeit(fn, min_time=0.2, repeats=7) -> float:
+    """Median seconds per call over `repeats` rounds of enough calls to last min_time/repeats."""
+    fn()
+    n, t0 = 1, time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    n = max(1, int(min_time / repeats / one))
+    rounds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - t0) / n)
+    return statistics.median(rounds)
+
+
+def per_shape(shapes, min_time):
+    print("| shape | clone us | h0 us | sobolev us | reference us | published us | h0/clone | sobolev/clone "
+          "| published/sobolev |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in shapes:
+        g = torch.randn(shape)
+        expected = published_style_sobolev(g.double(), 1.0)
+        assert torch.allclose(cdgrad.sobolev(g.double(), 1.0), expected, atol=1e-12), shape
+        t = {
+            "clone": timeit(lambda g=g: g.clone(), min_time),
+            "h0": timeit(lambda g=g: cdgrad.reweighted_h0(g, 2.0), min_time),
+            "sobolev": timeit(lambda g=g: cdgrad.sobolev(g, 1.0), min_time),
+            "reference": timeit(lambda g=g: F.sobolev_reference(g, 1.0), min_time),
+            "published": timeit(lambda g=g: published_style_sobolev(g, 1.0), min_time),
+        }
+        us = {k: v * 1e6 for k, v in t.items()}
+        print(f"| {'x'.join(map(str, shape))} | {us['clone']:.1f} | {us['h0']:.1f} | {us['sobolev']:.1f} | "
+              f"{us['reference']:.1f} | {us['published']:.1f} | {t['h0'] / t['clone']:.2f} | "
+              f"{t['sobolev'] / t['clone']:.2f} | {t['published'] / t['sobolev']:.1f} |")
+
+
+def whole_model(name, shapes, counts, min_time):
+    grads = [torch.randn(s) for s, c in zip(shapes, counts, strict=True) for _ in range(c)]
+    numel = sum(g.numel() for g in grads)
+    flat = torch.empty(numel)
+    src = torch.randn(numel)
+    t_clone = timeit(lambda: [g.clone() for g in grads], min_time)
+    t_copy = timeit(lambda: flat.copy_(src), min_time)
+    t_h0 = timeit(lambda: F.channel_directed_(grads, "h0", 2.0, 0.0, 0), min_time)
+    t_sob = timeit(lambda: F.channel_directed_(grads, "sobolev", 1.0, 0.1, 0), min_time)
+    t_pub = timeit(lambda: [published_style_sobolev(g, 1.0) for g in grads], min_time)
+    print(f"| {name} ({len(grads)} tensors, {numel / 1e6:.2f} M) | {t_copy * 1e6:.0f} | {t_clone * 1e6:.0f} | "
+          f"{t_h0 * 1e6:.0f} | {t_sob * 1e6:.0f} | {t_pub * 1e6:.0f} | {t_h0 / t_clone:.2f} | "
+          f"{t_sob / t_clone:.2f} | {t_pub / t_sob:.1f} |")
+
+
+def end_to_end(batch_size=8, iterations=30):
+    from cdgrad.experiments.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet56")
+    x = torch.randn(batch_size, 3, 32, 32)
+    y = torch.randint(0, 10, (batch_size,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    variants = {"none": None, "h0": cdgrad.ChannelDirected("h0", 2.0),
+                "sobolev": cdgrad.ChannelDirected("sobolev", 1.0, 0.1)}
+    step_times = {k: [] for k in variants}
+    iter_times = []
+    for it in range(iterations + 3):
+        for name, transform in variants.items():  # interleaved, so drift affects every variant alike
+            handle = cdgrad.attach(opt, transform) if transform is not None else None
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            if handle is not None:
+                handle.remove()
+            if it >= 3:
+                step_times[name].append(t2 - t1)
+                if name == "none":
+                    iter_times.append(t2 - t0)
+    it_med = statistics.median(iter_times)
+    base = statistics.median(step_times["none"])
+    print(f"ResNet-56, batch {batch_size}, SGD: median iteration {it_med * 1e3:.1f} ms, "
+          f"optimizer.step() {base * 1e3:.2f} ms")
+    for name in ("h0", "sobolev"):
+        extra = statistics.median(step_times[name]) - base
+        print(f"  {name}: step {statistics.median(step_times[name]) * 1e3:.2f} ms, extra {extra * 1e3:.3f} ms "
+              f"= {100 * extra / it_med:.2f}% of an iteration")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter timings (noisier)")
+    parser.add_argument("--end-to-end", action="store_true", help="also time a ResNet-56 training iteration")
+    args = parser.parse_args()
+    min_time = 0.05 if args.quick else 0.3
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
+          f"native kernel: {'yes' if _native.library() is not None else 'no (PyTorch path)'}\n")
+    per_shape(sorted(set(RESNET56 + VGG16), key=lambda s: (s[0], s[1])), min_time)
+    print("\n| all conv gradients | flat copy us | clone each us | h0 us | sobolev us | published us | h0/clone "
+          "| sobolev/clone | published/sobolev |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    whole_model("ResNet-56", RESNET56, RESNET56_COUNTS, min_time)
+    whole_model("VGG-16", VGG16, VGG16_COUNTS, min_time)
+    if args.end_to_end:
+        print()
+        end_to_end()
+
+
+if __name__ == "__main__":
+    main()

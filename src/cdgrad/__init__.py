@@ -1,0 +1,35 @@
+"""cdgrad: channel-directed gradients and related geometry-aware gradient transforms.
+
+    import cdgrad
+    handle = cdgrad.attach(optimizer, cdgrad.ChannelDirected("sobolev", lam=1.0, beta=0.1))
+"""
+
+from .attach import AttachHandle, attach
+from .functional import centralize, laplacian_smooth, reweighted_h0, sobolev
+from .transforms import (
+    Centralize,
+    Chain,
+    ChannelDirected,
+    LaplacianSmoothing,
+    Scaled,
+    paper_convention,
+)
+from .transforms_base import GradientTransform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attach",
+    "AttachHandle",
+    "reweighted_h0",
+    "sobolev",
+    "laplacian_smooth",
+    "centralize",
+    "ChannelDirected",
+    "LaplacianSmoothing",
+    "Centralize",
+    "Scaled",
+    "Chain",
+    "paper_convention",
+    "GradientTransform",
+]

@@ -1,0 +1,96 @@
+"""Attach a gradient transform to any torch optimizer, without subclassing it.
+
+    handle = cdgrad.attach(optimizer, cdgrad.ChannelDirected("sobolev", lam=1.0, beta=0.1))
+    ...                       # every optimizer.step() now consumes the transformed gradients
+    handle.remove()
+
+The transform runs in a step pre-hook, i.e. inside `optimizer.step()` and before the optimizer's own
+weight decay, momentum or adaptive moments.  `torch.amp.GradScaler.step` unscales the gradients before it
+calls `optimizer.step()` and skips that call on overflow, so the transform sees unscaled gradients and a
+skipped step skips it.  Gradients are replaced in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .transforms_base import GradientTransform
+
+__all__ = ["attach", "AttachHandle"]
+
+
+class AttachHandle:
+    """Returned by `attach`; `remove()` detaches the transform (also usable as a context manager)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, transform: GradientTransform,
+                 params: list[Tensor] | None) -> None:
+        self.optimizer = optimizer
+        self.transform = transform
+        self._only = None if params is None else {id(p) for p in params}
+        self._hook = optimizer.register_step_pre_hook(self._pre_step)
+
+    def selected(self) -> list[Tensor]:
+        """The parameters the transform acts on at the next step (those with a gradient)."""
+        out = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None or (self._only is not None and id(p) not in self._only):
+                    continue
+                if self.transform.select(p):
+                    out.append(p)
+        return out
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = self.selected()
+        for p in params:  # validate everything before touching anything
+            g = p.grad
+            if g.is_sparse or g.layout != torch.strided:
+                raise TypeError(
+                    "cdgrad.attach: sparse gradients are not supported (parameter of shape "
+                    f"{tuple(p.shape)}); accepted: dense floating-point gradients"
+                )
+            if not g.is_floating_point():
+                raise TypeError(f"cdgrad.attach: gradient dtype {g.dtype} is not a floating dtype")
+        if params:
+            with torch.no_grad():
+                self.transform.transform_([p.grad for p in params], params)
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+    def __enter__(self) -> AttachHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def attach(
+    optimizer: torch.optim.Optimizer, transform: GradientTransform, params: Iterable[Tensor] | None = None
+) -> AttachHandle:
+    """Make every `optimizer.step()` replace the gradients by `transform`'s output first.
+
+    params: restrict the transform to these parameters (default: every parameter of the optimizer,
+    including parameter groups added later).  Parameters without a gradient are skipped.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(transform, GradientTransform):
+        raise TypeError(
+            f"transform must be a cdgrad GradientTransform (e.g. cdgrad.ChannelDirected(...)), "
+            f"got {type(transform).__name__}"
+        )
+    chosen = None
+    if params is not None:
+        chosen = list(params)
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for i, p in enumerate(chosen):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
+            if id(p) not in known:
+                raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the optimizer")
+    return AttachHandle(optimizer, transform, chosen)

@@ -1,0 +1,227 @@
+"""attach(): the transform runs inside optimizer.step(), before the optimizer's own update."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import cdgrad
+from cdgrad.transforms_base import GradientTransform
+
+
+def small_net(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)
+    ).to(dtype)
+
+
+def batch(step, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(5, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, 4, (5,), generator=g)
+
+
+def loss_fn(model, step):
+    x, y = batch(step)
+    return nn.functional.cross_entropy(model(x), y)
+
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-4),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3),
+}
+TRANSFORMS = {
+    "sobolev": lambda: cdgrad.ChannelDirected("sobolev", lam=1.0, beta=0.1),
+    "h0-all": lambda: cdgrad.ChannelDirected("h0", lam=3.0, scope="all"),
+    "paper-chain": lambda: cdgrad.Chain(cdgrad.Centralize(), cdgrad.paper_convention("h0", 2.0)),
+}
+
+
+def init(model):
+    model(batch(0, next(model.parameters()).dtype)[0])  # materialise the lazy layer
+    return model
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("t_name", list(TRANSFORMS))
+def test_attached_equals_hand_transformed(opt_name, t_name):
+    a, b = init(small_net()), init(small_net())
+    opt_a, opt_b = OPTIMIZERS[opt_name](a.parameters()), OPTIMIZERS[opt_name](b.parameters())
+    transform = TRANSFORMS[t_name]()
+    cdgrad.attach(opt_a, transform)
+    for step in range(5):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            loss_fn(model, step).backward()
+        with torch.no_grad():  # hand-transform b's gradients
+            for p in b.parameters():
+                if transform.select(p):
+                    p.grad = transform(p.grad, p)
+        opt_a.step()
+        opt_b.step()
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa, pb), f"step {step}"
+    plain = init(small_net())
+    opt_p = OPTIMIZERS[opt_name](plain.parameters())
+    opt_p.zero_grad()
+    loss_fn(plain, 0).backward()
+    opt_p.step()
+    assert not torch.equal(next(plain.parameters()), next(small_net().parameters())), "the transform changed nothing"
+
+
+def run(model, opt, steps, scheduler=None):
+    for step in steps:
+        opt.zero_grad()
+        loss_fn(model, step).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def test_state_dict_mid_run_resumes_bit_for_bit():
+    ref = init(small_net())
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    cdgrad.attach(opt, cdgrad.paper_convention("sobolev", 1.5, beta=0.05))
+    run(ref, opt, range(6), sched)
+
+    first = init(small_net())
+    opt1 = torch.optim.SGD(first.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sched1 = torch.optim.lr_scheduler.StepLR(opt1, 2, 0.5)
+    t1 = cdgrad.paper_convention("sobolev", 1.5, beta=0.05)
+    cdgrad.attach(opt1, t1)
+    run(first, opt1, range(3), sched1)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "sched": sched1.state_dict(),
+                "transform": t1.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    second = init(small_net(seed=7))
+    second.load_state_dict(state["model"])
+    opt2 = torch.optim.SGD(second.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt2.load_state_dict(state["opt"])
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, 2, 0.5)
+    sched2.load_state_dict(state["sched"])
+    t2 = cdgrad.paper_convention("sobolev", 9.0)  # wrong hyper-parameters, overwritten by the state dict
+    t2.load_state_dict(state["transform"])
+    cdgrad.attach(opt2, t2)
+    run(second, opt2, range(3, 6), sched2)
+    for p, q in zip(ref.parameters(), second.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+class Spy(GradientTransform):
+    """Records the gradients it is given, then applies an inner transform."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+
+    def select(self, param):
+        return self.inner.select(param)
+
+    def transform_(self, grads, params):
+        self.seen.append([g.clone() for g in grads])
+        self.inner.transform_(grads, params)
+
+
+def test_grad_scaler_unscales_before_and_skips_on_overflow():
+    model = init(small_net(dtype=torch.float32))
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    spy = Spy(cdgrad.ChannelDirected("sobolev", 1.0))
+    cdgrad.attach(opt, spy)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x, y = batch(1, torch.float32)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    nn.functional.cross_entropy(reference(x), y).backward()
+    expected = [p.grad for p in reference.parameters() if spy.select(p)]
+    assert len(spy.seen) == 1
+    for seen, exp in zip(spy.seen[0], expected, strict=True):
+        torch.testing.assert_close(seen, exp, rtol=1e-5, atol=1e-7)  # unscaled, not 4096x larger
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y) * float("inf")).backward()
+    scaler.step(opt)  # overflow: step skipped, and the transform with it
+    assert len(spy.seen) == 1
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+
+
+def test_clipping_scheduler_groups_and_subset():
+    model = init(small_net())
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    rest = [p for p in model.parameters() if p.dim() != 4]
+    opt = torch.optim.SGD([{"params": convs, "lr": 0.1}, {"params": rest, "lr": 0.01}], momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
+    spy = Spy(cdgrad.ChannelDirected("h0", 2.0, scope="all"))
+    handle = cdgrad.attach(opt, spy, params=convs[:1])
+    opt.zero_grad()
+    loss_fn(model, 0).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+    clipped = convs[0].grad.clone()
+    opt.step()
+    sched.step()
+    assert len(spy.seen) == 1 and len(spy.seen[0]) == 1
+    assert torch.equal(spy.seen[0][0], clipped)  # the transform sees the clipped gradient
+    torch.testing.assert_close(convs[0].grad, cdgrad.reweighted_h0(clipped, 2.0))
+    handle.remove()
+    opt.zero_grad()
+    loss_fn(model, 1).backward()
+    opt.step()
+    assert len(spy.seen) == 1  # removed
+
+
+def test_parameters_without_gradient_are_skipped():
+    model = init(small_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    spy = Spy(cdgrad.ChannelDirected("sobolev", 1.0))
+    cdgrad.attach(opt, spy)
+    model[0].weight.requires_grad_(False)
+    loss_fn(model, 0).backward()
+    opt.step()
+    assert [g.shape for g in spy.seen[0]] == [model[2].weight.shape]
+
+
+def test_compiled_model():
+    model = init(small_net(dtype=torch.float32))
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.1)
+    cdgrad.attach(opt, cdgrad.ChannelDirected("sobolev", 1.0, 0.1))
+    cdgrad.attach(opt_twin, cdgrad.ChannelDirected("sobolev", 1.0, 0.1))
+    x, y = batch(2, torch.float32)
+    for m, o in ((compiled, opt), (twin, opt_twin)):
+        nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_input_leaves_everything_untouched():
+    emb = nn.Embedding(10, 4, sparse=True).double()
+    conv = nn.Conv2d(2, 3, 3).double()
+    opt = torch.optim.SGD(list(emb.parameters()) + list(conv.parameters()), lr=0.1, momentum=0.9)
+    cdgrad.attach(opt, cdgrad.ChannelDirected("sobolev", 1.0, scope="all"))
+    (emb(torch.tensor([1, 2])).sum() + conv(torch.randn(1, 2, 5, 5, dtype=torch.float64)).sum()).backward()
+    before = [p.detach().clone() for p in (emb.weight, conv.weight)]
+    conv_grad = conv.weight.grad.clone()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+    assert torch.equal(emb.weight, before[0]) and torch.equal(conv.weight, before[1])
+    assert torch.equal(conv.weight.grad, conv_grad)
+    assert opt.state_dict()["state"] == {}
+
+    with pytest.raises(TypeError, match="optimizer"):
+        cdgrad.attach(conv, cdgrad.ChannelDirected())
+    with pytest.raises(TypeError, match="transform"):
+        cdgrad.attach(opt, cdgrad.sobolev)
+    with pytest.raises(ValueError, match="not a parameter of the optimizer"):
+        cdgrad.attach(opt, cdgrad.ChannelDirected(), params=[torch.zeros(3, requires_grad=True)])
