@@ -1,0 +1,280 @@
+"""The networks of the experiments: a 2-layer CNN for (Fashion-)MNIST, CIFAR ResNets and VGG-16.
+
+Every convolution weight has PyTorch layout ``(out, in, kh, kw)`` (output channels on dim 0), the layout the
+gradient transforms assume. Initialisation (`init_weights`) follows the references (He et al. 2015/2016,
+``fb.resnet.torch``): convolution weights ``N(0, 2 / (kh kw out))`` (Kaiming normal, fan-out, ReLU gain),
+convolution and linear biases 0, batch-norm scale 1 and shift 0, linear weights PyTorch's default
+``U(-1/sqrt(in), 1/sqrt(in))``. No forward pass has data-dependent Python control flow, so every model
+traces with ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "CNN2",
+    "MODELS",
+    "VGG",
+    "VGG16_CFG",
+    "BasicBlock",
+    "CifarResNet",
+    "ShortcutA",
+    "build_model",
+    "count_parameters",
+    "init_weights",
+]
+
+MODELS = ("cnn2", "resnet20", "resnet32", "resnet56", "vgg16")
+
+VGG16_CFG: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+)  # fmt: skip
+
+
+def init_weights(model: nn.Module) -> nn.Module:
+    """Kaiming-normal (fan-out, ReLU) convolutions, zero biases, unit/zero batch norm; returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters of ``model`` (each shared tensor counted once); buffers excluded."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2-layer CNN (Lao et al., MNIST and Fashion-MNIST)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class CNN2(nn.Module):
+    """The 2-layer CNN of Lao et al. for MNIST / Fashion-MNIST.
+
+    ``conv5x5(in -> 50) -> ReLU -> maxpool2 -> conv5x5(50 -> 100) -> ReLU -> maxpool2 -> flatten ->
+    linear(100 s^2 -> num_classes)``, no padding, ``s = ((image_size - 4) // 2 - 4) // 2``
+    (``s = 4`` for 28x28 inputs: 1,600 features; ``s = 5`` for 32x32).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        _positive_int(num_classes, "num_classes")
+        _positive_int(in_channels, "in_channels")
+        _positive_int(image_size, "image_size")
+        if image_size < 16:
+            raise ValueError(
+                f"image_size must be >= 16 for cnn2 (two 5x5 convs, two 2x2 pools), got {image_size}"
+            )
+        side = ((image_size - 4) // 2 - 4) // 2
+        self.conv1 = nn.Conv2d(in_channels, 50, kernel_size=5)
+        self.conv2 = nn.Conv2d(50, 100, kernel_size=5)
+        self.fc = nn.Linear(100 * side * side, num_classes)
+        init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CIFAR ResNets (He et al. 2016, section 4.2)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ShortcutA(nn.Module):
+    """Parameter-free shortcut (option A): ``y = zero-pad channels(x[:, :, ::stride, ::stride])``.
+
+    The ``out - in`` new channels are zeros, split evenly before and after the input channels.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        if out_planes < in_planes:
+            raise ValueError(f"out_planes ({out_planes}) must be >= in_planes ({in_planes})")
+        self.stride = stride
+        self.pad_before = (out_planes - in_planes) // 2
+        self.pad_after = out_planes - in_planes - self.pad_before
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
+
+
+class BasicBlock(nn.Module):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` with 3x3 convolutions, no conv biases.
+
+    The shortcut is the identity when shape is kept; otherwise option ``"A"`` (`ShortcutA`, parameter-free)
+    or ``"B"`` (1x1 convolution with stride + batch norm, a projection).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module
+        if stride == 1 and in_planes == planes:
+            self.shortcut = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = ShortcutA(in_planes, planes, stride)
+        else:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-``depth`` for CIFAR (He et al. 2016, section 4.2), ``depth = 6 n + 2``.
+
+    ``conv3x3(in -> 16) -> BN -> ReLU``, then three stages of ``n`` `BasicBlock` s with 16, 32, 64 channels
+    (the first block of stages 2 and 3 has stride 2), global average pooling, ``linear(64 -> num_classes)``.
+    ``shortcut="A"`` (default, the paper's CIFAR choice): parameter-free stride-2 subsampling plus zero
+    channel padding; ``"B"``: 1x1 convolution + BN projections where the shape changes. Parameter counts for
+    10 classes and 3 input channels: ResNet-20 269,722 (A) / 272,474 (B); ResNet-32 464,154 / 466,906;
+    ResNet-56 853,018 / 855,770.
+    """
+
+    def __init__(
+        self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, shortcut: str = "A"
+    ) -> None:
+        super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+        _positive_int(num_classes, "num_classes")
+        _positive_int(in_channels, "in_channels")
+        n = (depth - 2) // 6
+        self.depth, self.shortcut_option = depth, shortcut
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers: list[nn.Module] = []
+        in_planes = 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, shortcut))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, num_classes)
+        init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VGG-16 with batch norm
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _pooled_size(image_size: int, pools: int) -> int:
+    """Side after ``pools`` 2x2 max-pools with ceil mode; each pool needs an input side >= 2."""
+    side = image_size
+    for _ in range(pools):
+        if side < 2:
+            raise ValueError(f"image_size {image_size} is too small for {pools} 2x2 max-pools")
+        side = (side + 1) // 2
+    return side
+
+
+class VGG(nn.Module):
+    """VGG with batch norm for CIFAR-sized images.
+
+    Each integer ``c`` of ``cfg`` is ``conv3x3(c, padding 1, with bias) -> BN -> ReLU``; each ``"M"`` is a
+    2x2 max-pool (ceil mode, so 28x28 inputs reach 1x1 as 32x32 ones do). Classifier: a single
+    ``linear(512 s^2 -> num_classes)`` on the flattened features, ``s`` the final side (1 for 28 and 32).
+    With `VGG16_CFG`, 10 classes and 3 input channels: 14,728,266 parameters.
+    """
+
+    def __init__(
+        self,
+        cfg: Sequence[int | str] = VGG16_CFG,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+    ) -> None:
+        super().__init__()
+        _positive_int(num_classes, "num_classes")
+        _positive_int(in_channels, "in_channels")
+        _positive_int(image_size, "image_size")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            else:
+                v = _positive_int(v, "cfg entry")
+                layers += [nn.Conv2d(channels, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                channels = v
+        side = _pooled_size(image_size, sum(v == "M" for v in cfg))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels * side * side, num_classes)
+        init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Factory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_model(
+    name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs: object
+) -> nn.Module:
+    """Build model ``name`` (one of `MODELS`) for ``in_channels x image_size x image_size`` inputs.
+
+    ``cnn2`` -> `CNN2`; ``resnet20/32/56`` -> `CifarResNet` of that depth (keyword ``shortcut="A"|"B"``);
+    ``vgg16`` -> `VGG` with `VGG16_CFG`. Parameters are drawn from torch's global generator, so a seed
+    fixes them.
+    """
+    if name not in MODELS:
+        raise ValueError(f"name must be one of {MODELS}, got {name!r}")
+    allowed = ("shortcut",) if name.startswith("resnet") else ()
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"build_model({name!r}) got unexpected keyword(s) {unknown}; accepted: {list(allowed) or 'none'}"
+        )
+    if name == "cnn2":
+        return CNN2(num_classes, in_channels, image_size)
+    if name == "vgg16":
+        return VGG(VGG16_CFG, num_classes, in_channels, image_size)
+    _positive_int(image_size, "image_size")
+    depth = int(name.removeprefix("resnet"))
+    return CifarResNet(depth, num_classes, in_channels, **kwargs)  # type: ignore[arg-type]
