@@ -6,6 +6,13 @@
 
 from .attach import AttachHandle, attach
 from .functional import centralize, laplacian_smooth, reweighted_h0, sobolev
+from .spectral import (
+    OperatorNormClipper,
+    clip_operator_norm,
+    conv_operator_norm,
+    conv_singular_values,
+    record_input_sizes,
+)
 from .transforms import (
     Centralize,
     Chain,
@@ -32,4 +39,9 @@ __all__ = [
     "Chain",
     "paper_convention",
     "GradientTransform",
+    "conv_singular_values",
+    "conv_operator_norm",
+    "clip_operator_norm",
+    "OperatorNormClipper",
+    "record_input_sizes",
 ]

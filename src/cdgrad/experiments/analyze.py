@@ -1,0 +1,241 @@
+"""``cdgrad analyze``: correlation and spectral statistics of a trained network's conv weights.
+
+Writes a Markdown table (one row per conv layer) and four PNG plots:
+
+- ``correlation_vs_distance.png``: ``axis_correlation`` against distance, output vs input axis;
+- ``channel_correlation_histogram.png``: off-diagonal correlations between whole channels;
+- ``channel_mean_std.png``: per-channel mean against standard deviation;
+- ``singular_values.png``: the singular-value spectrum of each layer's circular convolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..analysis import (
+    _check_bins,
+    _check_distance,
+    _lookup_size,
+    channel_correlation_histogram,
+    channel_mean_std,
+    correlation_profile,
+    singular_value_spectrum,
+    summarize_state_dict,
+)
+from ..spectral import _input_size
+
+__all__ = ["add_analyze_arguments", "analyze", "analyze_state_dict", "load_state_dict", "run_analyze"]
+
+PLOTS = (
+    "correlation_vs_distance.png",
+    "channel_correlation_histogram.png",
+    "channel_mean_std.png",
+    "singular_values.png",
+)
+
+
+def load_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The model state dict in a ``torch.save`` checkpoint: ``ckpt["model"]`` if present, else ``ckpt``."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {str(path)!r} (source must be a file saved with torch.save)")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # torch raises several types for non-checkpoint or unsafe files
+        raise ValueError(f"could not load {str(path)!r} as a torch checkpoint: {err}") from err
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(
+            f"{str(path)!r} must hold a state_dict (name -> tensor) or a dict with a 'model' state_dict"
+        )
+    return dict(state)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _size_label(input_size: Any) -> str:
+    if isinstance(input_size, Mapping):
+        return "at each layer's input size"
+    n_h, n_w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    return f"@ {n_h}x{n_w}"
+
+
+def _figure(**kw: Any):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the analysis plots need matplotlib: pip install 'cdgrad[experiments]'") from err
+    return Figure(**kw)
+
+
+def analyze_state_dict(
+    state_dict: Mapping[str, Any],
+    out_dir: str | os.PathLike[str],
+    input_size: int | tuple[int, int] | Mapping[str, Any] = 32,
+    *,
+    max_distance: int = 8,
+    bins: int = 40,
+) -> str:
+    """Tabulate and plot the conv weights (4-D, ``kh * kw > 1``) of ``state_dict``; return the table.
+
+    ``input_size`` is the spatial size used for the singular values: one size for every layer (the
+    network's input size, an upper size for layers behind strides or pooling), or a mapping from
+    state-dict key or module name to size (``cdgrad.spectral.record_input_sizes``). The Markdown
+    table is also written to ``out_dir/summary.md``; the plots are ``out_dir/<name>.png``.
+    """
+    if not isinstance(input_size, Mapping):
+        _input_size(input_size, torch.empty(1, 1, 1, 1))  # validate before any work
+    _check_distance(max_distance, "max_distance")
+    _check_bins(bins)
+    rows = summarize_state_dict(state_dict, None)
+    if not rows:
+        raise ValueError("state_dict has no conv weights (4-D floating tensors with kh * kw > 1) to analyze")
+    weights = {r["name"]: state_dict[r["name"]].detach().to("cpu", torch.float64) for r in rows}
+    spectra: dict[str, Tensor | None] = {}
+    for r in rows:
+        w, size = weights[r["name"]], _lookup_size(input_size, r["name"])
+        try:
+            spectra[r["name"]] = singular_value_spectrum(w, size) if size is not None else None
+        except ValueError:  # input smaller than the kernel
+            spectra[r["name"]] = None
+        s = spectra[r["name"]]
+        r["op_norm"] = float(s[0]) if s is not None else None
+
+    label = _size_label(input_size)
+    lines = [
+        f"| layer | shape | corr out (d=1) | corr in (d=1) | out/in | op norm {label} |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        shape = "x".join(str(s) for s in r["shape"])
+        lines.append(
+            f"| {r['name']} | {shape} | {_fmt(r['corr_out'])} | {_fmt(r['corr_in'])} | {_fmt(r['ratio'], 2)} "
+            f"| {_fmt(r['op_norm'])} |"
+        )
+    note = (
+        "Operator norm: largest singular value of the stride-1 convolution with wrap-around "
+        + (
+            "at each layer's recorded input size."
+            if isinstance(input_size, Mapping)
+            else f"on {label[2:]} inputs for every layer; layers behind strides or pooling see smaller "
+            "maps, so this is the norm at an upper input size, not the layer's exact norm."
+        )
+    )
+    table = "\n".join(lines) + "\n\n" + note + "\n"
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(table)
+    _plot_correlation(weights, max_distance, out / PLOTS[0])
+    _plot_histogram(weights, bins, out / PLOTS[1])
+    _plot_mean_std(weights, out / PLOTS[2])
+    _plot_spectra(spectra, label, out / PLOTS[3])
+    return table
+
+
+def _plot_correlation(weights: dict[str, Tensor], max_distance: int, path: Path) -> None:
+    fig = _figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    curves = {"output": [], "input": []}
+    for w in weights.values():
+        prof = correlation_profile(w, max_distance)
+        for axis, color in (("output", "C0"), ("input", "C1")):
+            ax.plot(prof["distance"], prof[axis], color=color, alpha=0.15, lw=0.8)
+            curves[axis].append(prof[axis])
+    ds = list(range(1, max_distance + 1))
+    for axis, color in (("output", "C0"), ("input", "C1")):
+        mean = torch.tensor(curves[axis], dtype=torch.float64).nanmean(dim=0)
+        ax.plot(ds, mean.tolist(), color=color, lw=2.5, marker="o", label=f"along {axis} channels (mean)")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set(xlabel="channel distance d", ylabel="Pearson correlation", title="Weight correlation vs distance")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+def _plot_histogram(weights: dict[str, Tensor], bins: int, path: Path) -> None:
+    fig = _figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for dim, axis, color in ((0, "output", "C0"), (1, "input", "C1")):
+        total, edges = torch.zeros(bins, dtype=torch.long), None
+        for w in weights.values():
+            counts, edges = channel_correlation_histogram(w, dim, bins)
+            total += counts
+        density = total.double() / max(int(total.sum()), 1)
+        ax.stairs(density.tolist(), edges.tolist(), color=color, label=f"between {axis} channels")
+    ax.set(xlabel="correlation between channels", ylabel="fraction of channel pairs",
+           title="Channel correlation histogram (all layers)")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+def _plot_mean_std(weights: dict[str, Tensor], path: Path) -> None:
+    fig = _figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, (dim, axis) in zip(axes, ((0, "output"), (1, "input")), strict=True):
+        for k, w in enumerate(weights.values()):
+            mean, std = channel_mean_std(w, dim)
+            ax.scatter(mean.tolist(), std.tolist(), s=6, alpha=0.6, color=f"C{k % 10}")
+        ax.set(xlabel="channel mean", ylabel="channel std", title=f"Per {axis} channel")
+    fig.savefig(path, dpi=100)
+
+
+def _plot_spectra(spectra: dict[str, Tensor | None], label: str, path: Path) -> None:
+    fig = _figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    shown = [(name, s) for name, s in spectra.items() if s is not None]
+    for k, (name, s) in enumerate(shown):
+        x = torch.linspace(0.0, 1.0, s.numel(), dtype=torch.float64)
+        ax.plot(x.tolist(), s.clamp(min=1e-12).tolist(), lw=1, label=name if len(shown) <= 10 else None,
+                color=f"C{k % 10}")
+    ax.set_yscale("log")
+    ax.set(xlabel="rank / number of singular values", ylabel="singular value",
+           title=f"Conv singular values {label}")
+    if 0 < len(shown) <= 10:
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+
+
+def analyze(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    input_size: int | tuple[int, int] | Mapping[str, Any] = 32,
+    **kw: Any,
+) -> str:
+    """``analyze_state_dict`` of the checkpoint at ``source`` (loaded with ``weights_only=True`` on CPU)."""
+    return analyze_state_dict(load_state_dict(source), out_dir, input_size, **kw)
+
+
+def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cdgrad analyze``."""
+    parser.add_argument("source", help="checkpoint saved with torch.save (a state_dict or {'model': state_dict})")
+    parser.add_argument("--out-dir", default="analysis", help="folder for summary.md and the PNG plots")
+    parser.add_argument("--input-size", type=int, default=32,
+                        help="spatial input size n for the singular values of every layer (n x n)")
+    parser.add_argument("--max-distance", type=int, default=8, help="largest channel distance plotted")
+    parser.add_argument("--bins", type=int, default=40, help="bins of the channel-correlation histogram")
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Run ``cdgrad analyze`` from parsed arguments: print the table, return the exit status."""
+    table = analyze(args.source, args.out_dir, args.input_size, max_distance=args.max_distance, bins=args.bins)
+    print(table)
+    print(f"plots and summary.md written to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = argparse.ArgumentParser(prog="cdgrad analyze", description=__doc__.splitlines()[0])
+    add_analyze_arguments(p)
+    raise SystemExit(run_analyze(p.parse_args()))

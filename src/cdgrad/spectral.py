@@ -1,0 +1,423 @@
+"""Exact singular values of convolutional layers and projection onto an operator-norm ball.
+
+A stride-1 convolution with wrap-around (``nn.Conv2d`` with circular padding) of a weight
+``K`` of shape ``(O, I, kh, kw)`` on ``I x n_h x n_w`` inputs is a linear map
+``R^(I n_h n_w) -> R^(O n_h n_w)``. It is block-circulant, so the 2-D DFT block-diagonalises it
+(Sedghi, Gupta and Long, 2019):
+
+    singular values of the layer = union over (u, v) of svd(P[u, v]),
+    P[u, v] = FFT2(K zero-padded to n_h x n_w)[:, :, u, v]            (an O x I complex matrix).
+
+Cross-correlation versus convolution and the placement of the padding only conjugate ``P`` or
+multiply it by a unit phase, which leaves the singular values unchanged. For a real kernel
+``P[-u, -v] = conj(P[u, v])``, so only the half spectrum ``v = 0 .. n_w // 2`` is decomposed
+(``torch.fft.rfft2``) and the other half is mirrored.
+
+The characterisation is exact only for stride 1 and wrap-around; see ``docs/spectral.md`` for
+zero padding, stride and the dependence on the input size.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = [
+    "OperatorNormClipper",
+    "clip_operator_norm",
+    "conv_dense_matrix",
+    "conv_operator_norm",
+    "conv_singular_values",
+    "record_input_sizes",
+]
+
+Size = int | tuple[int, int]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_weight(weight: Any, name: str = "weight") -> None:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (O, I, kh, kw), got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {weight.dtype}"
+        )
+    if weight.dim() != 4:
+        raise ValueError(
+            f"{name} must be a 4-D conv weight of shape (O, I, kh, kw), got shape {tuple(weight.shape)}"
+        )
+    if weight.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(weight.shape)}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _input_size(input_size: Any, weight: Tensor, name: str = "input_size") -> tuple[int, int]:
+    """Normalise ``input_size`` (int or (n_h, n_w)) and check it is at least the kernel size."""
+    if _is_int(input_size):
+        size = (int(input_size), int(input_size))
+    elif (
+        isinstance(input_size, Sequence)
+        and not isinstance(input_size, str)
+        and len(input_size) == 2
+        and all(_is_int(s) for s in input_size)
+    ):
+        size = (int(input_size[0]), int(input_size[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints (n_h, n_w), got {input_size!r}")
+    kh, kw = weight.shape[-2:]
+    if size[0] < kh or size[1] < kw:
+        raise ValueError(
+            f"{name} must be at least the kernel size ({kh}, {kw}) in each dimension, got {size}"
+        )
+    return size
+
+
+def _max_norm(max_norm: Any) -> float:
+    if isinstance(max_norm, bool) or not isinstance(max_norm, int | float):
+        raise TypeError(f"max_norm must be a positive finite number, got {max_norm!r}")
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+    return float(max_norm)
+
+
+def _work_dtype(weight: Tensor) -> torch.dtype:
+    """float64 for float64 weights (complex128 spectra), float32 otherwise (complex64)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- spectra
+
+
+def _half_spectrum(weight: Tensor, size: tuple[int, int]) -> Tensor:
+    """``P[u, v]`` for ``v = 0 .. n_w // 2`` as a batch of O x I matrices, shape (n_h, n_w//2+1, O, I)."""
+    w = weight.to(_work_dtype(weight))
+    return torch.fft.rfft2(w, s=size).permute(2, 3, 0, 1)
+
+
+def _mirror(half: Tensor, n_w: int) -> Tensor:
+    """Full (n_h, n_w, ...) from the half spectrum, using ``X[u, v] = X[-u, -v]`` for ``v > n_w // 2``."""
+    n_h = half.shape[0]
+    if n_w // 2 + 1 == n_w:  # n_w in (1, 2): the half spectrum is the full spectrum
+        return half
+    u = (-torch.arange(n_h, device=half.device)) % n_h
+    v = n_w - torch.arange(n_w // 2 + 1, n_w, device=half.device)
+    return torch.cat([half, half[u][:, v]], dim=1)
+
+
+def conv_singular_values(weight: Tensor, input_size: Size, *, per_frequency: bool = False) -> Tensor:
+    """All singular values of the stride-1 circular convolution by ``weight`` on ``input_size`` inputs.
+
+    ``sigma = union_{u, v} svd(P[u, v])``, ``P[u, v] = FFT2(weight zero-padded to n_h x n_w)[:, :, u, v]``.
+
+    Args:
+        weight: conv weight (O, I, kh, kw), as ``nn.Conv2d`` stores it.
+        input_size: ``n`` or ``(n_h, n_w)``, at least ``(kh, kw)``.
+        per_frequency: if False (default) return the ``n_h * n_w * min(O, I)`` singular values as a
+            1-D tensor sorted in descending order; if True return shape ``(n_h, n_w, min(O, I))``,
+            entry ``[u, v]`` holding the singular values of ``P[u, v]`` in descending order.
+
+    Computed in float64 (complex128) for float64 weights and in float32 otherwise, on the weight's
+    device; the result has that real dtype. Differentiable through ``torch.linalg.svdvals``.
+    """
+    _check_weight(weight)
+    size = _input_size(input_size, weight)
+    half = torch.linalg.svdvals(_half_spectrum(weight, size))
+    full = _mirror(half, size[1])
+    if per_frequency:
+        return full
+    return torch.sort(full.reshape(-1), descending=True).values
+
+
+def conv_operator_norm(weight: Tensor, input_size: Size) -> Tensor:
+    """Largest singular value ``max_{u, v} sigma_max(P[u, v])`` of the circular conv (a 0-d tensor).
+
+    Needs only the half spectrum ``v <= n_w // 2``; no dense matrix is formed.
+    """
+    _check_weight(weight)
+    size = _input_size(input_size, weight)
+    return torch.linalg.svdvals(_half_spectrum(weight, size)).amax()
+
+
+def clip_operator_norm(weight: Tensor, input_size: Size, max_norm: float) -> Tensor:
+    """One alternating-projection step towards the ball ``{K : ||conv_K|| <= max_norm}``.
+
+    ``P[u, v] = U S V^H`` -> ``U min(S, max_norm) V^H`` at every frequency, inverse FFT2, real part,
+    cut back to the kernel support ``kh x kw``. Implemented as
+    ``weight - crop(IFFT2(U (S - min(S, c)) V^H))``, so a layer already inside the ball is returned
+    exactly unchanged. The cut-back can push the norm above ``max_norm`` again; repeated application
+    converges to a kernel inside the ball.
+
+    Pure: returns a new tensor (same dtype, device and shape, not attached to autograd).
+    """
+    _check_weight(weight)
+    size = _input_size(input_size, weight)
+    c = _max_norm(max_norm)
+    kh, kw = weight.shape[-2:]
+    with torch.no_grad():
+        w = weight.detach().to(_work_dtype(weight))
+        p = _half_spectrum(w, size)
+        u, s, vh = torch.linalg.svd(p, full_matrices=False)
+        excess = (s - s.clamp(max=c)).to(p.dtype)
+        d = (u * excess.unsqueeze(-2)) @ vh  # (n_h, n_w//2+1, O, I), Hermitian-symmetric as a full spectrum
+        delta = torch.fft.irfft2(d.permute(2, 3, 0, 1), s=size)[..., :kh, :kw]
+        return (w - delta).to(weight.dtype)
+
+
+def conv_dense_matrix(weight: Tensor, input_size: Size) -> Tensor:
+    """The dense ``(O n_h n_w) x (I n_h n_w)`` matrix of ``nn.Conv2d(padding_mode="circular")``, stride 1.
+
+    Column ``j`` is the layer's output (flattened in C order over (O, n_h, n_w)) for the ``j``-th
+    basis vector of the input space (C order over (I, n_h, n_w)); padding ``(k - 1) // 2`` before and
+    ``k - 1 - (k - 1) // 2`` after in each spatial dimension, so outputs are ``n_h x n_w``.
+    O((n_h n_w)^2 O I) memory and time: a reference for small layers, not for production use.
+    """
+    _check_weight(weight)
+    n_h, n_w = _input_size(input_size, weight)
+    o, i, kh, kw = weight.shape
+    basis = torch.eye(i * n_h * n_w, dtype=weight.dtype, device=weight.device).reshape(-1, i, n_h, n_w)
+    pad = ((kw - 1) // 2, kw - 1 - (kw - 1) // 2, (kh - 1) // 2, kh - 1 - (kh - 1) // 2)
+    out = torch.nn.functional.conv2d(torch.nn.functional.pad(basis, pad, mode="circular"), weight)
+    return out.reshape(i * n_h * n_w, o * n_h * n_w).T
+
+
+# ----------------------------------------------------------------------------- training-time projection
+
+
+def _is_supported_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d)
+
+
+def _check_conv(name: str, module: nn.Conv2d) -> None:
+    if module.groups != 1 or tuple(module.dilation) != (1, 1):
+        raise ValueError(
+            f"layer {name!r}: only convolutions with groups=1 and dilation=1 are supported, "
+            f"got groups={module.groups}, dilation={tuple(module.dilation)}"
+        )
+
+
+def record_input_sizes(model: nn.Module, batch: Tensor | Sequence[Any]) -> dict[str, tuple[int, int]]:
+    """Spatial size ``(n_h, n_w)`` of the input of every ``nn.Conv2d`` in ``model``, keyed by module name.
+
+    Runs one forward pass on ``batch`` (a tensor, or a tuple/list of positional arguments) under
+    ``torch.no_grad()`` in eval mode, so BatchNorm statistics are not updated; every module's
+    train/eval flag is restored afterwards. Convs not reached by the forward pass are left out.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(batch, Tensor | tuple | list):
+        raise TypeError(f"batch must be a tensor or a tuple/list of forward arguments, got {type(batch).__name__}")
+    args = (batch,) if isinstance(batch, Tensor) else tuple(batch)
+    sizes: dict[str, tuple[int, int]] = {}
+    handles: list[RemovableHandle] = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            size = (int(inputs[0].shape[-2]), int(inputs[0].shape[-1]))
+            if sizes.setdefault(name, size) != size:
+                raise ValueError(
+                    f"conv {name!r} is applied to inputs of different spatial sizes {sizes[name]} and {size}"
+                )
+
+        return hook
+
+    flags = {m: m.training for m in model.modules()}
+    try:
+        for name, module in model.named_modules():
+            if _is_supported_conv(module):
+                handles.append(module.register_forward_pre_hook(make_hook(name)))
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    return sizes
+
+
+class OperatorNormClipper:
+    """Project conv weights towards ``||conv_K|| <= max_norm`` every ``every`` optimizer steps.
+
+    After optimizer steps ``every, 2 * every, ...`` each chosen weight is replaced in place by
+    ``clip_operator_norm(weight, input_size, max_norm)`` (one alternating-projection step;
+    Sedghi et al. clip every 100 steps).
+
+    Args:
+        layers: an ``nn.Module`` (all its ``nn.Conv2d`` submodules, named by qualified module name,
+            the module itself included if it is a conv), or a sequence of ``nn.Conv2d`` modules and/or
+            4-D weight tensors (named ``"0"``, ``"1"``, ...). Convs must have groups=1 and dilation=1;
+            strided convs are clipped through their stride-1 circular map, whose norm bounds theirs.
+        input_sizes: one size (``n`` or ``(n_h, n_w)``) for every layer, a mapping from layer name to
+            size (for a model, ``record_input_sizes(model, batch)`` gives one; it must cover every
+            layer), or a sequence of sizes aligned with ``layers`` (a pair of ints is always read as
+            one ``(n_h, n_w)`` for all layers).
+        max_norm: the operator-norm bound, > 0.
+        every: clip after every ``every``-th optimizer step, a positive int.
+
+    Use ``handle = clipper.attach(optimizer)`` (an ``optimizer.register_step_post_hook``) or call
+    ``clipper.step()`` after each ``optimizer.step()``.
+    """
+
+    def __init__(
+        self,
+        layers: nn.Module | Iterable[nn.Module | Tensor],
+        input_sizes: Size | Mapping[str, Size] | Sequence[Size],
+        max_norm: float,
+        every: int = 100,
+    ) -> None:
+        self.max_norm = _max_norm(max_norm)
+        self.every = self._check_every(every)
+        self._layers = self._collect(layers)
+        self.input_sizes = self._sizes(input_sizes)
+        self.step_count = 0
+
+    # -- construction helpers
+    @staticmethod
+    def _check_every(every: Any) -> int:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int (clip after every `every` steps), got {every!r}")
+        return every
+
+    @staticmethod
+    def _collect(layers: Any) -> dict[str, nn.Conv2d | Tensor]:
+        found: dict[str, nn.Conv2d | Tensor] = {}
+        if isinstance(layers, nn.Module):
+            for name, module in layers.named_modules():
+                if _is_supported_conv(module):
+                    _check_conv(name, module)
+                    found[name] = module
+            if not found:
+                raise ValueError("layers: the module contains no nn.Conv2d to clip")
+            return found
+        if isinstance(layers, Tensor) or not isinstance(layers, Iterable):
+            raise TypeError(
+                "layers must be an nn.Module or a sequence of nn.Conv2d modules / 4-D weight tensors, "
+                f"got {type(layers).__name__}"
+            )
+        for k, layer in enumerate(layers):
+            name = str(k)
+            if isinstance(layer, nn.Module):
+                if not _is_supported_conv(layer):
+                    raise TypeError(
+                        f"layers[{k}] must be an nn.Conv2d or a 4-D tensor, got {type(layer).__name__}"
+                    )
+                _check_conv(name, layer)
+            else:
+                _check_weight(layer, f"layers[{k}]")
+            found[name] = layer
+        if not found:
+            raise ValueError("layers must contain at least one conv layer or weight")
+        return found
+
+    def _weight(self, name: str) -> Tensor:
+        layer = self._layers[name]
+        return layer.weight if isinstance(layer, nn.Module) else layer
+
+    def _sizes(self, input_sizes: Any) -> dict[str, tuple[int, int]]:
+        names = list(self._layers)
+        if isinstance(input_sizes, Mapping):
+            missing = [n for n in names if n not in input_sizes]
+            if missing:
+                raise ValueError(
+                    f"input_sizes has no entry for layers {missing}; it has {sorted(input_sizes)}"
+                )
+            raw = {n: input_sizes[n] for n in names}
+        elif _is_int(input_sizes) or (
+            isinstance(input_sizes, Sequence) and len(input_sizes) == 2 and all(_is_int(s) for s in input_sizes)
+        ):  # one size for every layer; a pair of ints is always read as (n_h, n_w)
+            raw = dict.fromkeys(names, input_sizes)
+        elif isinstance(input_sizes, Sequence) and not isinstance(input_sizes, str):
+            if len(input_sizes) != len(names):
+                raise ValueError(
+                    f"input_sizes has {len(input_sizes)} entries but there are {len(names)} layers"
+                )
+            raw = dict(zip(names, input_sizes, strict=True))
+        else:
+            raise TypeError(
+                "input_sizes must be an int, a pair (n_h, n_w), a mapping from layer name to size, "
+                f"or a sequence of sizes, got {input_sizes!r}"
+            )
+        return {n: _input_size(s, self._weight(n), f"input_sizes[{n!r}]") for n, s in raw.items()}
+
+    # -- use
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    def clip_(self) -> None:
+        """Apply one projection step to every layer now (in place, under ``torch.no_grad()``)."""
+        with torch.no_grad():
+            for name in self._layers:
+                w = self._weight(name)
+                w.copy_(clip_operator_norm(w, self.input_sizes[name], self.max_norm))
+
+    def operator_norms(self) -> dict[str, float]:
+        """Current operator norm of each layer at its input size."""
+        with torch.no_grad():
+            return {n: float(conv_operator_norm(self._weight(n), self.input_sizes[n])) for n in self._layers}
+
+    def step(self) -> bool:
+        """Count one optimizer step; clip when the count is a multiple of ``every``. True if it clipped."""
+        self.step_count += 1
+        if self.step_count % self.every == 0:
+            self.clip_()
+            return True
+        return False
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Call ``self.step()`` after every ``optimizer.step()``; ``handle.remove()`` detaches."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+
+    # -- persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "type": type(self).__name__,
+            "step_count": self.step_count,
+            "max_norm": self.max_norm,
+            "every": self.every,
+            "input_sizes": {n: list(s) for n, s in self.input_sizes.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the step counter, hyper-parameters and input sizes (validated before any change)."""
+        if not isinstance(state, Mapping) or state.get("type") != type(self).__name__:
+            got = state.get("type") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"state is for {got!r}, cannot load it into {type(self).__name__}")
+        missing = {"step_count", "max_norm", "every", "input_sizes"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing keys {sorted(missing)}")
+        step = state["step_count"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state['step_count'] must be a non-negative int, got {step!r}")
+        max_norm = _max_norm(state["max_norm"])
+        every = self._check_every(state["every"])
+        sizes = state["input_sizes"]
+        if not isinstance(sizes, Mapping) or set(sizes) != set(self._layers):
+            got = sorted(sizes) if isinstance(sizes, Mapping) else sizes
+            raise ValueError(
+                f"state['input_sizes'] must name exactly the layers {self.layer_names}, got {got}"
+            )
+        new_sizes = {
+            n: _input_size(sizes[n], self._weight(n), f"input_sizes[{n!r}]") for n in self._layers
+        }
+        self.step_count, self.max_norm, self.every, self.input_sizes = step, max_norm, every, new_sizes
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(layers={self.layer_names}, max_norm={self.max_norm}, "
+            f"every={self.every}, step_count={self.step_count})"
+        )
