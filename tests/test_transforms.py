@@ -8,7 +8,13 @@ import torch
 import cdgrad
 from cdgrad import functional as F
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def params_of_every_kind():

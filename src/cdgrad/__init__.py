@@ -6,6 +6,7 @@
 
 from .attach import AttachHandle, attach
 from .functional import centralize, laplacian_smooth, reweighted_h0, sobolev
+from .sgs import SpatialGradientScaling, normalized_mutual_information, sgs_scaling, spatial_dependence
 from .spectral import (
     OperatorNormClipper,
     clip_operator_norm,
@@ -44,4 +45,8 @@ __all__ = [
     "clip_operator_norm",
     "OperatorNormClipper",
     "record_input_sizes",
+    "SpatialGradientScaling",
+    "normalized_mutual_information",
+    "sgs_scaling",
+    "spatial_dependence",
 ]

@@ -1,0 +1,174 @@
+"""Time spatial gradient scaling on a CIFAR ResNet-56: the scalings of every conv layer from 2 batches of 128.
+
+    PYTHONPATH=src python benchmarks/bench_sgs.py [--threads 1] [--method mi|autocorr] [--repeats 3]
+
+Phases: the capture (two training-mode forward passes, with and without the hooks), then
+`SpatialGradientScaling.update()` (the computation of every layer's `G`), timed as a whole and broken
+down by primitive with cProfile. Wall-clock and process CPU time are both printed: on a shared machine
+the CPU time is the steadier figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+from torch import nn
+
+from cdgrad.sgs import SpatialGradientScaling
+
+
+def resnet56() -> nn.Module:
+    """`cdgrad.experiments.models.build_model("resnet56")` when available, else an equivalent local build."""
+    try:
+        from cdgrad.experiments.models import build_model
+    except ImportError:
+        return _LocalResNet(depth=56)
+    return build_model("resnet56")
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = cout - cin
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        short = x[:, :, :: self.stride, :: self.stride]
+        if self.pad:  # option-A shortcut: zero channels, split before and after
+            short = nn.functional.pad(short, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return torch.relu(out + short)
+
+
+class _LocalResNet(nn.Module):
+    def __init__(self, depth: int = 56) -> None:
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                blocks.append(_Block(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class _Clock:
+    def __enter__(self) -> _Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+PHASES = {  # profiled function -> phase (cumulative; re-binning of trimmed crops counts under "quantise")
+    "_extrema": "extrema (min/max per crop)",
+    "_codes": "quantise",
+    "<built-in method torch.add>": "joint codes",
+    "<built-in method torch.bincount>": "histograms (bincount)",
+    "_nmi_from_joint": "entropies",
+    "_per_channel_autocorr": "moments (autocorr)",
+}
+
+
+def _breakdown(prof: cProfile.Profile) -> dict[str, float]:
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    out: dict[str, float] = {}
+    for (_, _, name), (_, _, _, cum, _) in stats.items():
+        if name in PHASES:
+            out[PHASES[name]] = out.get(PHASES[name], 0.0) + cum
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=2, help="captured batches (default 2)")
+    ap.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed update() runs; the last is profiled")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--method", choices=("mi", "autocorr"), default="mi", help="dependence measure")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = resnet56().train()
+    # spatially smooth random images (5x5 box-filtered noise), so that neighbouring pixels are dependent
+    images = [
+        nn.functional.avg_pool2d(torch.randn(args.batch_size, 3, 36, 36), 5, stride=1) * 5
+        for _ in range(args.batches)
+    ]
+    sgs = SpatialGradientScaling(model, num_batches=args.batches, method=args.method)
+    print(
+        f"ResNet-56: {len(sgs.layers)} scaled conv layers; {args.batches} batches of {args.batch_size}; "
+        f"method={args.method}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+    captured: dict[str, list] = {}
+    compute = sgs.update
+    sgs.update = lambda: captured.update(sgs._captured)  # keep the captures, time update() separately
+    with torch.no_grad():
+        model(images[0])  # warm-up
+        sgs.remove()
+        with _Clock() as plain:
+            for x in images:
+                model(x)
+        sgs._setup_layers()
+        sgs.begin_epoch(0)
+        with _Clock() as hooked:
+            for x in images:
+                model(x)
+    del sgs.update
+    print(
+        f"capture: forward of {args.batches} batches {plain.wall:.3f} s without hooks, "
+        f"{hooked.wall:.3f} s with hooks"
+    )
+    elements = sum(x.numel() for entries in captured.values() for x, _ in entries)
+    print(f"captured {elements / 1e6:.1f} M activations ({elements * 4 / 2**20:.0f} MiB)")
+
+    walls, cpus = [], []
+    for r in range(args.repeats):
+        sgs._captured = {k: list(v) for k, v in captured.items()}
+        prof = cProfile.Profile() if r == args.repeats - 1 else None
+        with _Clock() as clock:
+            if prof is not None:
+                prof.enable()
+            compute()
+            if prof is not None:
+                prof.disable()
+        walls.append(clock.wall)
+        cpus.append(clock.cpu)
+        print(
+            f"update() run {r + 1}: wall {clock.wall:.3f} s, process CPU {clock.cpu:.3f} s"
+            + (" (profiled)" if prof is not None else "")
+        )
+    best = min(walls[:-1]) if len(walls) > 1 else walls[0]
+    print(f"scalings of all {len(sgs.layers)} layers: best wall {best:.3f} s (unprofiled runs)")
+    parts = _breakdown(prof)
+    total = walls[-1]
+    print("breakdown of the profiled run (cumulative wall s):")
+    for phase, seconds in parts.items():
+        print(f"  {phase:28s} {seconds:.3f}")
+    if "moments (autocorr)" not in parts:
+        print(f"  {'other':28s} {total - sum(parts.values()):.3f}")
+    print(f"  {'total':28s} {total:.3f}")
+    g = sgs.scalings[next(iter(sgs.layers))]
+    print("G of the first layer:\n", g.numpy().round(4))
+
+
+if __name__ == "__main__":
+    main()
