@@ -22,33 +22,33 @@
 static void h0_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t w, double inv,        \
                               double beta) {                                                            \
     A mean[CH];                                                                                    \
-    for (int64_t j = 0; j < w; j++) mean[j] = 0.0;                                                      \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] = 0.0;                                                      \
     for (int64_t o = 0; o < N; o++) {                                                                   \
         const T *r = src + o * M;                                                                       \
-        for (int64_t j = 0; j < w; j++) mean[j] += (A)r[j];                                        \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] += (A)r[j];                                        \
     }                                                                                                   \
-    for (int64_t j = 0; j < w; j++) mean[j] /= (A)N;                                               \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] /= (A)N;                                               \
     const A a = (A)(inv + beta), b = (A)(1.0 - inv);                                                                        \
     for (int64_t o = 0; o < N; o++) {                                                                   \
         const T *r = src + o * M;                                                                       \
         T *q = dst + o * M;                                                                             \
-        for (int64_t j = 0; j < w; j++) q[j] = (T)(mean[j] * b + a * (A)r[j]);           \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) q[j] = (T)(mean[j] * b + a * (A)r[j]);           \
     }                                                                                                   \
 }                                                                                                       \
                                                                                                         \
 static void sobolev_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t w, double inv,   \
                                    double beta) {                                                       \
     A mean[CH], run[CH], s0[CH], s1[CH], mc[CH], base[CH];                                         \
-    for (int64_t j = 0; j < w; j++) { mean[j] = 0.0; run[j] = 0.0; s0[j] = 0.0; s1[j] = 0.0; }          \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { mean[j] = 0.0; run[j] = 0.0; s0[j] = 0.0; s1[j] = 0.0; }          \
     for (int64_t o = 0; o < N; o++) {                       /* pass 1: fbar */                          \
         const T *r = src + o * M;                                                                       \
-        for (int64_t j = 0; j < w; j++) mean[j] += (A)r[j];                                        \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] += (A)r[j];                                        \
     }                                                                                                   \
-    for (int64_t j = 0; j < w; j++) mean[j] /= (A)N;                                               \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] /= (A)N;                                               \
     for (int64_t o = 0; o < N; o++) {                       /* pass 2: sum C[o], sum o*C[o] */          \
         const T *r = src + o * M;                                                                       \
         const A od = (A)o;                                                                    \
-        for (int64_t j = 0; j < w; j++) {                                                               \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) {                                                               \
             run[j] += (A)r[j] - mean[j];                                                           \
             const A c = run[j] * (A)inv;                                                              \
             s0[j] += c;                                                                                 \
@@ -57,7 +57,7 @@ static void sobolev_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, i
     }                                                                                                   \
     /* mean(C) = s0/N;  sum_o U[o] = mean(C) N(N+1)/2 - sum_j (N-1-j) C[j] */                            \
     const A Nd = (A)N;                                                                        \
-    for (int64_t j = 0; j < w; j++) {                                                                   \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) {                                                                   \
         mc[j] = s0[j] / Nd;                                                                             \
         const A sum_u = mc[j] * Nd * (Nd + (A)1) * (A)0.5 - ((Nd - (A)1) * s0[j] - s1[j]);             \
         base[j] = mean[j] - sum_u / Nd;                     /* fbar - mean(U) */                        \
@@ -68,7 +68,7 @@ static void sobolev_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, i
         const T *r = src + o * M;                                                                       \
         T *q = dst + o * M;                                                                             \
         const A o1 = (A)(o + 1);                                                              \
-        for (int64_t j = 0; j < w; j++) {                                                               \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) {                                                               \
             const A f = (A)r[j];                                                              \
             q[j] = (T)(base[j] + o1 * mc[j] - s0[j] + (A)beta * f);                                        \
             run[j] += f - mean[j];                                                                      \
