@@ -143,12 +143,19 @@ def _native_layout(x: Tensor, dim: int | None) -> tuple[int, int, int] | None:
     return None
 
 
-def _kernel(metric: str) -> int:
-    return _native.H0 if metric == "h0" else _native.SOBOLEV
+_PLANS: dict[tuple, tuple[int | None, tuple[int, int, int] | None]] = {}
 
 
-def _coefficient(metric: str, lam: float, n: int) -> float:
-    return 1.0 / lam if metric == "h0" else 1.0 / (lam * n * n)
+def _plan(g: Tensor, dim: int | None) -> tuple[int | None, tuple[int, int, int] | None]:
+    """(normalised dim, native layout or None), cached per shape, strides, dtype and device."""
+    key = (g.shape, g.stride(), g.dtype, g.device.type, dim)
+    plan = _PLANS.get(key)
+    if plan is None:
+        axis = None if dim is None else dim % g.dim()
+        plan = (axis, _native_layout(g, axis))
+        if len(_PLANS) < 4096:
+            _PLANS[key] = plan
+    return plan
 
 
 def channel_directed_(
@@ -156,33 +163,33 @@ def channel_directed_(
 ) -> None:
     """In-place `g <- metric_gradient(g) + beta*g` for every tensor of `grads` (the fast path).
 
-    CPU float32/float64 tensors whose memory maps onto a (B, N, M) array go to the native kernel in one
-    call; all others are computed with the reference and copied back.  Inputs are assumed validated.
+    CPU float32/float64 tensors whose memory maps onto a C-ordered (B, N, M) array, N the smoothed axis,
+    are rewritten in place by the native kernel, all in one call; other CPU tensors go through a
+    contiguous float copy; without the kernel (or on other devices) the reference is computed and copied
+    back.  Inputs are assumed validated.
     """
-    lib = _native.library()
-    jobs, keep_alive, copy_back = [], [], []
+    native = _native.library() is not None
+    kernel = _native.H0 if metric == "h0" else _native.SOBOLEV
+    jobs, copies = _native.Jobs(), []
     for g in grads:
         if g.numel() == 0:
             continue
-        axis = None if dim is None else dim % g.dim()
-        layout = _native_layout(g, axis) if lib is not None else None
-        if layout is None and lib is not None and g.device.type == "cpu":
-            work = g.to(dtype=_compute_dtype(g.dtype), memory_format=torch.contiguous_format, copy=True)
-            layout = _native_layout(work, axis)
-            keep_alive.append(work)
-            copy_back.append((g, work))
-            target = work
-        else:
-            target = g
-        if layout is None:
+        axis, layout = _plan(g, dim)
+        target = g
+        if native and layout is None and g.device.type == "cpu":
+            target = g.to(dtype=_compute_dtype(g.dtype), memory_format=torch.contiguous_format, copy=True)
+            layout = _native_layout(target, axis)
+            copies.append((g, target))
+        if not native or layout is None:
             g.copy_(_REFERENCE[metric](g, lam, axis, beta))
             continue
         b, n, m = layout
+        coefficient = 1.0 / lam if metric == "h0" else 1.0 / (lam * n * n)
         ptr = target.data_ptr()
-        jobs.append(_native.job(ptr, ptr, b, n, m, _coefficient(metric, lam, n), beta, _kernel(metric), target.dtype))
-    if jobs:
-        _native.run(jobs, torch.get_num_threads())
-    for g, work in copy_back:
+        jobs.add(ptr, ptr, b, n, m, coefficient, beta, kernel, target.dtype == torch.float64)
+    if len(jobs):
+        jobs.run(torch.get_num_threads())
+    for g, work in copies:
         g.copy_(work)
 
 

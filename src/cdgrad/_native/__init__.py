@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from array import array
 from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("kernels.c")
@@ -88,30 +89,35 @@ H0, SOBOLEV = 0, 1
 _LONG_AXIS = 1024  # float32 data along longer axes is accumulated in double
 
 
-def job(src: int, dst: int, b: int, n: int, m: int, inv: float, beta: float, metric: int, dtype) -> tuple:
-    """One kernel job on C-ordered (B, N, M) memory at the addresses src and dst (dst may equal src)."""
-    import torch
+class Jobs:
+    """A batch of kernel jobs, each on C-ordered (B, N, M) memory, run by one call of the compiled kernel."""
 
-    variant = 2 if dtype == torch.float64 else (1 if n > _LONG_AXIS else 0)
-    return (src, dst, b, n, m, inv, beta, 3 * metric + variant)
+    __slots__ = ("src", "dst", "dims", "params", "kinds")
 
+    def __init__(self) -> None:
+        self.src: list[int] = []
+        self.dst: list[int] = []
+        self.dims: list[int] = []
+        self.params: list[float] = []
+        self.kinds: list[int] = []
 
-def run(jobs: list[tuple], num_threads: int) -> None:
-    """Run a list of `job(...)`s in one call of the compiled kernel."""
-    lib = library()
-    assert lib is not None
-    n = len(jobs)
-    src, dst, b, rows, m, inv, beta, kind = zip(*jobs, strict=True)
-    dims = [v for triple in zip(b, rows, m, strict=True) for v in triple]
-    params = [v for pair in zip(inv, beta, strict=True) for v in pair]
-    status = lib.cdg_run(
-        n,
-        (ctypes.c_int64 * n)(*src),
-        (ctypes.c_int64 * n)(*dst),
-        (ctypes.c_int64 * (3 * n))(*dims),
-        (ctypes.c_double * (2 * n))(*params),
-        (ctypes.c_int32 * n)(*kind),
-        num_threads,
-    )
-    if status != 0:
-        raise MemoryError("cdgrad native kernel could not allocate its work list")
+    def add(self, src: int, dst: int, b: int, n: int, m: int, inv: float, beta: float, metric: int,
+            is_double: bool) -> None:
+        """out = metric gradient (coefficient `inv`) + beta * f along N; dst may equal src."""
+        self.src.append(src)
+        self.dst.append(dst)
+        self.dims += (b, n, m)
+        self.params += (inv, beta)
+        self.kinds.append(3 * metric + (2 if is_double else (1 if n > _LONG_AXIS else 0)))
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def run(self, num_threads: int) -> None:
+        lib = library()
+        assert lib is not None
+        arrays = (array("q", self.src), array("q", self.dst), array("q", self.dims), array("d", self.params),
+                  array("i", self.kinds))
+        status = lib.cdg_run(len(self.src), *(a.buffer_info()[0] for a in arrays), num_threads)
+        if status != 0:
+            raise MemoryError("cdgrad native kernel could not allocate its work list")
