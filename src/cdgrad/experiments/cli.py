@@ -1,0 +1,251 @@
+"""The `cdgrad` command line: train one configuration, run a preset sweep, report, list, analyze.
+
+    cdgrad run demo                      # a few-minute Fashion-MNIST comparison, table and plot at the end
+    cdgrad list -v                       # presets (one per published table / figure) and what they run
+    cdgrad train --method sobolev --lam 1 --epochs 5 --seed 0
+    cdgrad run fig6-reduced --set data_root=/path/to/mnist --where dataset=mnist
+    cdgrad report fig6-reduced --out docs/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+
+from cdgrad.experiments.config import RunConfig, add_config_arguments, config_from_args, parse_overrides, run_key
+
+DEFAULT_RESULTS = "results"
+
+
+def _add_common(p: argparse.ArgumentParser, sweep: bool) -> None:
+    p.add_argument("--results", default=DEFAULT_RESULTS, metavar="DIR",
+                   help=f"results folder holding results.sqlite and checkpoints (default: {DEFAULT_RESULTS})")
+    if sweep:
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                       help="change a config field in every run of the preset, e.g. --set data_root=/data/mnist "
+                            "(repeatable; fields that change results change the runs' identity)")
+        p.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
+                       help="keep only the preset's runs whose config has this value, e.g. --where dataset=mnist")
+        p.add_argument("--out", default=None, metavar="DIR",
+                       help="write <preset>.md and the plots here (run: default <results>/report)")
+        p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cdgrad", description="Reproduce the experiments of channel-directed gradients (Lao et al.) and "
+        "the related gradient transforms: train, run preset sweeps, report tables and plots.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one configuration for one seed and store the result",
+                       description="Train one configuration for one seed. Every option below is a field of the "
+                       "run config (cdgrad.experiments.config.RunConfig). The run is stored in the results "
+                       "folder (skipped if already there) and resumes from its checkpoint if interrupted.")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (model init, batch order, augmentation) (default: 0)")
+    _add_common(p, sweep=False)
+    p.add_argument("--no-store", action="store_true", help="train without reading or writing the results folder")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: only when stderr is a terminal)")
+    add_config_arguments(p)
+
+    p = sub.add_parser("run", help="run a preset sweep (skips completed runs), then print its report",
+                       description="Run every configuration and seed of a preset that is not yet in the results "
+                       "folder, then print the report table and write the plots. Everything is checked (configs, "
+                       "data, results folder) before the first run starts. Interrupted runs resume from their "
+                       "checkpoints when the command is repeated. See `cdgrad list -v` for the presets.")
+    p.add_argument("preset", help="preset name (see `cdgrad list`)")
+    _add_common(p, sweep=True)
+    p.add_argument("--max-seeds", type=int, default=None, metavar="N", help="run at most N seeds per configuration")
+    p.add_argument("--dry-run", action="store_true", help="list the runs (and whether they are done) and exit")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: only when stderr is a terminal)")
+
+    p = sub.add_parser("report", help="print Markdown tables (and write plots) from stored results",
+                       description="For each preset: one table per setting with mean ± std of the final test "
+                       "accuracy, its 95%% Student-t confidence interval, the number of seeds, the error reduction "
+                       "(err_SGD - err)/err_SGD, Welch's t-test against SGD and the published number where the "
+                       "paper has one. Without a preset name: every preset that has stored runs.")
+    p.add_argument("presets", nargs="*", help="preset names (default: all presets with results)")
+    _add_common(p, sweep=True)
+
+    p = sub.add_parser("list", help="list the presets (or the gradient methods)",
+                       description="List the presets, with what the reduced ones cut, or the gradient methods and "
+                       "their hyper-parameters.")
+    p.add_argument("-v", "--verbose", action="store_true", help="show each preset's configurations")
+    p.add_argument("--methods", action="store_true", help="list the gradient methods instead")
+
+    p = sub.add_parser("analyze", help="analyse a trained model's weights (channel correlations, spectra)",
+                       description="Analyse the weights of a trained model.")
+    try:
+        from cdgrad.experiments.analyze import add_analyze_arguments
+    except ImportError:
+        p.set_defaults(analyze_missing=True)
+    else:
+        add_analyze_arguments(p)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cdgrad.experiments.presets import prepare
+    from cdgrad.experiments.store import ResultStore
+    from cdgrad.experiments.train import train
+
+    config = config_from_args(args)
+    store = None if args.no_store else ResultStore(args.results)
+    datasets = prepare([(config, args.seed)], store)
+    key = run_key(config, args.seed)
+    if store is not None and key in store.done_keys():
+        run = store.runs([key])[0]
+        print(f"run {key} is already complete: test acc {run.final['test_acc']:.2f}% (results: {store.path})")
+        return 0
+    metrics = train(config, args.seed, dataset=next(iter(datasets.values())), progress=args.progress,
+                    checkpoint=None if store is None else store.checkpoint_path(key))
+    if store is not None:
+        store.save(config, args.seed, metrics)
+    c = metrics["curves"]
+    for i, e in enumerate(c["epoch"]):
+        test = (f"  test loss {c['test_loss'][c['test_epoch'].index(e)]:.4f} acc "
+                f"{c['test_acc'][c['test_epoch'].index(e)]:.2f}%" if e in c["test_epoch"] else "")
+        print(f"epoch {e:3d}  train loss {c['train_loss'][i]:.4f} acc {c['train_acc'][i]:.2f}%{test}")
+    print(json.dumps({"key": key, **metrics["final"], "wall_s": round(metrics["wall_s"], 2)}))
+    return 0
+
+
+def _preset_runs(args: argparse.Namespace, name: str) -> list[tuple[RunConfig, int]]:
+    from cdgrad.experiments.presets import get_preset
+
+    return get_preset(name).runs(parse_overrides(args.overrides), parse_overrides(args.where),
+                                 getattr(args, "max_seeds", None))
+
+
+def _report(name: str, runs: list[tuple[RunConfig, int]], args: argparse.Namespace, out_dir: str | None,
+            command: str) -> str:
+    from cdgrad.experiments.plots import make_plots
+    from cdgrad.experiments.presets import get_preset
+    from cdgrad.experiments.report import markdown, summarize
+    from cdgrad.experiments.store import ResultStore
+
+    preset = get_preset(name)
+    found = ResultStore(args.results).runs([run_key(c, s) for c, s in runs])
+    text = [f"## {preset.name}: {preset.title}\n"]
+    if preset.cuts:
+        text.append(f"Reduced protocol: {preset.cuts}.\n")
+    text.append(f"{len(found)} of {len(runs)} runs complete. Metric: final test accuracy. Produced by `{command}`.\n")
+    settings = summarize(found)
+    text.append(markdown(settings) if found else "(no completed runs yet)\n")
+    if out_dir is not None and found:
+        os.makedirs(out_dir, exist_ok=True)
+        paths = [] if args.no_plots else make_plots(settings, out_dir, name, preset.plots)
+        if paths:
+            text.append("Plots: " + ", ".join(f"`{p}`" for p in paths) + "\n")
+        with open(os.path.join(out_dir, f"{name}.md"), "w") as fh:
+            fh.write("\n".join(text))
+    return "\n".join(text)
+
+
+def cmd_run(args: argparse.Namespace, command: str) -> int:
+    from cdgrad.experiments.methods import describe
+    from cdgrad.experiments.presets import run_all
+    from cdgrad.experiments.store import ResultStore
+
+    runs = _preset_runs(args, args.preset)
+    if not runs:
+        raise ValueError(f"--where {args.where} matches none of preset {args.preset!r}'s runs")
+    store = ResultStore(args.results)
+    if args.dry_run:
+        done = store.done_keys()
+        for config, seed in runs:
+            flag = "done" if run_key(config, seed) in done else "todo"
+            print(f"{flag}  {run_key(config, seed)}  {config.dataset} {config.model} {describe(config)} seed {seed}")
+        return 0
+    run_all(runs, store, progress=args.progress)
+    out_dir = args.out or os.path.join(args.results, "report")
+    print(_report(args.preset, runs, args, out_dir, command))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, command: str) -> int:
+    from cdgrad.experiments.presets import PRESETS, get_preset
+    from cdgrad.experiments.store import ResultStore
+
+    names = args.presets
+    for name in names:
+        get_preset(name)
+    if not names:
+        done = ResultStore(args.results).done_keys()
+        names = [n for n in PRESETS if any(run_key(c, s) in done for c, s in _preset_runs(args, n))]
+        if not names:
+            print(f"no results for any preset in {args.results!r}")
+            return 0
+    for name in names:
+        print(_report(name, _preset_runs(args, name), args, args.out, command))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.methods:
+        from cdgrad.experiments.methods import METHODS
+
+        for m in METHODS.values():
+            dirs = f"  directions: {', '.join(m.directions)}" if m.directions else ""
+            print(f"{m.name:11s} {m.summary}\n{'':11s} hyper-parameters: {', '.join(m.params) or '-'}{dirs}")
+        return 0
+    from cdgrad.experiments.presets import PRESETS, describe_preset
+
+    for preset in PRESETS.values():
+        print(describe_preset(preset, args.verbose))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = "cdgrad " + shlex.join(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from cdgrad.experiments.data import DatasetFormatError
+
+    try:
+        if args.command == "list":
+            return cmd_list(args)
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "run":
+            return cmd_run(args, command)
+        if args.command == "report":
+            return cmd_report(args, command)
+        if getattr(args, "analyze_missing", False):
+            print("cdgrad analyze is not available: cdgrad.experiments.analyze is not installed", file=sys.stderr)
+            return 2
+        from cdgrad.experiments.analyze import run_analyze
+
+        return int(run_analyze(args) or 0)
+    except FileNotFoundError as exc:
+        hint = "--data-root DIR" if args.command == "train" else "--set data_root=DIR"
+        print(f"cdgrad {args.command}: error: {exc}\nOn the command line, give the folder with {hint}.",
+              file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, DatasetFormatError) as exc:
+        print(f"cdgrad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into a command that stopped reading (`| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

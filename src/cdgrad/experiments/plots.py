@@ -1,0 +1,118 @@
+"""PNG figures of a preset's results (matplotlib, Agg backend), one panel per setting.
+
+    curves   test accuracy per epoch, mean over seeds with a +-1 std band            (paper Fig. 4)
+    hist     histogram of final test accuracies per method                        (paper Fig. 5 left)
+    lambda   final test accuracy vs lambda for h0 and sobolev, SGD as a band        (paper Fig. 6)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from cdgrad.experiments.report import Setting, setting_title
+
+KINDS = ("curves", "hist", "lambda")
+
+
+def _figure(n: int, width: float = 5.5, height: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat[:n])
+
+
+def _title(ax, st: Setting) -> None:
+    ax.set_title(setting_title(st.setting), fontsize=8, wrap=True)
+
+
+def plot_curves(settings: Sequence[Setting], path: str) -> str:
+    plt, fig, axes = _figure(len(settings))
+    for ax, st in zip(axes, settings, strict=True):
+        for row in st.rows:
+            runs = st.runs[row.label]
+            epochs = runs[0].curves["test_epoch"]
+            accs = np.array([r.curves["test_acc"] for r in runs if r.curves["test_epoch"] == epochs])
+            m = accs.mean(0)
+            (line,) = ax.plot(epochs, m, marker="." if len(epochs) < 30 else None, label=row.label)
+            if len(accs) > 1:
+                s = accs.std(0, ddof=1)
+                ax.fill_between(epochs, m - s, m + s, color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        _title(ax, st)
+    return _save(plt, fig, path)
+
+
+def plot_hist(settings: Sequence[Setting], path: str) -> str:
+    plt, fig, axes = _figure(len(settings))
+    for ax, st in zip(axes, settings, strict=True):
+        everything = np.concatenate([r.accs for r in st.rows])
+        lo, hi = everything.min(), everything.max()
+        bins = np.linspace(lo - 0.05, hi + 0.05, 16) if hi > lo else 10
+        for row in st.rows:
+            ax.hist(row.accs, bins=bins, histtype="stepfilled", alpha=0.35, edgecolor="k", linewidth=0.8,
+                    label=f"{row.label} (n={len(row.accs)})")
+        ax.set_xlabel("final test accuracy (%)")
+        ax.set_ylabel("runs")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+        _title(ax, st)
+    return _save(plt, fig, path)
+
+
+def plot_lambda(settings: Sequence[Setting], path: str) -> str:
+    plt, fig, axes = _figure(len(settings))
+    for ax, st in zip(axes, settings, strict=True):
+        base = st.baseline
+        lines: dict[str, list] = {}
+        for r in st.rows:
+            if r.config.method in ("h0", "sobolev") and r.config.lam is not None:
+                c = r.config
+                label = c.method + (f" beta={c.beta:g}" if c.beta else "") + (
+                    f" {c.direction}" if c.direction not in (None, "output") else "") + (
+                    " (paper lambda)" if c.convention == "paper" else "")
+                lines.setdefault(label, []).append(r)
+        for label, rows in lines.items():
+            rows.sort(key=lambda r: r.config.lam)
+            ax.errorbar([r.config.lam for r in rows], [r.mean for r in rows],
+                        yerr=[0.0 if np.isnan(r.std) else r.std for r in rows], marker="o", capsize=3, label=label)
+        if base is not None:
+            ax.axhline(base.mean, color="k", linestyle="--", label=f"SGD (n={len(base.accs)})")
+            if len(base.accs) > 1:
+                ax.axhspan(base.mean - base.std, base.mean + base.std, color="k", alpha=0.08)
+        ax.set_xlabel("lambda")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        _title(ax, st)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+PLOTTERS = {"curves": plot_curves, "hist": plot_hist, "lambda": plot_lambda}
+
+
+def make_plots(settings: Sequence[Setting], out_dir: str, prefix: str, kinds: Sequence[str] = KINDS) -> list[str]:
+    """Write `<out_dir>/<prefix>_<kind>.png` for each kind; returns the paths written."""
+    if not settings:
+        return []
+    return [PLOTTERS[k](settings, os.path.join(out_dir, f"{prefix}_{k}.png")) for k in kinds]

@@ -1,0 +1,267 @@
+"""Tables of results: mean +- std, 95% confidence interval, error reduction and Welch's t-test.
+
+Statistics are implemented here (no scipy). For final test accuracies `x_1..x_n` of one method:
+
+    mean m, sample std s (ddof 1), 95% CI  m +- t_{0.975, n-1} s / sqrt(n)            (Student t)
+    error reduction vs the baseline        (err_base - err) / err_base, err = 100 - accuracy   (the paper's)
+    Welch's test vs the baseline           t = (m - m_b) / sqrt(s^2/n + s_b^2/n_b),
+                                           df = (s^2/n + s_b^2/n_b)^2 / ((s^2/n)^2/(n-1) + (s_b^2/n_b)^2/(n_b-1)),
+                                           two-sided p = 2 P(T_df > |t|) = I_{df/(df+t^2)}(df/2, 1/2)
+
+The Student t CDF uses the regularised incomplete beta function `I_x(a, b)`, evaluated by its continued
+fraction (modified Lentz). Runs are grouped into settings (everything but the method and its
+hyper-parameters); each setting's baseline is its `method=none` group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cdgrad.experiments.config import FIELDS, METHOD_FIELDS, RunConfig, identity_dict
+from cdgrad.experiments.methods import METHODS, describe
+from cdgrad.experiments.store import Run
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta `I_x(a, b) = B(x; a, b) / B(a, b)`, a, b > 0, 0 <= x <= 1."""
+    if a <= 0 or b <= 0:
+        raise ValueError(f"a and b must be > 0, got a={a!r}, b={b!r}")
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must be in [0, 1], got {x!r}")
+    if x == 0.0 or x == 1.0:
+        return x
+    if x > (a + 1.0) / (a + b + 2.0):  # the continued fraction converges fast on this side only
+        return 1.0 - betainc(b, a, 1.0 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * h / a
+
+
+def t_tail(t: float, df: float) -> float:
+    """P(T > |t|) for Student's t with `df` > 0: I_x(df/2, 1/2) / 2, x = df/(df+t^2).
+
+    Near t = 0 it uses 1/2 - I_y(1/2, df/2) / 2, y = t^2/(df+t^2) = 1 - x, which avoids forming 1 - x.
+    """
+    if df <= 0:
+        raise ValueError(f"df must be > 0, got {df!r}")
+    if math.isinf(t):
+        return 0.0
+    a, b = df / 2.0, 0.5
+    x, y = df / (df + t * t), t * t / (df + t * t)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return 0.5 * betainc(a, b, x)
+    return 0.5 - 0.5 * betainc(b, a, y)
+
+
+def t_cdf(t: float, df: float) -> float:
+    """CDF of Student's t with `df` > 0 degrees of freedom: 1 - t_tail(t) for t > 0, t_tail(t) otherwise."""
+    tail = t_tail(t, df)
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_ppf(p: float, df: float) -> float:
+    """Quantile of Student's t: the `t` with `t_cdf(t, df) = p`, 0 < p < 1 (bisection to machine precision)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p!r}")
+    lo, hi = -1.0, 1.0
+    while t_cdf(lo, df) > p:
+        lo *= 2.0
+    while t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-13 * max(1.0, abs(mid)):
+            break
+    return 0.5 * (lo + hi)
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; nan for one value)."""
+    n = len(xs)
+    m = sum(xs) / n
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
+    return m, s
+
+
+def confidence_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """`m +- t_{(1+level)/2, n-1} s / sqrt(n)`; (nan, nan) for fewer than two values."""
+    n = len(xs)
+    if n < 2:
+        return math.nan, math.nan
+    m, s = mean_std(xs)
+    half = t_ppf(0.5 + level / 2.0, n - 1) * s / math.sqrt(n)
+    return m - half, m + half
+
+
+def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Welch's unequal-variance t-test: (t, df, two-sided p). nan when a sample has < 2 values."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan, math.nan
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    va, vb = sa * sa / len(a), sb * sb / len(b)
+    if va + vb == 0.0:
+        same = ma == mb
+        return (0.0 if same else math.copysign(math.inf, ma - mb)), math.nan, (1.0 if same else 0.0)
+    t = (ma - mb) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
+    return t, df, 2.0 * t_tail(t, df)
+
+
+def error_reduction(acc_base: float, acc: float) -> float:
+    """The paper's relative error reduction `(err_base - err) / err_base`, accuracies in percent."""
+    err_base, err = 100.0 - acc_base, 100.0 - acc
+    return (err_base - err) / err_base if err_base > 0 else math.nan
+
+
+# --------------------------------------------------------------------------------------- published numbers
+
+# Paper Table 2 (CIFAR-10 test accuracy, %): (model, optimizer, batch) -> {method: accuracy}.
+PUBLISHED_TABLE2: dict[tuple[str, str, int], dict[str, float]] = {}
+for _model, _opt, _batches, _rows in (
+    ("resnet56", "sgd", (128, 32, 8), ((93.24, 91.96, 86.54), (93.39, 92.27, 87.99), (93.57, 92.25, 88.04))),
+    ("vgg16", "sgd", (128, 8, 6), ((93.02, 92.31, 91.88), (93.26, 92.77, 92.25), (93.19, 92.79, 92.43))),
+    ("resnet56", "adam", (128, 32, 8), ((91.20, 91.04, 89.53), (91.42, 91.13, 90.02), (91.20, 91.06, 89.70))),
+):
+    for _i, _b in enumerate(_batches):
+        PUBLISHED_TABLE2[(_model, _opt, _b)] = {m: r[_i] for m, r in zip(("none", "sobolev", "h0"), _rows, strict=True)}
+
+
+def published(config: RunConfig) -> float | None:
+    """The paper's number for this configuration, where Table 2 has one (CIFAR-10, output direction)."""
+    if config.dataset != "cifar10" or config.direction not in (None, "output"):
+        return None
+    return PUBLISHED_TABLE2.get((config.model, config.optimizer, config.batch_size), {}).get(config.method)
+
+
+# ----------------------------------------------------------------------------------------------- grouping
+
+
+def setting_of(config: RunConfig) -> dict:
+    """The identity fields that are not the method or its hyper-parameters."""
+    return {k: v for k, v in identity_dict(config).items() if k not in METHOD_FIELDS and k != "method"}
+
+
+@dataclass
+class Row:
+    """One method's final test accuracies within one setting, with statistics against the baseline."""
+
+    label: str
+    config: RunConfig
+    accs: list[float]
+    mean: float
+    std: float
+    ci: tuple[float, float]
+    reduction: float | None = None
+    p_value: float | None = None
+    paper: float | None = None
+
+
+@dataclass
+class Setting:
+    setting: dict
+    rows: list[Row]
+    runs: dict[str, list[Run]]
+
+    @property
+    def baseline(self) -> Row | None:
+        return next((r for r in self.rows if r.config.method == "none"), None)
+
+
+def _order(config: RunConfig) -> tuple:
+    return (list(METHODS).index(config.method), config.direction or "", config.convention or "", config.beta or 0.0,
+            config.lam if config.lam is not None else -1.0, config.sigma or 0.0)
+
+
+def summarize(runs: Sequence[Run]) -> list[Setting]:
+    """Group runs by setting and method; compute each row's statistics against its setting's baseline."""
+    groups: dict[str, dict[str, list[Run]]] = {}
+    for run in runs:
+        skey = json.dumps(setting_of(run.config), sort_keys=True)
+        groups.setdefault(skey, {}).setdefault(describe(run.config), []).append(run)
+    out = []
+    for skey, by_label in groups.items():
+        rows = []
+        for label, group in by_label.items():
+            accs = [r.final["test_acc"] for r in sorted(group, key=lambda r: r.seed)]
+            m, s = mean_std(accs)
+            rows.append(Row(label, group[0].config, accs, m, s, confidence_interval(accs),
+                            paper=published(group[0].config)))
+        rows.sort(key=lambda r: _order(r.config))
+        setting = Setting(json.loads(skey), rows, by_label)
+        base = setting.baseline
+        if base is not None:
+            for r in rows:
+                if r is not base:
+                    r.reduction = error_reduction(base.mean, r.mean)
+                    r.p_value = welch_test(r.accs, base.accs)[2]
+        out.append(setting)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- tables
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def setting_title(setting: dict, varying: Sequence[str] = ()) -> str:
+    """A short description of a setting, e.g. `fashion-mnist, cnn2, sgd lr 0.01, batch 100, 8 epochs`."""
+    s = setting
+    parts = [s["dataset"] + (" (train on test split, evaluate on train split)" if s["swap_train_test"] else ""),
+             s["model"], f"{s['optimizer']} lr {s['lr']:g}", f"batch {s['batch_size']}", f"{s['epochs']} epochs"]
+    if s["train_subset"]:
+        parts.append(f"{s['train_subset']} training images")
+    if s["test_subset"]:
+        parts.append(f"{s['test_subset']} evaluation images")
+    shown = {"dataset", "swap_train_test", "model", "optimizer", "lr", "batch_size", "epochs", "train_subset",
+             "test_subset"}
+    parts += [f"{k}={s[k]}" for k in varying if k not in shown]
+    return ", ".join(parts)
+
+
+def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
+    """One Markdown table per setting: mean +- std, 95% CI, n, error reduction, Welch p, published number."""
+    varying = [k for k in FIELDS if len({json.dumps(s.setting.get(k)) for s in settings}) > 1]
+    out = []
+    for st in settings:
+        base = st.baseline
+        has_paper = any(r.paper is not None for r in st.rows)
+        out.append(f"{'#' * heading_level} {setting_title(st.setting, varying)}\n")
+        head = ["method", "seeds", "test acc % (mean ± std)", "95% CI", "error reduction vs SGD",
+                "Welch p vs SGD"] + (["paper"] if has_paper else [])
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for r in st.rows:
+            red = "baseline" if r is base else (_fmt(100 * r.reduction, "+.1f") + " %" if r.reduction is not None
+                                                and not math.isnan(r.reduction) else "-")
+            cells = [r.label, str(len(r.accs)), f"{r.mean:.2f} ± {_fmt(r.std)}",
+                     f"[{_fmt(r.ci[0])}, {_fmt(r.ci[1])}]", red,
+                     "-" if r is base else _fmt(r.p_value, ".2g")] + ([_fmt(r.paper)] if has_paper else [])
+            out.append("| " + " | ".join(cells) + " |")
+        if base is None:
+            out.append("\n(no `method=none` run in this setting: no baseline to compare with)")
+        out.append("")
+    return "\n".join(out)

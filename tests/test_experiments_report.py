@@ -1,0 +1,117 @@
+"""Report statistics against independent references: t tables, closed forms, quadrature, hand formulas."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from cdgrad.experiments import report
+from cdgrad.experiments.config import RunConfig
+from cdgrad.experiments.store import Run
+
+# Two-sided 95 % (upper 0.975) and one-sided 95 % (upper 0.95) critical values from published t tables.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 24: 2.064, 30: 2.042, 60: 2.000, 120: 1.980}
+T95 = {1: 6.314, 2: 2.920, 5: 2.015, 10: 1.812, 20: 1.725, 30: 1.697, 120: 1.658}
+T995 = {1: 63.657, 4: 4.604, 9: 3.250, 24: 2.797}
+
+
+@pytest.mark.parametrize("table, p", [(T975, 0.975), (T95, 0.95), (T995, 0.995)])
+def test_t_quantiles_match_published_tables(table, p):
+    for df, value in table.items():
+        assert report.t_ppf(p, df) == pytest.approx(value, abs=6e-4)
+        assert report.t_ppf(1 - p, df) == pytest.approx(-value, abs=6e-4)
+        assert report.t_cdf(value, df) == pytest.approx(p, abs=2e-5 * df)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(-50, 50))
+@example(3.793965556501202e-07)  # near t = 0, where 1 - df/(df+t^2) cancels
+@example(0.0)
+def test_t_cdf_closed_forms(t):
+    assert report.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-13)  # Cauchy
+    assert report.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-13)
+    assert report.t_cdf(t, 1e7) == pytest.approx(0.5 * math.erfc(-t / math.sqrt(2)), abs=1e-6)  # normal limit
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(2.0, 8.0), st.floats(2.0, 8.0), st.floats(0.0, 1.0))
+def test_betainc_against_quadrature(a, b, x):
+    # Simpson's rule on the integrand t^(a-1) (1-t)^(b-1), smooth enough for a, b >= 2.
+    n = 4000
+    t = np.linspace(0.0, x, n + 1)
+    f = t ** (a - 1) * (1 - t) ** (b - 1)
+    integral = (x / n / 3) * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    beta = math.exp(math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    assert report.betainc(a, b, x) == pytest.approx(integral / beta, abs=1e-8)
+
+
+def test_betainc_identities_and_bad_input():
+    assert report.betainc(1.0, 1.0, 0.3) == pytest.approx(0.3, abs=1e-15)  # uniform
+    assert report.betainc(2.0, 3.0, 0.4) + report.betainc(3.0, 2.0, 0.6) == pytest.approx(1.0, abs=1e-14)
+    assert report.betainc(0.5, 0.5, 0.25) == pytest.approx(2 / math.pi * math.asin(0.5), abs=1e-13)  # arcsine
+    for a, b, x in ((0.0, 1.0, 0.5), (1.0, -1.0, 0.5), (1.0, 1.0, 1.5)):
+        with pytest.raises(ValueError):
+            report.betainc(a, b, x)
+    with pytest.raises(ValueError, match="p must be"):
+        report.t_ppf(1.0, 3)
+
+
+def test_confidence_interval_by_hand():
+    xs = [91.0, 92.5, 90.0, 93.0]
+    m = sum(xs) / 4
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / 3)
+    lo, hi = report.confidence_interval(xs)
+    assert (lo, hi) == pytest.approx((m - 3.182 * s / 2, m + 3.182 * s / 2), abs=2e-3)
+    assert report.mean_std(xs) == pytest.approx((m, s), abs=1e-12)
+    assert all(math.isnan(v) for v in report.confidence_interval([1.0]))
+
+
+def test_welch_by_hand_and_against_the_table():
+    a, b = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1], [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8]
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t_ref = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
+    df_ref = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    t, df, p = report.welch_test(a, b)
+    assert (t, df) == pytest.approx((t_ref, df_ref), rel=1e-12)
+    assert p == pytest.approx(2 * (1 - report.t_cdf(abs(t_ref), df_ref)), abs=1e-12)
+    # equal variances and sizes: df = 2n - 2; a t equal to the tabled 0.975 point gives p = 0.05
+    n = 6
+    x = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    s = np.std(x, ddof=1)
+    shift = T975[10] * s * math.sqrt(2 / n)
+    t, df, p = report.welch_test([v + shift for v in x], x)
+    assert df == pytest.approx(10, abs=1e-12) and t == pytest.approx(T975[10]) and p == pytest.approx(0.05, abs=1e-4)
+    assert all(math.isnan(v) for v in report.welch_test([1.0], [1.0, 2.0]))
+    assert report.welch_test([1.0, 1.0], [1.0, 1.0])[2] == 1.0
+
+
+def test_error_reduction_is_the_papers():
+    assert report.error_reduction(90.0, 92.0) == pytest.approx(0.2)       # err 10 -> 8
+    assert report.error_reduction(93.24, 93.57) == pytest.approx((6.76 - 6.43) / 6.76)
+    assert report.error_reduction(95.0, 94.0) == pytest.approx(-0.2)
+
+
+def _run(method, seed, acc, **kw):
+    config = RunConfig(dataset="cifar10", model="resnet56", batch_size=128, method=method, **kw)
+    return Run(f"{method}{seed}{kw}", seed, config, "0", {}, {"test_epoch": [1], "test_acc": [acc]},
+               {"test_acc": acc}, 1.0, "")
+
+
+def test_summary_table_groups_settings_and_uses_published_numbers():
+    runs = [_run("none", s, a) for s, a in enumerate([93.0, 93.4, 92.9])]
+    runs += [_run("h0", s, a, lam=1.0, convention="paper") for s, a in enumerate([93.6, 93.5, 93.8])]
+    runs += [_run("none", 0, 90.0, lr=0.2), _run("none", 1, 91.0, lr=0.2)]
+    settings_ = report.summarize(runs)
+    assert len(settings_) == 2
+    main = next(s for s in settings_ if s.setting["lr"] == 0.01)
+    base, h0 = main.rows
+    assert base.label == "none" and h0.label == "h0 lam=1 (paper)"
+    assert h0.reduction == pytest.approx(report.error_reduction(base.mean, h0.mean))
+    assert h0.p_value == pytest.approx(report.welch_test(h0.accs, base.accs)[2])
+    assert (base.paper, h0.paper) == (93.24, 93.57)
+    text = report.markdown(settings_)
+    assert text.count("| method |") == 2 and "93.57" in text and "| paper |" in text
+    assert "| h0 lam=1 (paper) | 3 | 93.63 ± 0.15 |" in text

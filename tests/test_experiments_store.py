@@ -1,0 +1,142 @@
+"""Results store and sweep runner: one transaction per run, failed runs not counted, completed runs skipped."""
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cdgrad.experiments import presets as presets_mod
+from cdgrad.experiments import train as train_mod
+from cdgrad.experiments.config import RunConfig, run_key, to_dict
+from cdgrad.experiments.presets import Preset, grid, run_all
+from cdgrad.experiments.store import ResultStore
+
+TINY = RunConfig(dataset="synthetic", model="tiny", epochs=2, batch_size=64, lr=0.1, threads=1)
+
+
+def _metrics(acc=50.0):
+    return {"curves": {"epoch": [1], "test_acc": [acc]}, "final": {"test_acc": acc}, "wall_s": 1.0}
+
+
+def test_save_and_read_back(tmp_path):
+    store = ResultStore(str(tmp_path))
+    store.check_writable()
+    config = TINY.replace(method="h0", lam=2.0)
+    key = store.save(config, 3, _metrics(61.5))
+    assert key == run_key(config, 3) and store.done_keys() == {key}
+    (run,) = store.runs()
+    assert run.config == config and run.seed == 3 and run.final == {"test_acc": 61.5}
+    assert run.curves == {"epoch": [1], "test_acc": [61.5]}
+    assert run.version and run.env["torch"] and run.env["python"] and run.env["device"] == "cpu"
+    assert "threads" in run.env and "platform" in run.env
+    row = sqlite3.connect(store.path).execute("SELECT config FROM runs").fetchone()
+    assert json.loads(row[0]) == to_dict(config)  # the full config, paths included
+    assert store.is_done(config, 3) and not store.is_done(config, 4)
+
+
+def test_a_failing_commit_leaves_nothing(tmp_path, monkeypatch):
+    store = ResultStore(str(tmp_path))
+    store.save(TINY, 0, _metrics())
+    real_connect = store._connect
+
+    class FailingCommit:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    monkeypatch.setattr(store, "_connect", lambda: FailingCommit(real_connect()))
+    with pytest.raises(sqlite3.OperationalError):
+        store.save(TINY, 1, _metrics())
+    monkeypatch.undo()
+    assert store.done_keys() == {run_key(TINY, 0)}
+
+
+def test_unwritable_results_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="not writable"):
+        ResultStore(str(blocker / "results")).check_writable()
+
+
+def test_sweep_skips_done_runs_and_failed_runs_are_not_done(tmp_path, monkeypatch):
+    store = ResultStore(str(tmp_path))
+    runs = [(TINY.replace(method=m), s) for m in ("none", "centralize") for s in (0, 1)]
+    calls = []
+    real_train = train_mod.train
+
+    def flaky_train(config, seed, **kw):
+        calls.append((config.method, seed))
+        if len(calls) == 3:
+            raise RuntimeError("crash in the middle of a run")
+        return real_train(config, seed, **kw)
+
+    monkeypatch.setattr(train_mod, "train", flaky_train)
+    with pytest.raises(RuntimeError, match="crash"):
+        run_all(runs, store, log=lambda s: None)
+    assert len(store.done_keys()) == 2  # the crashed run is not counted
+    calls.clear()
+    keys = run_all(runs, store, log=lambda s: None)
+    assert len(calls) == 2  # only the crashed run and the one never started
+    assert set(keys) == store.done_keys() and len(keys) == 4
+    calls.clear()
+    run_all(runs, store, log=lambda s: None)
+    assert calls == []
+
+
+def test_bad_input_fails_before_training_and_leaves_the_store_alone(tmp_path, monkeypatch):
+    store = ResultStore(str(tmp_path))
+    store.save(TINY, 0, _metrics())
+    before = Path(store.path).read_bytes()
+    trained = []
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: trained.append(1))
+    bad = [(TINY, 1), (TINY.replace(method="h0", sigma=1.0), 0)]
+    with pytest.raises(ValueError, match="sigma"):
+        run_all(bad, store, log=lambda s: None)
+    monkeypatch.setenv("CDGRAD_DATA", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    missing = [(TINY, 1), (TINY.replace(dataset="mnist", data_root=str(tmp_path / "nowhere")), 0)]
+    with pytest.raises(FileNotFoundError, match="mnist"):
+        run_all(missing, store, log=lambda s: None)
+    assert trained == [] and Path(store.path).read_bytes() == before
+
+
+def test_preset_expansion_overrides_and_filters():
+    p = Preset("t", "test", {"dataset": "synthetic", "model": "tiny"},
+               grid([{"lr": 0.1}, {"lr": 0.2}], [{"method": "none"}, {"method": "h0", "lam": 2.0}], 3))
+    runs = p.runs()
+    assert len(runs) == 12 and sorted({s for _, s in runs}) == [0, 1, 2]
+    assert len(p.runs(where={"lr": 0.2})) == 6
+    assert len(p.runs(max_seeds=1)) == 4
+    assert all(c.epochs == 7 for c, _ in p.runs({"epochs": 7}))
+
+
+def test_every_shipped_preset_is_valid_and_reduced_ones_say_what_they_cut():
+    from cdgrad.experiments.config import validate
+
+    for preset in presets_mod.PRESETS.values():
+        runs = preset.runs()
+        assert runs
+        for config, _ in runs:
+            validate(config)
+        assert len({run_key(c, s) for c, s in runs}) == len(runs)
+        if preset.name.endswith("reduced") or preset.name == "demo":
+            assert preset.cuts
+    t2 = presets_mod.PRESETS["table2"].runs()
+    assert {(c.model, c.optimizer, c.batch_size) for c, _ in t2} == {
+        ("resnet56", "sgd", 128), ("resnet56", "sgd", 32), ("resnet56", "sgd", 8), ("vgg16", "sgd", 128),
+        ("vgg16", "sgd", 8), ("vgg16", "sgd", 6), ("resnet56", "adam", 128), ("resnet56", "adam", 32),
+        ("resnet56", "adam", 8)}
+    seeds = {(c.optimizer, c.method): max(s for c2, s in t2 if (c2.optimizer, c2.method) == (c.optimizer, c.method))
+             for c, _ in t2}
+    assert set(seeds.values()) == {24, 9}  # 25 seeds with SGD, 10 with Adam
+    fig6 = presets_mod.PRESETS["fig6"].runs()
+    assert all(c.swap_train_test and c.batch_size == 100 and c.epochs == 100 and c.model == "cnn2" for c, _ in fig6)
+    assert {c.dataset for c, _ in fig6} == {"mnist", "fashion-mnist"} and max(s for _, s in fig6) == 4

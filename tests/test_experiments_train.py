@@ -1,0 +1,169 @@
+"""train(): determinism for a seed, exact resume after an interruption, checkpoints, real MNIST smoke."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from cdgrad.experiments.config import RunConfig
+from cdgrad.experiments.train import Progress, evaluate, load_data, make_scheduler, synthetic_dataset, train
+
+TINY = RunConfig(dataset="synthetic", model="tiny", epochs=4, batch_size=32, lr=0.1, eval_every=2, threads=1)
+METRICS = ("epoch", "train_loss", "train_acc", "test_epoch", "test_loss", "test_acc")
+
+
+def _curves(result):
+    return {k: result["curves"][k] for k in METRICS}
+
+
+@pytest.mark.parametrize("changes", [
+    {"method": "none"},
+    {"method": "sobolev", "lam": 1.0, "beta": 0.5},
+    {"method": "h0", "lam": 3.0, "convention": "paper", "direction": "flat", "scope": "all"},
+    {"method": "centralize", "optimizer": "adam", "lr": 0.01, "schedule": "cosine"},
+])
+def test_same_seed_same_numbers_and_seed_matters(changes):
+    config = TINY.replace(**changes)
+    a, b, c = train(config, 0), train(config, 0), train(config, 1)
+    assert _curves(a) == _curves(b)
+    assert _curves(a) != _curves(c)
+    assert a["curves"]["epoch"] == [1, 2, 3, 4]
+    assert a["curves"]["test_epoch"] == [2, 4]  # eval_every=2, the last epoch always
+    assert all(math.isfinite(v) for v in a["curves"]["train_loss"])
+
+
+def test_methods_change_the_training():
+    base = train(TINY, 0)
+    for changes in ({"method": "sobolev", "lam": 1.0}, {"method": "h0", "lam": 4.0}, {"method": "ls", "sigma": 2.0}):
+        assert _curves(train(TINY.replace(**changes), 0)) != _curves(base)
+
+
+def test_learns_the_synthetic_task():
+    result = train(TINY.replace(epochs=15, eval_every=15), 0)
+    assert result["final"]["test_acc"] > 60.0  # 4 classes: chance is 25 %
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(k):
+    def callback(epoch, curves):
+        if epoch == k:
+            raise Interrupt
+
+    return callback
+
+
+@pytest.mark.parametrize("changes", [
+    {"method": "none", "augment": True},
+    {"method": "sobolev", "lam": 2.0, "beta": 0.1, "schedule": "step", "step_every": 2},
+    {"method": "h0", "lam": 2.0, "optimizer": "adam", "lr": 0.01},
+    {"method": "sgs", "sgs_every": 2, "sgs_batches": 2},
+    {"method": "opnorm", "clip_norm": 1.0, "clip_every": 3},
+])
+def test_resume_after_interruption_gives_identical_numbers(tmp_path, changes):
+    config = TINY.replace(epochs=5, **changes)
+    full = train(config, 3)
+    ckpt = str(tmp_path / "run.pt")
+    with pytest.raises(Interrupt):
+        train(config, 3, checkpoint=ckpt, callback=_interrupt_after(2))
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 2 and len(state["curves"]["epoch"]) == 2
+    torch.manual_seed(12345)  # the global RNG state of the new process is irrelevant
+    resumed = train(config, 3, checkpoint=ckpt)
+    assert _curves(resumed) == _curves(full)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # atomic writes leave no temporaries
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    ckpt = str(tmp_path / "run.pt")
+    train(TINY.replace(epochs=1), 0, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="different run"):
+        train(TINY.replace(epochs=1), 1, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="different run"):
+        train(TINY.replace(epochs=1, lr=0.2), 0, checkpoint=ckpt)
+    # paths, threads and device do not change a run: its checkpoint is accepted
+    assert train(TINY.replace(epochs=1, threads=2, data_root="/elsewhere"), 0, checkpoint=ckpt)["curves"]
+
+
+def test_bad_seed_and_config_fail_before_training():
+    with pytest.raises(ValueError, match="seed"):
+        train(TINY, -1)
+    with pytest.raises(ValueError, match="sigma"):
+        train(TINY.replace(method="h0", sigma=1.0), 0)
+
+
+def test_evaluate_matches_a_plain_loop():
+    ds = synthetic_dataset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)).double()
+    x = ((ds.test_x.double() / 255 - 0.5) / 0.25)
+    loss_ref = sum(torch.nn.functional.cross_entropy(model(x[i:i + 1]), ds.test_y[i:i + 1]).item()
+                   for i in range(len(x))) / len(x)
+    acc_ref = 100.0 * sum(int(model(x[i:i + 1]).argmax() == ds.test_y[i]) for i in range(len(x))) / len(x)
+    model = model.float()
+    loss, acc = evaluate(model, ds.test_x, ds.test_y, (0.5,), (0.25,), batch_size=50)
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+    assert acc == acc_ref
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("step", [1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01]),
+    ("constant", [1.0] * 7),
+    ("cosine", [0.5 * (1 + math.cos(math.pi * e / 7)) for e in range(7)]),
+])
+def test_schedules(schedule, expected):
+    config = RunConfig(lr=1.0, epochs=7, step_every=3, schedule=schedule)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(config, opt)
+    got = []
+    for _ in range(7):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_subsets_and_swap():
+    ds = load_data(TINY.replace(train_subset=100, test_subset=50))
+    assert (len(ds.train_x), len(ds.test_x)) == (100, 50)
+    full = synthetic_dataset()
+    sw = load_data(TINY.replace(swap_train_test=True))
+    assert torch.equal(sw.train_x, full.test_x) and torch.equal(sw.test_x, full.train_x)
+
+
+def test_progress_bar_is_quiet_unless_enabled():
+    class Sink:
+        def __init__(self):
+            self.text = ""
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return False
+
+    quiet, loud = Sink(), Sink()
+    for sink, enabled in ((quiet, None), (loud, True)):
+        bar = Progress(3, "x", enabled=enabled, stream=sink)
+        for _ in range(3):
+            bar.update(info="loss 1")
+        bar.close()
+    assert quiet.text == ""
+    assert "100.0%" in loud.text
+
+
+MNIST = "/work/shared/data/mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(MNIST), reason="MNIST files not present")
+def test_one_real_mnist_epoch_on_a_subset():
+    config = RunConfig(dataset="mnist", data_root=MNIST, model="cnn2", epochs=1, batch_size=20, lr=0.05,
+                       train_subset=1000, test_subset=1000, method="sobolev", lam=1.0, threads=1)
+    result = train(config, 0)
+    assert result["final"]["test_acc"] > 70.0
