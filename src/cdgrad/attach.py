@@ -22,6 +22,8 @@ from .transforms_base import GradientTransform
 
 __all__ = ["attach", "AttachHandle"]
 
+_FLOATING = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
 
 class AttachHandle:
     """Returned by `attach`; `remove()` detaches the transform (also usable as a context manager)."""
@@ -31,33 +33,39 @@ class AttachHandle:
         self.optimizer = optimizer
         self.transform = transform
         self._only = None if params is None else {id(p) for p in params}
+        self._select_cache: dict[int, bool] = {}
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
 
     def selected(self) -> list[Tensor]:
         """The parameters the transform acts on at the next step (those with a gradient)."""
+        cache, only, select = self._select_cache, self._only, self.transform.select
         out = []
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is None or (self._only is not None and id(p) not in self._only):
+                if p.grad is None:
                     continue
-                if self.transform.select(p):
+                key = id(p)
+                chosen = cache.get(key)
+                if chosen is None:  # a parameter's shape does not change: decide once
+                    chosen = cache[key] = (only is None or key in only) and bool(select(p))
+                if chosen:
                     out.append(p)
         return out
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         params = self.selected()
-        for p in params:  # validate everything before touching anything
-            g = p.grad
-            if g.is_sparse or g.layout != torch.strided:
+        grads = [p.grad for p in params]
+        for p, g in zip(params, grads, strict=True):  # validate everything before touching anything
+            if g.layout is not torch.strided:
                 raise TypeError(
                     "cdgrad.attach: sparse gradients are not supported (parameter of shape "
                     f"{tuple(p.shape)}); accepted: dense floating-point gradients"
                 )
-            if not g.is_floating_point():
+            if g.dtype not in _FLOATING:
                 raise TypeError(f"cdgrad.attach: gradient dtype {g.dtype} is not a floating dtype")
         if params:
             with torch.no_grad():
-                self.transform.transform_([p.grad for p in params], params)
+                self.transform.transform_(grads, params)
 
     def remove(self) -> None:
         self._hook.remove()
