@@ -30,13 +30,7 @@ from cdgrad.spectral import record_input_sizes
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids thread start-up and oversubscription costs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pairs_corr(w: np.ndarray, d: int, dim: int) -> float:

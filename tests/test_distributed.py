@@ -529,20 +529,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@functools.cache
-def _run(world: int) -> list[dict]:
+def spawn(worker, world: int, outdir: str, timeout: float = 300) -> list[dict]:
+    """Run `worker(rank, world, port, outdir)` in `world` spawned processes; return each rank's rank{r}.json."""
     import torch.multiprocessing as mp
 
-    outdir = tempfile.mkdtemp(prefix="cdgrad-dist-")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), outdir), nprocs=world, join=False,
+    ctx = mp.start_processes(worker, args=(world, _free_port(), outdir), nprocs=world, join=False,
                              start_method="spawn")
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + timeout
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            raise TimeoutError(f"the {world}-process run did not finish in 300 s")
+            raise TimeoutError(f"the {world}-process run did not finish in {timeout:.0f} s")
     return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@functools.cache
+def _run(world: int) -> list[dict]:
+    return spawn(_worker, world, tempfile.mkdtemp(prefix="cdgrad-dist-"))
 
 
 def _values(world: int, scenario: str) -> list[dict]:

@@ -11,13 +11,7 @@ import cdgrad
 from cdgrad import _native
 from cdgrad import functional as F
 
-
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 SETTINGS = settings(max_examples=40, deadline=None)
 
 

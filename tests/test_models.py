@@ -21,13 +21,7 @@ from cdgrad.experiments.models import (
 RESNETS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batches: one intra-op thread is fastest and immune to oversubscribed CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------

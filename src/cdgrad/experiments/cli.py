@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cdgrad.distributed import is_main_process
     from cdgrad.experiments.presets import prepare
     from cdgrad.experiments.store import ResultStore
     from cdgrad.experiments.train import train
@@ -109,6 +110,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     metrics = train(config, args.seed, dataset=next(iter(datasets.values())), progress=args.progress,
                     checkpoint=None if store is None else store.checkpoint_path(key))
+    if not is_main_process():  # under torchrun rank 0 alone stores and prints the run
+        return 0
     if store is not None:
         store.save(config, args.seed, metrics)
     c = metrics["curves"]
@@ -153,6 +156,7 @@ def _report(name: str, runs: list[tuple[RunConfig, int]], args: argparse.Namespa
 
 
 def cmd_run(args: argparse.Namespace, command: str) -> int:
+    from cdgrad.distributed import is_main_process
     from cdgrad.experiments.methods import describe
     from cdgrad.experiments.presets import run_all
     from cdgrad.experiments.store import ResultStore
@@ -168,6 +172,8 @@ def cmd_run(args: argparse.Namespace, command: str) -> int:
             print(f"{flag}  {run_key(config, seed)}  {config.dataset} {config.model} {describe(config)} seed {seed}")
         return 0
     run_all(runs, store, progress=args.progress)
+    if not is_main_process():  # under torchrun rank 0 alone writes the report
+        return 0
     out_dir = args.out or os.path.join(args.results, "report")
     print(_report(args.preset, runs, args, out_dir, command))
     return 0
@@ -216,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from cdgrad.experiments.data import DatasetFormatError
 
+    had_group = _has_process_group()
     try:
         if args.command == "list":
             return cmd_list(args)
@@ -245,6 +252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        if not had_group and _has_process_group():  # set up by `train` / `run` under torchrun
+            sys.modules["torch.distributed"].destroy_process_group()
+
+
+def _has_process_group() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":

@@ -137,12 +137,18 @@ def data_key(config: RunConfig) -> tuple:
 
 def prepare(runs: list[tuple[RunConfig, int]], store: ResultStore | None) -> dict[tuple, Any]:
     """Check everything that can fail before training: configs, results folder, data. Returns the data sets."""
+    from cdgrad.distributed import init_from_env, is_main_process
     from cdgrad.experiments.train import load_data
 
     for config, _ in runs:
         validate(config)
-    if store is not None:
+    distributed = init_from_env() is not None
+    if store is not None and is_main_process():  # under torchrun only rank 0 writes the results folder
         store.check_writable()
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # the other ranks read the store only once rank 0 has created it
     datasets: dict[tuple, Any] = {}
     for config, _ in runs:
         if data_key(config) not in datasets:
@@ -153,9 +159,13 @@ def prepare(runs: list[tuple[RunConfig, int]], store: ResultStore | None) -> dic
 def run_all(runs: list[tuple[RunConfig, int]], store: ResultStore, *, progress: bool | None = None,
             log: Callable[[str], None] = print) -> list[str]:
     """Train every run not yet in `store` (resuming from its checkpoint if one exists); returns all keys."""
+    from cdgrad.distributed import is_main_process
     from cdgrad.experiments.train import train
 
     datasets = prepare(runs, store)
+    main = is_main_process()  # under torchrun every rank trains, rank 0 alone stores and logs
+    if not main:
+        log = _quiet
     done = store.done_keys()
     # seed-major order: an interrupted sweep leaves every configuration with about as many seeds
     todo = sorted(((c, s) for c, s in runs if run_key(c, s) not in done), key=lambda run: run[1])
@@ -167,12 +177,17 @@ def run_all(runs: list[tuple[RunConfig, int]], store: ResultStore, *, progress: 
         t0 = time.perf_counter()
         metrics = train(config, seed, dataset=datasets[data_key(config)], checkpoint=store.checkpoint_path(key),
                         progress=progress)
-        store.save(config, seed, metrics)
+        if main:
+            store.save(config, seed, metrics)
         log(f"[{i}/{len(todo)}] {config.dataset} {config.model} {describe(config)} seed {seed}: "
             f"test acc {metrics['final']['test_acc']:.2f}% ({time.perf_counter() - t0:.0f} s)")
     if todo:
         log(f"trained {len(todo)} runs in {time.perf_counter() - t_all:.0f} s")
     return [run_key(c, s) for c, s in runs]
+
+
+def _quiet(message: str) -> None:
+    """The log of the ranks other than 0 under torchrun."""
 
 
 def describe_preset(preset: Preset, verbose: bool = False) -> str:

@@ -6,6 +6,13 @@ batches. The run is a deterministic function of (config, seed) on the CPU. With 
 the complete state (model, optimizer, method state, scheduler, generators, curves) is written
 atomically after every epoch, and a later call with the same path resumes from it and ends with the
 same numbers as an uninterrupted run.
+
+Under torchrun (`WORLD_SIZE`/`RANK` in the environment, see `cdgrad.distributed.init_from_env`) the model is
+wrapped in DistributedDataParallel and every rank draws the same global permutation and batches of
+`batch_size`, training on rows `r::world` of each batch; the loss is scaled so that DDP's gradient average is
+the gradient of the global batch's mean loss, i.e. the run equals the single-process run up to round-off (for
+models without BatchNorm, whose statistics are per rank). Only rank 0 writes the checkpoint; every rank
+reads it on resume, which needs the same world size.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cdgrad.distributed import init_from_env
 from cdgrad.experiments import data as data_mod
 from cdgrad.experiments.config import RunConfig, from_dict, identity_dict, to_dict, validate
 from cdgrad.experiments.methods import attach_method
@@ -112,6 +120,14 @@ def make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> torch
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, mean: Any, std: Any, batch_size: int) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (%) of `model` on (x, y), in no-grad batches."""
+    loss_sum, correct = _evaluate_sums(model, x, y, mean, std, batch_size)
+    return loss_sum / len(x), 100.0 * correct / len(x)
+
+
+@torch.no_grad()
+def _evaluate_sums(model: nn.Module, x: Tensor, y: Tensor, mean: Any, std: Any, batch_size: int
+                   ) -> tuple[float, int]:
+    """Summed cross-entropy and number of correct predictions of `model` on (x, y)."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, len(x), batch_size):
@@ -119,7 +135,18 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, mean: Any, std: Any, batch_
         target = y[i:i + batch_size]
         loss_sum += F.cross_entropy(logits.float(), target, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
-    return loss_sum / len(x), 100.0 * correct / len(x)
+    return loss_sum, correct
+
+
+def _evaluate_sharded(model: nn.Module, ds: data_mod.Dataset, batch_size: int, rank: int, world: int
+                      ) -> tuple[float, float]:
+    """`evaluate` on the test split with rank r taking the r-th contiguous chunk; sums all-reduced."""
+    n = len(ds.test_x)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    loss_sum, correct = _evaluate_sums(model, ds.test_x[lo:hi], ds.test_y[lo:hi], ds.mean, ds.std, batch_size)
+    sums = torch.tensor([loss_sum, float(correct)], dtype=torch.float64, device=ds.test_x.device)
+    torch.distributed.all_reduce(sums)
+    return sums[0].item() / n, 100.0 * round(sums[1].item()) / n
 
 
 # ------------------------------------------------------------------------------------------ progress bar
@@ -159,13 +186,19 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, config: RunConfig, seed: int) -> dict[str, Any]:
+def load_checkpoint(path: str, config: RunConfig, seed: int, world_size: int = 1) -> dict[str, Any]:
+    """The state saved at `path`; ValueError if it belongs to another run or was written under another world size."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state.get("config")
     if not isinstance(saved, dict) or identity_dict(from_dict(saved)) != identity_dict(config) or \
             state.get("seed") != seed:
         raise ValueError(f"checkpoint {path} belongs to a different run (config or seed differ); remove it "
                          "or pass a different checkpoint path")
+    saved_world = state.get("world_size", 1)  # checkpoints without the field come from single-process runs
+    if saved_world != world_size:
+        raise ValueError(f"checkpoint {path} was written by a run with world size {saved_world} and can only be "
+                         f"resumed with world size {saved_world}, but this run has world size {world_size}; "
+                         f"launch {saved_world} process(es) or remove the checkpoint")
     return state
 
 
@@ -179,10 +212,15 @@ def train(config: RunConfig, seed: int, *, dataset: data_mod.Dataset | None = No
     epoch's batches; `test_*` are measured at epochs `test_epoch` (every `eval_every`, always the last).
     `dataset` (from `load_data(config)`) saves re-reading files in a sweep; `callback(epoch, curves)` runs
     after each epoch's checkpoint.
+
+    Under torchrun (a default process group, or `WORLD_SIZE` in the environment) the run is data-parallel as
+    described in the module docstring; every rank returns the same metrics and only rank 0 writes `checkpoint`.
     """
     validate(config)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    dist_info = init_from_env()
+    rank, world = dist_info if dist_info is not None else (0, 1)
     device = torch.device(config.device)
     ds = (dataset if dataset is not None else load_data(config)).to(device)
     n = len(ds.train_x)
@@ -198,7 +236,7 @@ def train(config: RunConfig, seed: int, *, dataset: data_mod.Dataset | None = No
     start_epoch, elapsed = 0, 0.0
 
     if checkpoint is not None and os.path.exists(checkpoint):
-        state = load_checkpoint(checkpoint, config, seed)
+        state = load_checkpoint(checkpoint, config, seed, world)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -209,15 +247,20 @@ def train(config: RunConfig, seed: int, *, dataset: data_mod.Dataset | None = No
         gen.set_state(state["generator"].to(gen.get_state().device))
         curves, start_epoch, elapsed = state["curves"], state["epoch"], state["elapsed"]
 
+    net: nn.Module = model
+    if world > 1:  # after loading the checkpoint; DDP also broadcasts rank 0's parameters and buffers
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                  and device.index is not None else None)
     steps = math.ceil(n / config.batch_size)
-    bar = Progress((config.epochs - start_epoch) * steps, desc=f"{config.method} s{seed}", enabled=progress)
+    bar = Progress((config.epochs - start_epoch) * steps, desc=f"{config.method} s{seed}",
+                   enabled=progress if rank == 0 else False)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads or threads)
     try:
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
             method.begin_epoch(epoch)
-            model.train()
+            net.train()
             perm = torch.randperm(n, generator=gen, device=device)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -226,36 +269,54 @@ def train(config: RunConfig, seed: int, *, dataset: data_mod.Dataset | None = No
                 x, y = ds.train_x[idx], ds.train_y[idx]
                 if config.augment:  # on the uint8 batch: zero padding is black, as in torchvision
                     x = data_mod.augment_crop_flip(x, pad=4, generator=gen)
+                if world > 1:  # this rank's rows of the global batch (augmented whole: same random draws)
+                    x, y = x[rank::world], y[rank::world]
                 x = data_mod.normalize(x, ds.mean, ds.std)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                logits = net(x)
+                if world == 1:
+                    loss = F.cross_entropy(logits, y)
+                    batch_loss = loss.detach() * len(idx)
+                else:  # DDP averages over ranks: world/B * (local sum) averages to the global batch mean
+                    batch_loss = F.cross_entropy(logits, y, reduction="sum")
+                    loss = batch_loss * (world / len(idx))
+                    batch_loss = batch_loss.detach()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += loss.detach() * len(idx)
+                loss_sum += batch_loss
                 correct += (logits.detach().argmax(1) == y).sum()
                 bar.update(info=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}"
                            if bar.enabled else None)
             scheduler.step()
+            if world > 1:
+                sums = torch.stack([loss_sum, correct.to(torch.float64)])
+                torch.distributed.all_reduce(sums)
+                loss_sum, correct = sums[0], sums[1].round().to(torch.int64)
             curves["epoch"].append(epoch + 1)
             curves["train_loss"].append(loss_sum.item() / n)
             curves["train_acc"].append(100.0 * correct.item() / n)
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-                test_loss, test_acc = evaluate(model, ds.test_x, ds.test_y, ds.mean, ds.std,
-                                               config.eval_batch_size)
+                if world == 1:
+                    test_loss, test_acc = evaluate(model, ds.test_x, ds.test_y, ds.mean, ds.std,
+                                                   config.eval_batch_size)
+                else:
+                    test_loss, test_acc = _evaluate_sharded(model, ds, config.eval_batch_size, rank, world)
                 curves["test_epoch"].append(epoch + 1)
                 curves["test_loss"].append(test_loss)
                 curves["test_acc"].append(test_acc)
             curves["epoch_time"].append(time.perf_counter() - t0)
             elapsed += curves["epoch_time"][-1]
-            if checkpoint is not None:
+            if checkpoint is not None and rank == 0:
                 save_checkpoint(checkpoint, {
                     "config": to_dict(config), "seed": seed, "epoch": epoch + 1, "elapsed": elapsed,
+                    "world_size": world,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "method": method.state_dict(),
                     "torch_rng": torch.get_rng_state(), "generator": gen.get_state(), "curves": curves,
                     **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                 })
+            if checkpoint is not None and world > 1:
+                torch.distributed.barrier()  # no rank goes on (and may read the file) before it is written
             if callback is not None:
                 callback(epoch + 1, curves)
     finally:
