@@ -164,6 +164,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter timings (noisier)")
     parser.add_argument("--end-to-end", action="store_true", help="also time a ResNet-56 training iteration")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8], metavar="B",
+                        help="batch sizes of the end-to-end measurement (default: 8)")
+    parser.add_argument("--iterations", type=int, default=40, help="timed iterations per set-up end to end")
     args = parser.parse_args()
     min_time = 0.05 if args.quick else 0.3
     cpu = platform.processor() or platform.machine()
@@ -176,8 +179,9 @@ def main():
     whole_model("ResNet-56", RESNET56, RESNET56_COUNTS, min_time)
     whole_model("VGG-16", VGG16, VGG16_COUNTS, min_time)
     if args.end_to_end:
-        print()
-        end_to_end()
+        for batch_size in args.batch_sizes:
+            print()
+            end_to_end(batch_size, args.iterations)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -275,3 +276,20 @@ def test_cli_arguments(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "conv2.weight" in printed and "@ 6x6" in printed
     assert all((tmp_path / "o" / name).is_file() for name in PLOTS)
+
+
+def test_cli_finds_a_run_in_the_results_store(tmp_path, capsys):
+    from cdgrad.experiments.store import ResultStore
+
+    store = ResultStore(tmp_path / "results")
+    key = "abc123"
+    os.makedirs(os.path.dirname(store.model_path(key)), exist_ok=True)
+    torch.save({"model": Small().state_dict()}, store.model_path(key))
+    parser = argparse.ArgumentParser()
+    add_analyze_arguments(parser)
+    args = parser.parse_args([key, "--results", str(tmp_path / "results"), "--out-dir", str(tmp_path / "o")])
+    assert run_analyze(args) == 0
+    assert "conv1.weight" in capsys.readouterr().out
+    missing = parser.parse_args(["nope", "--results", str(tmp_path / "results"), "--out-dir", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        run_analyze(missing)

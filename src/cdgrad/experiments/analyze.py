@@ -219,7 +219,10 @@ def analyze(
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cdgrad analyze``."""
-    parser.add_argument("source", help="checkpoint saved with torch.save (a state_dict or {'model': state_dict})")
+    parser.add_argument("source", help="checkpoint saved with torch.save (a state_dict or {'model': state_dict}), "
+                                       "or the key of a run in the results store trained with --save-model")
+    parser.add_argument("--results", default="results",
+                        help="results folder where a run key is looked up (default: results)")
     parser.add_argument("--out-dir", default="analysis", help="folder for summary.md and the PNG plots")
     parser.add_argument("--input-size", type=int, default=32,
                         help="spatial input size n for the singular values of every layer (n x n)")
@@ -229,7 +232,14 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``cdgrad analyze`` from parsed arguments: print the table, return the exit status."""
-    table = analyze(args.source, args.out_dir, args.input_size, max_distance=args.max_distance, bins=args.bins)
+    source = args.source
+    if not os.path.exists(source):
+        from cdgrad.experiments.store import ResultStore
+
+        stored = ResultStore(args.results).model_path(source)
+        if os.path.exists(stored):
+            source = stored
+    table = analyze(source, args.out_dir, args.input_size, max_distance=args.max_distance, bins=args.bins)
     print(table)
     print(f"plots and summary.md written to {args.out_dir}")
     return 0

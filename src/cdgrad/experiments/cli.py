@@ -239,9 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(run_analyze(args) or 0)
     except FileNotFoundError as exc:
-        hint = "--data-root DIR" if args.command == "train" else "--set data_root=DIR"
-        print(f"cdgrad {args.command}: error: {exc}\nOn the command line, give the folder with {hint}.",
-              file=sys.stderr)
+        hints = {"train": "\nOn the command line, give the data folder with --data-root DIR.",
+                 "analyze": "\nGive a checkpoint file, or a run key with --results DIR."}
+        hint = hints.get(args.command, "\nOn the command line, give the data folder with --set data_root=DIR.")
+        print(f"cdgrad {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, DatasetFormatError) as exc:
         print(f"cdgrad {args.command}: error: {exc}", file=sys.stderr)
