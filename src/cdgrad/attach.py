@@ -38,23 +38,27 @@ class AttachHandle:
 
     def selected(self) -> list[Tensor]:
         """The parameters the transform acts on at the next step (those with a gradient)."""
+        return self._selection()[0]
+
+    def _selection(self) -> tuple[list[Tensor], list[Tensor]]:
         cache, only, select = self._select_cache, self._only, self.transform.select
-        out = []
+        params, grads = [], []
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
                 key = id(p)
                 chosen = cache.get(key)
                 if chosen is None:  # a parameter's shape does not change: decide once
                     chosen = cache[key] = (only is None or key in only) and bool(select(p))
                 if chosen:
-                    out.append(p)
-        return out
+                    params.append(p)
+                    grads.append(g)
+        return params, grads
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        params = self.selected()
-        grads = [p.grad for p in params]
+        params, grads = self._selection()
         for p, g in zip(params, grads, strict=True):  # validate everything before touching anything
             if g.layout is not torch.strided:
                 raise TypeError(

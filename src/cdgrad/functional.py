@@ -143,16 +143,16 @@ def _native_layout(x: Tensor, dim: int | None) -> tuple[int, int, int] | None:
     return None
 
 
-_PLANS: dict[tuple, tuple[int | None, tuple[int, int, int] | None]] = {}
+_PLANS: dict[tuple, tuple[int | None, tuple[int, int, int] | None, bool]] = {}
 
 
-def _plan(g: Tensor, dim: int | None) -> tuple[int | None, tuple[int, int, int] | None]:
-    """(normalised dim, native layout or None), cached per shape, strides, dtype and device."""
-    key = (g.shape, g.stride(), g.dtype, g.device.type, dim)
+def _plan(g: Tensor, dim: int | None) -> tuple[int | None, tuple[int, int, int] | None, bool]:
+    """(normalised dim, native layout or None, is float64), cached per shape, strides, dtype and device."""
+    key = (g.shape, g.stride(), g.dtype, g.device, dim)
     plan = _PLANS.get(key)
     if plan is None:
         axis = None if dim is None else dim % g.dim()
-        plan = (axis, _native_layout(g, axis))
+        plan = (axis, _native_layout(g, axis), g.dtype == torch.float64)
         if len(_PLANS) < 4096:
             _PLANS[key] = plan
     return plan
@@ -172,21 +172,19 @@ def channel_directed_(
     kernel = _native.H0 if metric == "h0" else _native.SOBOLEV
     jobs, copies = _native.Jobs(), []
     for g in grads:
-        if g.numel() == 0:
-            continue
-        axis, layout = _plan(g, dim)
-        target = g
-        if native and layout is None and g.device.type == "cpu":
-            target = g.to(dtype=_compute_dtype(g.dtype), memory_format=torch.contiguous_format, copy=True)
-            layout = _native_layout(target, axis)
-            copies.append((g, target))
-        if not native or layout is None:
-            g.copy_(_REFERENCE[metric](g, lam, axis, beta))
-            continue
+        axis, layout, is_double = _plan(g, dim)
+        if layout is None or not native:
+            if g.numel() == 0:
+                continue
+            if not native or g.device.type != "cpu":
+                g.copy_(_REFERENCE[metric](g, lam, axis, beta))
+                continue
+            work = g.to(dtype=_compute_dtype(g.dtype), memory_format=torch.contiguous_format, copy=True)
+            copies.append((g, work))
+            g, layout, is_double = work, _native_layout(work, axis), work.dtype == torch.float64
         b, n, m = layout
-        coefficient = 1.0 / lam if metric == "h0" else 1.0 / (lam * n * n)
-        ptr = target.data_ptr()
-        jobs.add(ptr, ptr, b, n, m, coefficient, beta, kernel, target.dtype == torch.float64)
+        ptr = g.data_ptr()
+        jobs.add(ptr, ptr, b, n, m, 1.0 / lam if metric == "h0" else 1.0 / (lam * n * n), beta, kernel, is_double)
     if len(jobs):
         jobs.run(torch.get_num_threads())
     for g, work in copies:
