@@ -53,20 +53,18 @@ class AttachHandle:
                 if chosen is None:  # a parameter's shape does not change: decide once
                     chosen = cache[key] = (only is None or key in only) and bool(select(p))
                 if chosen:
+                    if g.layout is not torch.strided or g.dtype not in _FLOATING:
+                        raise TypeError(
+                            f"cdgrad.attach: the gradient of a parameter of shape {tuple(p.shape)} is "
+                            f"{'sparse' if g.layout is not torch.strided else g.dtype}; accepted: dense "
+                            "floating-point gradients (float16, bfloat16, float32, float64)"
+                        )
                     params.append(p)
                     grads.append(g)
         return params, grads
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        params, grads = self._selection()
-        for p, g in zip(params, grads, strict=True):  # validate everything before touching anything
-            if g.layout is not torch.strided:
-                raise TypeError(
-                    "cdgrad.attach: sparse gradients are not supported (parameter of shape "
-                    f"{tuple(p.shape)}); accepted: dense floating-point gradients"
-                )
-            if g.dtype not in _FLOATING:
-                raise TypeError(f"cdgrad.attach: gradient dtype {g.dtype} is not a floating dtype")
+        params, grads = self._selection()  # validates every gradient before any is touched
         if params:
             with torch.no_grad():
                 self.transform.transform_(grads, params)

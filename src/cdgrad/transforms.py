@@ -70,14 +70,13 @@ class ChannelDirected(GradientTransform):
         return _in_scope(param, self.scope, self.direction)
 
     def transform_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-        local = []
-        for g in grads:
-            if _is_dtensor(g):
-                from .distributed import channel_directed_dtensor_
+        local = [g for g in grads if type(g) is Tensor or not _is_dtensor(g)]
+        if len(local) != len(grads):  # FSDP2: sharded gradients, see cdgrad.distributed
+            from .distributed import channel_directed_dtensor_
 
-                channel_directed_dtensor_(g, self.metric, self.lam, self.beta, self.direction)
-            else:
-                local.append(g)
+            for g in grads:
+                if _is_dtensor(g):
+                    channel_directed_dtensor_(g, self.metric, self.lam, self.beta, self.direction)
         F.channel_directed_(local, self.metric, self.lam, self.beta, DIRECTIONS[self.direction])
 
     def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
