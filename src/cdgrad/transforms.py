@@ -183,11 +183,6 @@ class Chain(GradientTransform):
             if chosen:
                 t.transform_([g for g, _ in chosen], [p for _, p in chosen])
 
-    def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
-        out = grad.clone()
-        self.transform_([out], [param if param is not None else grad])
-        return out
-
     def state_dict(self) -> dict[str, Any]:
         return {"type": "Chain", "transforms": [t.state_dict() for t in self.transforms]}
 
