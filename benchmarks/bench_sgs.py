@@ -18,54 +18,8 @@ import time
 import torch
 from torch import nn
 
+from cdgrad.experiments.models import build_model
 from cdgrad.sgs import SpatialGradientScaling
-
-
-def resnet56() -> nn.Module:
-    """`cdgrad.experiments.models.build_model("resnet56")` when available, else an equivalent local build."""
-    try:
-        from cdgrad.experiments.models import build_model
-    except ImportError:
-        return _LocalResNet(depth=56)
-    return build_model("resnet56")
-
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.pad = cout - cin
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        short = x[:, :, :: self.stride, :: self.stride]
-        if self.pad:  # option-A shortcut: zero channels, split before and after
-            short = nn.functional.pad(short, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return torch.relu(out + short)
-
-
-class _LocalResNet(nn.Module):
-    def __init__(self, depth: int = 56) -> None:
-        super().__init__()
-        n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        blocks, cin = [], 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(n):
-                blocks.append(_Block(cin, cout, stride if i == 0 else 1))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(torch.relu(self.bn1(self.conv1(x))))
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 class _Clock:
@@ -106,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = resnet56().train()
+    model = build_model("resnet56").train()
     # spatially smooth random images (5x5 box-filtered noise), so that neighbouring pixels are dependent
     images = [
         nn.functional.avg_pool2d(torch.randn(args.batch_size, 3, 36, 36), 5, stride=1) * 5

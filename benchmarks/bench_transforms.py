@@ -28,12 +28,12 @@ import cdgrad
 from cdgrad import _native
 from cdgrad import functional as F
 
-RESNET56 = [(16, 3, 3, 3), (16, 16, 3, 3), (32, 16, 3, 3), (32, 32, 3, 3), (64, 32, 3, 3), (64, 64, 3, 3)]
-VGG16 = [(64, 3, 3, 3), (64, 64, 3, 3), (128, 64, 3, 3), (128, 128, 3, 3), (256, 128, 3, 3), (256, 256, 3, 3),
-         (512, 256, 3, 3), (512, 512, 3, 3)]
-# how many conv layers of each shape the models have (ResNet-56 with option-A shortcuts)
-RESNET56_COUNTS = [1, 18, 1, 17, 1, 17]
-VGG16_COUNTS = [1, 1, 1, 1, 1, 2, 1, 5]
+
+def conv_weight_shapes(name: str) -> list[tuple[int, ...]]:
+    """The shapes of every conv weight of one of the toolkit's models, in order."""
+    from cdgrad.experiments.models import build_model
+
+    return [tuple(p.shape) for p in build_model(name).parameters() if p.dim() == 4]
 
 
 def published_style_sobolev(f: torch.Tensor, lam: float) -> torch.Tensor:
@@ -96,9 +96,9 @@ def per_shape(shapes, min_time):
               f"{t['published'] / t['sobolev']:.1f} |")
 
 
-def whole_model(name, shapes, counts, min_time):
+def whole_model(name, shapes, min_time):
     """Every conv gradient of a model transformed in place in one call, as attach() does."""
-    grads = [torch.randn(s) for s, c in zip(shapes, counts, strict=True) for _ in range(c)]
+    grads = [torch.randn(s) for s in shapes]
     work = [g.clone() for g in grads]
     numel = sum(g.numel() for g in grads)
     refill = timeit(lambda: torch._foreach_copy_(work, grads), min_time)
@@ -172,12 +172,13 @@ def main():
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
           f"native kernel: {'yes' if _native.library() is not None else 'no (PyTorch path)'}\n")
-    per_shape(sorted(set(RESNET56 + VGG16), key=lambda s: (s[0], s[1])), min_time)
+    resnet56, vgg16 = conv_weight_shapes("resnet56"), conv_weight_shapes("vgg16")
+    per_shape(sorted(set(resnet56 + vgg16), key=lambda s: (s[0], s[1])), min_time)
     print("\n| all conv gradients, in place in one call | clone each us | h0 us | sobolev us | published us "
           "| h0/clone | sobolev/clone | published/sobolev |")
     print("|---|---|---|---|---|---|---|---|")
-    whole_model("ResNet-56", RESNET56, RESNET56_COUNTS, min_time)
-    whole_model("VGG-16", VGG16, VGG16_COUNTS, min_time)
+    whole_model("ResNet-56", resnet56, min_time)
+    whole_model("VGG-16", vgg16, min_time)
     if args.end_to_end:
         for batch_size in args.batch_sizes:
             print()
