@@ -119,18 +119,24 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
     )
     if rank == 0:
         numel = args.layers * args.channels * args.channels * args.kernel**2
-        print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-              f"gloo on 127.0.0.1, {args.world} processes x {args.threads} thread(s)")
-        print(f"{args.layers} layers of {shape} {args.dtype} ({numel * torch.finfo(dtype).bits // 8 / 2**20:.1f} "
-              f"MiB of gradients), Shard(0); metric={args.metric}, lam={args.lam}, beta={args.beta}, "
-              f"direction=output; {args.steps} timed steps")
+        print(
+            f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"gloo on 127.0.0.1, {args.world} processes x {args.threads} thread(s)"
+        )
+        print(
+            f"{args.layers} layers of {shape} {args.dtype} ({numel * torch.finfo(dtype).bits // 8 / 2**20:.1f} "
+            f"MiB of gradients), Shard(0); metric={args.metric}, lam={args.lam}, beta={args.beta}, "
+            f"direction=output; {args.steps} timed steps"
+        )
         print()
         print("| path | collectives/step | sent/rank/step | received/rank/step | time/step (median) | min |")
         print("|---|---|---|---|---|---|")
         for name, (counter, times) in results.items():
-            print(f"| {name} | {len(counter.records)} | {_fmt_bytes(counter.sent())} | "
-                  f"{_fmt_bytes(counter.received())} | {1e3 * statistics.median(times):.1f} ms | "
-                  f"{1e3 * min(times):.1f} ms |")
+            print(
+                f"| {name} | {len(counter.records)} | {_fmt_bytes(counter.sent())} | "
+                f"{_fmt_bytes(counter.received())} | {1e3 * statistics.median(times):.1f} ms | "
+                f"{1e3 * min(times):.1f} ms |"
+            )
         print()
         print(f"max relative difference sharded vs gather: {diff:.2e}")
     dist.destroy_process_group()

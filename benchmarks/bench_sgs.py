@@ -63,8 +63,7 @@ def main() -> None:
     model = build_model("resnet56").train()
     # spatially smooth random images (5x5 box-filtered noise), so that neighbouring pixels are dependent
     images = [
-        nn.functional.avg_pool2d(torch.randn(args.batch_size, 3, 36, 36), 5, stride=1) * 5
-        for _ in range(args.batches)
+        nn.functional.avg_pool2d(torch.randn(args.batch_size, 3, 36, 36), 5, stride=1) * 5 for _ in range(args.batches)
     ]
     sgs = SpatialGradientScaling(model, num_batches=args.batches, method=args.method)
     print(
@@ -88,8 +87,7 @@ def main() -> None:
                 model(x)
     del sgs.update
     print(
-        f"capture: forward of {args.batches} batches {plain.wall:.3f} s without hooks, "
-        f"{hooked.wall:.3f} s with hooks"
+        f"capture: forward of {args.batches} batches {plain.wall:.3f} s without hooks, {hooked.wall:.3f} s with hooks"
     )
     elements = sum(x.numel() for entries in captured.values() for x, _ in entries)
     print(f"captured {elements / 1e6:.1f} M activations ({elements * 4 / 2**20:.0f} MiB)")

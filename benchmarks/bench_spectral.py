@@ -75,8 +75,10 @@ def main() -> None:
         print(f"  {str(dtype):14s} all singular values, every conv at 32x32:                  {t_32:7.3f} s")
 
     print("\nFFT vs dense matrix (float64, all singular values)")
-    print(f"  {'layer (O,I,kh,kw) @ n':28s} {'dense size':>11s} {'dense s':>9s} {'FFT s':>9s} {'ratio':>8s} "
-          f"{'max |diff|':>10s}")
+    print(
+        f"  {'layer (O,I,kh,kw) @ n':28s} {'dense size':>11s} {'dense s':>9s} {'FFT s':>9s} {'ratio':>8s} "
+        f"{'max |diff|':>10s}"
+    )
     cases = [((16, 16, 3, 3), 8), ((32, 32, 3, 3), 8), ((8, 8, 3, 3), 16)]
     if args.large:
         cases.append(((16, 16, 3, 3), 16))
@@ -91,8 +93,10 @@ def main() -> None:
         fft = conv_singular_values(w, n)
         diff = (fft - dense[: fft.numel()]).abs().max().item()
         size = shape[0] * n * n
-        print(f"  {str(shape) + f' @ {n}x{n}':28s} {size:>5d}x{shape[1] * n * n:<5d} {t_dense:9.3f} "
-              f"{t_fft:9.5f} {t_dense / t_fft:8.0f}x {diff:10.1e}")
+        print(
+            f"  {str(shape) + f' @ {n}x{n}':28s} {size:>5d}x{shape[1] * n * n:<5d} {t_dense:9.3f} "
+            f"{t_fft:9.5f} {t_dense / t_fft:8.0f}x {diff:10.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,13 @@ from cdgrad.experiments.data import Dataset, normalize
 from cdgrad.experiments.methods import attach_method
 from cdgrad.experiments.train import evaluate, make_model, make_optimizer
 
-SHAPES = {"cnn2": (1, 28, 100), "resnet20": (3, 32, 128), "resnet32": (3, 32, 128), "resnet56": (3, 32, 128),
-          "vgg16": (3, 32, 128)}  # (channels, image size, batch size of the paper's protocol)
+SHAPES = {
+    "cnn2": (1, 28, 100),
+    "resnet20": (3, 32, 128),
+    "resnet32": (3, 32, 128),
+    "resnet56": (3, 32, 128),
+    "vgg16": (3, 32, 128),
+}  # (channels, image size, batch size of the paper's protocol)
 METHODS = {"none": {}, "h0": {"lam": 1.0}, "sobolev": {"lam": 1.0}, "ls": {"sigma": 1.0}}
 
 
@@ -83,16 +88,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="time spent measuring each training cell")
     args = parser.parse_args()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} threads by default, load average {load:.1f} at start\n")
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} threads by default, load average {load:.1f} at start\n"
+    )
     print("| model | batch | method | threads | train images/s | train images per CPU-s | eval images/s |")
     print("|---|---|---|---|---|---|---|")
     for model_name in args.models:
         for method in args.methods:
             for threads in args.threads:
                 tr, cpu, ev = bench(model_name, method, threads, args.seconds)
-                print(f"| {model_name} | {SHAPES[model_name][2]} | {method} | {threads} | {tr:.0f} | {cpu:.0f} | "
-                      f"{ev:.0f} |", flush=True)
+                print(
+                    f"| {model_name} | {SHAPES[model_name][2]} | {method} | {threads} | {tr:.0f} | {cpu:.0f} | "
+                    f"{ev:.0f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ def timeit(fn, min_time=0.2, repeats=15) -> float:
 
 
 def per_shape(shapes, min_time):
-    print("| shape | clone us | h0 us | sobolev us | sobolev in place us | reference us | published us | h0/clone "
-          "| sobolev/clone | in place/clone | published/sobolev |")
+    print(
+        "| shape | clone us | h0 us | sobolev us | sobolev in place us | reference us | published us | h0/clone "
+        "| sobolev/clone | in place/clone | published/sobolev |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         g = torch.randn(shape)
@@ -84,16 +86,18 @@ def per_shape(shapes, min_time):
             "clone": timeit(lambda g=g: g.clone(), min_time),
             "h0": timeit(lambda g=g: cdgrad.reweighted_h0(g, 2.0), min_time),
             "sobolev": timeit(lambda g=g: cdgrad.sobolev(g, 1.0), min_time),
-            "inplace": timeit(lambda g=g, w=work: F.channel_directed_([w.copy_(g)], "sobolev", 1.0, 0.0, 0),
-                              min_time) - refill,
+            "inplace": timeit(lambda g=g, w=work: F.channel_directed_([w.copy_(g)], "sobolev", 1.0, 0.0, 0), min_time)
+            - refill,
             "reference": timeit(lambda g=g: F.sobolev_reference(g, 1.0), min_time),
             "published": timeit(lambda g=g: published_style_sobolev(g, 1.0), min_time),
         }
         us = {k: v * 1e6 for k, v in t.items()}
-        print(f"| {'x'.join(map(str, shape))} | {us['clone']:.1f} | {us['h0']:.1f} | {us['sobolev']:.1f} | "
-              f"{us['inplace']:.1f} | {us['reference']:.1f} | {us['published']:.1f} | {t['h0'] / t['clone']:.2f} | "
-              f"{t['sobolev'] / t['clone']:.2f} | {t['inplace'] / t['clone']:.2f} | "
-              f"{t['published'] / t['sobolev']:.1f} |")
+        print(
+            f"| {'x'.join(map(str, shape))} | {us['clone']:.1f} | {us['h0']:.1f} | {us['sobolev']:.1f} | "
+            f"{us['inplace']:.1f} | {us['reference']:.1f} | {us['published']:.1f} | {t['h0'] / t['clone']:.2f} | "
+            f"{t['sobolev'] / t['clone']:.2f} | {t['inplace'] / t['clone']:.2f} | "
+            f"{t['published'] / t['sobolev']:.1f} |"
+        )
 
 
 def whole_model(name, shapes, min_time):
@@ -107,15 +111,18 @@ def whole_model(name, shapes, min_time):
         def run():
             torch._foreach_copy_(work, grads)
             F.channel_directed_(work, metric, lam, beta, 0)
+
         return timeit(run, min_time) - refill
 
     t_clone = timeit(lambda: [g.clone() for g in grads], min_time)
     t_h0 = transformed("h0", 2.0, 0.0)
     t_sob = transformed("sobolev", 1.0, 0.1)
     t_pub = timeit(lambda: [published_style_sobolev(g, 1.0) for g in grads], min_time)
-    print(f"| {name} ({len(grads)} tensors, {numel / 1e6:.2f} M) | {t_clone * 1e6:.0f} | "
-          f"{t_h0 * 1e6:.0f} | {t_sob * 1e6:.0f} | {t_pub * 1e6:.0f} | {t_h0 / t_clone:.2f} | "
-          f"{t_sob / t_clone:.2f} | {t_pub / t_sob:.1f} |")
+    print(
+        f"| {name} ({len(grads)} tensors, {numel / 1e6:.2f} M) | {t_clone * 1e6:.0f} | "
+        f"{t_h0 * 1e6:.0f} | {t_sob * 1e6:.0f} | {t_pub * 1e6:.0f} | {t_h0 / t_clone:.2f} | "
+        f"{t_sob / t_clone:.2f} | {t_pub / t_sob:.1f} |"
+    )
 
 
 def end_to_end(batch_size=8, iterations=40):
@@ -129,8 +136,11 @@ def end_to_end(batch_size=8, iterations=40):
     x = torch.randn(batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (batch_size,))
     setups = {}
-    for name, transform in {"none": None, "h0": cdgrad.ChannelDirected("h0", 2.0),
-                            "sobolev": cdgrad.ChannelDirected("sobolev", 1.0, 0.1)}.items():
+    for name, transform in {
+        "none": None,
+        "h0": cdgrad.ChannelDirected("h0", 2.0),
+        "sobolev": cdgrad.ChannelDirected("sobolev", 1.0, 0.1),
+    }.items():
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         if transform is not None:
@@ -152,30 +162,44 @@ def end_to_end(batch_size=8, iterations=40):
                     iter_times.append(t2 - t0)
     it_med = statistics.median(iter_times)
     base_step = statistics.median(step_times["none"])
-    print(f"ResNet-56, batch {batch_size}, SGD (momentum, weight decay): median iteration {it_med * 1e3:.1f} ms, "
-          f"optimizer.step() {base_step * 1e3:.2f} ms")
+    print(
+        f"ResNet-56, batch {batch_size}, SGD (momentum, weight decay): median iteration {it_med * 1e3:.1f} ms, "
+        f"optimizer.step() {base_step * 1e3:.2f} ms"
+    )
     for name in ("h0", "sobolev"):
         step = statistics.median(step_times[name])
-        print(f"  {name}: step {step * 1e3:.2f} ms, extra {(step - base_step) * 1e3:.3f} ms "
-              f"= {100 * (step - base_step) / it_med:.2f}% of an iteration")
+        print(
+            f"  {name}: step {step * 1e3:.2f} ms, extra {(step - base_step) * 1e3:.3f} ms "
+            f"= {100 * (step - base_step) / it_med:.2f}% of an iteration"
+        )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter timings (noisier)")
     parser.add_argument("--end-to-end", action="store_true", help="also time a ResNet-56 training iteration")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8], metavar="B",
-                        help="batch sizes of the end-to-end measurement (default: 8)")
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[8],
+        metavar="B",
+        help="batch sizes of the end-to-end measurement (default: 8)",
+    )
     parser.add_argument("--iterations", type=int, default=40, help="timed iterations per set-up end to end")
     args = parser.parse_args()
     min_time = 0.05 if args.quick else 0.3
     cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
-          f"native kernel: {'yes' if _native.library() is not None else 'no (PyTorch path)'}\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
+        f"native kernel: {'yes' if _native.library() is not None else 'no (PyTorch path)'}\n"
+    )
     resnet56, vgg16 = conv_weight_shapes("resnet56"), conv_weight_shapes("vgg16")
     per_shape(sorted(set(resnet56 + vgg16), key=lambda s: (s[0], s[1])), min_time)
-    print("\n| all conv gradients, in place in one call | clone each us | h0 us | sobolev us | published us "
-          "| h0/clone | sobolev/clone | published/sobolev |")
+    print(
+        "\n| all conv gradients, in place in one call | clone each us | h0 us | sobolev us | published us "
+        "| h0/clone | sobolev/clone | published/sobolev |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     whole_model("ResNet-56", resnet56, min_time)
     whole_model("VGG-16", vgg16, min_time)

@@ -95,8 +95,15 @@ def test_state_dict_mid_run_resumes_bit_for_bit():
     cdgrad.attach(opt1, t1)
     run(first, opt1, range(3), sched1)
     buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "sched": sched1.state_dict(),
-                "transform": t1.state_dict()}, buf)
+    torch.save(
+        {
+            "model": first.state_dict(),
+            "opt": opt1.state_dict(),
+            "sched": sched1.state_dict(),
+            "transform": t1.state_dict(),
+        },
+        buf,
+    )
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
 

@@ -21,9 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdgrad.experiments import data as D
+from helpers import SHARED_DATA
 
-MNIST_DIR = Path("/work/shared/data/mnist")
-MNIST_SOURCES = Path("/work/shared/data/SOURCES.md")
+MNIST_DIR = SHARED_DATA / "mnist"
+MNIST_SOURCES = SHARED_DATA / "SOURCES.md"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_NAMES = (
     "train-images-idx3-ubyte",
@@ -147,7 +148,9 @@ def clean_env(tmp_path, monkeypatch):
 
 
 def md5_table(sources: Path) -> dict[str, str]:
-    rows = re.findall(r"^\|\s*([\w.-]+\.gz)\s*\|\s*\d+\s*\|\s*([0-9a-f]{32})\s*\|", sources.read_text(), re.M)
+    """The official md5 of each MNIST file, from the MNIST section of SOURCES.md."""
+    section = sources.read_text().split("## MNIST", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\|\s*([\w.-]+\.gz)\s*\|\s*\d+\s*\|\s*([0-9a-f]{32})\s*\|", section, re.M)
     return dict(rows)
 
 

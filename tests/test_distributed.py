@@ -281,12 +281,20 @@ def _dtensor_cases(world):
     mesh_sr = init_device_mesh("cpu", (world, 1))
     shapes = [(1, 2, 3, 3), (2, 3, 2, 2), (4, 3), (5,), (7, 4, 3, 3), (64, 3, 3, 3)]
     for shape in shapes:
-        placements = [("S0", mesh, [Shard(0)]), ("R", mesh, [Replicate()]), ("Psum", mesh, [Partial("sum")]),
-                      ("Pavg", mesh, [Partial("avg")]), ("R,S0", mesh_rs, [Replicate(), Shard(0)]),
-                      ("S0,R", mesh_sr, [Shard(0), Replicate()])]
+        placements = [
+            ("S0", mesh, [Shard(0)]),
+            ("R", mesh, [Replicate()]),
+            ("Psum", mesh, [Partial("sum")]),
+            ("Pavg", mesh, [Partial("avg")]),
+            ("R,S0", mesh_rs, [Replicate(), Shard(0)]),
+            ("S0,R", mesh_sr, [Shard(0), Replicate()]),
+        ]
         if len(shape) >= 2:
-            placements += [("S1", mesh, [Shard(1)]), ("S0,S1", mesh_sr, [Shard(0), Shard(1)]),
-                           ("S0,S0", mesh_sr, [Shard(0), Shard(0)])]
+            placements += [
+                ("S1", mesh, [Shard(1)]),
+                ("S0,S1", mesh_sr, [Shard(0), Shard(1)]),
+                ("S0,S0", mesh_sr, [Shard(0), Shard(0)]),
+            ]
         for pname, m, pl in placements:
             for direction in ("output", "input", "flat"):
                 if direction == "input" and len(shape) < 2:
@@ -416,15 +424,21 @@ def _conv_model() -> torch.nn.Module:
     torch.manual_seed(0)
     # O = 5 and 4 are gathered (tiny shards, 4 has an empty one on 3 ranks), O = 24 goes the sharded way
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(5, 24, 3), torch.nn.Tanh(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(24, 4),
+        torch.nn.Conv2d(3, 5, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(5, 24, 3),
+        torch.nn.Tanh(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(24, 4),
     ).double()
 
 
 def _batch():
     gen = torch.Generator().manual_seed(7)
-    return torch.randn(6, 3, 6, 6, generator=gen, dtype=torch.float64), torch.randn(6, 4, generator=gen,
-                                                                                     dtype=torch.float64)
+    return torch.randn(6, 3, 6, 6, generator=gen, dtype=torch.float64), torch.randn(
+        6, 4, generator=gen, dtype=torch.float64
+    )
 
 
 def _train(model, params, transform, x, y, steps=3):
@@ -491,8 +505,7 @@ def _scenario_ddp(rank, world):
         expected = _reference_params(config, x, y)
         ddp = DistributedDataParallel(_conv_model())
         _train(ddp, ddp.parameters(), cdgrad.ChannelDirected(*config), x[part], y[part])
-        out[f"{config}"] = max(rel_err(a.detach(), b) for a, b in zip(ddp.module.parameters(), expected,
-                                                                        strict=True))
+        out[f"{config}"] = max(rel_err(a.detach(), b) for a, b in zip(ddp.module.parameters(), expected, strict=True))
     return out
 
 
@@ -508,8 +521,9 @@ _SCENARIOS = {
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     results: dict = {"init_from_env": D.init_from_env(backend="gloo", timeout=timedelta(seconds=60))}
     for name, fn in _SCENARIOS.items():
@@ -533,8 +547,7 @@ def spawn(worker, world: int, outdir: str, timeout: float = 300) -> list[dict]:
     """Run `worker(rank, world, port, outdir)` in `world` spawned processes; return each rank's rank{r}.json."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(worker, args=(world, _free_port(), outdir), nprocs=world, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(worker, args=(world, _free_port(), outdir), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:

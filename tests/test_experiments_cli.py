@@ -15,10 +15,22 @@ TINY = {"dataset": "synthetic", "model": "tiny", "epochs": 3, "batch_size": 64, 
 
 @pytest.fixture
 def tiny_preset(monkeypatch):
-    preset = Preset("tiny-test", "tiny synthetic sweep", dict(TINY, eval_every=1),
-                    grid([{}], [{"method": "none"}, {"method": "h0", "lam": 2.0, "convention": "paper"},
-                                {"method": "sobolev", "lam": 2.0, "convention": "paper"}], 2),
-                    plots=("curves", "hist", "lambda"), cuts="everything")
+    preset = Preset(
+        "tiny-test",
+        "tiny synthetic sweep",
+        dict(TINY, eval_every=1),
+        grid(
+            [{}],
+            [
+                {"method": "none"},
+                {"method": "h0", "lam": 2.0, "convention": "paper"},
+                {"method": "sobolev", "lam": 2.0, "convention": "paper"},
+            ],
+            2,
+        ),
+        plots=("curves", "hist", "lambda"),
+        cuts="everything",
+    )
     monkeypatch.setitem(presets_mod.PRESETS, preset.name, preset)
     return preset
 
@@ -41,8 +53,10 @@ def test_run_then_rerun_then_report(tmp_path, tiny_preset, capsys):
     assert "6 already complete, 0 to train" in capsys.readouterr().out
     assert cli.main(["report", "--results", results]) == 0
     assert "## tiny-test" in capsys.readouterr().out
-    assert cli.main(["run", "tiny-test", "--results", results, "--dry-run", "--set", "epochs=4",
-                     "--where", "method=none"]) == 0
+    assert (
+        cli.main(["run", "tiny-test", "--results", results, "--dry-run", "--set", "epochs=4", "--where", "method=none"])
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("todo") for line in lines)
 
@@ -60,19 +74,21 @@ def test_train_subcommand_stores_and_skips(tmp_path, capsys):
     assert run.config.method == "ls" and run.config.sigma == 0.5 and run.seed == 1
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["run", "no-such-preset"], ["unknown preset", "demo"]),
-    (["train", "--dataset", "synthetic", "--model", "tiny", "--method", "h0", "--sigma", "1"], ["sigma", "h0"]),
-    (["train", "--dataset", "synthetic", "--model", "tiny", "--method", "none", "--lam", "2"], ["lam", "none"]),
-    (["run", "demo", "--set", "lam=3"], ["lam", "none"]),
-    (["run", "demo", "--set", "epochz=3"], ["unknown config field"]),
-    (["report", "nope"], ["unknown preset"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["run", "no-such-preset"], ["unknown preset", "demo"]),
+        (["train", "--dataset", "synthetic", "--model", "tiny", "--method", "h0", "--sigma", "1"], ["sigma", "h0"]),
+        (["train", "--dataset", "synthetic", "--model", "tiny", "--method", "none", "--lam", "2"], ["lam", "none"]),
+        (["run", "demo", "--set", "lam=3"], ["lam", "none"]),
+        (["run", "demo", "--set", "epochz=3"], ["unknown config field"]),
+        (["report", "nope"], ["unknown preset"]),
+    ],
+)
 def test_bad_input_is_a_clear_error_and_the_store_is_untouched(tmp_path, capsys, argv, words):
     results = tmp_path / "res"
     store = ResultStore(str(results))
-    store.save(presets_mod.PRESETS["demo"].runs()[0][0], 0,
-               {"curves": {}, "final": {"test_acc": 1.0}, "wall_s": 0.0})
+    store.save(presets_mod.PRESETS["demo"].runs()[0][0], 0, {"curves": {}, "final": {"test_acc": 1.0}, "wall_s": 0.0})
     before = Path(store.path).read_bytes()
     assert cli.main(argv + ["--results", str(results)]) == 2
     err = capsys.readouterr().err
@@ -92,8 +108,12 @@ def test_argparse_rejects_unknown_choices(capsys):
 def test_missing_data_and_unwritable_results(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CDGRAD_DATA", "")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert cli.main(["train", "--dataset", "mnist", "--data-root", str(tmp_path / "none"), "--results",
-                     str(tmp_path / "r")]) == 2
+    assert (
+        cli.main(
+            ["train", "--dataset", "mnist", "--data-root", str(tmp_path / "none"), "--results", str(tmp_path / "r")]
+        )
+        == 2
+    )
     assert "mnist" in capsys.readouterr().err
     (tmp_path / "f").write_text("x")
     assert cli.main(["train", "--dataset", "synthetic", "--model", "tiny", "--results", str(tmp_path / "f" / "r")]) == 2
@@ -110,8 +130,14 @@ def test_help_of_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for words in ("--lam", "lambda of h0 / sobolev", "--swap-train-test", "--eval-every", "(default: cnn2)",
-                  "(default: the method's)"):
+    for words in (
+        "--lam",
+        "lambda of h0 / sobolev",
+        "--swap-train-test",
+        "--eval-every",
+        "(default: cnn2)",
+        "(default: the method's)",
+    ):
         assert words in text
     with pytest.raises(SystemExit):
         cli.main(["--help"])

@@ -86,24 +86,27 @@ def test_run_key_ignores_paths_device_threads_but_not_hyper_parameters():
     assert cfg.run_key(a, 0) != cfg.run_key(a.replace(convention="paper"), 0)
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"method": "ls", "lam": 1.0}, ["lam", "ls", "sigma"]),
-    ({"method": "h0", "sigma": 0.5}, ["sigma", "h0", "lam"]),
-    ({"method": "none", "beta": 0.1}, ["beta", "none"]),
-    ({"method": "centralize", "direction": "output"}, ["direction", "centralize"]),
-    ({"method": "ls", "direction": "input"}, ["direction", "flat", "output"]),
-    ({"method": "h0", "lam": 0.0}, ["lam"]),
-    ({"method": "h0", "lam": -1.0, "convention": "paper"}, ["lam"]),
-    ({"method": "sgs", "sgs_k": 0.0}, ["sgs_k"]),
-    ({"method": "bogus"}, ["method", "h0", "sobolev"]),
-    ({"model": "resnet99"}, ["model", "cnn2"]),
-    ({"dataset": "imagenet"}, ["dataset", "mnist"]),
-    ({"optimizer": "rmsprop"}, ["optimizer", "adam"]),
-    ({"epochs": 0}, ["epochs"]),
-    ({"momentum": 1.0}, ["momentum"]),
-    ({"lr": -0.1}, ["lr"]),
-    ({"device": "tpu9"}, ["device"]),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"method": "ls", "lam": 1.0}, ["lam", "ls", "sigma"]),
+        ({"method": "h0", "sigma": 0.5}, ["sigma", "h0", "lam"]),
+        ({"method": "none", "beta": 0.1}, ["beta", "none"]),
+        ({"method": "centralize", "direction": "output"}, ["direction", "centralize"]),
+        ({"method": "ls", "direction": "input"}, ["direction", "flat", "output"]),
+        ({"method": "h0", "lam": 0.0}, ["lam"]),
+        ({"method": "h0", "lam": -1.0, "convention": "paper"}, ["lam"]),
+        ({"method": "sgs", "sgs_k": 0.0}, ["sgs_k"]),
+        ({"method": "bogus"}, ["method", "h0", "sobolev"]),
+        ({"model": "resnet99"}, ["model", "cnn2"]),
+        ({"dataset": "imagenet"}, ["dataset", "mnist"]),
+        ({"optimizer": "rmsprop"}, ["optimizer", "adam"]),
+        ({"epochs": 0}, ["epochs"]),
+        ({"momentum": 1.0}, ["momentum"]),
+        ({"lr": -0.1}, ["lr"]),
+        ({"device": "tpu9"}, ["device"]),
+    ],
+)
 def test_bad_configs_name_the_parameter(changes, words):
     with pytest.raises(ValueError) as info:
         cfg.validate(RunConfig(**changes))
@@ -123,4 +126,7 @@ def test_bad_types_and_unknown_fields():
     with pytest.raises(ValueError, match="epochs must be of type int"):
         cfg.parse_overrides(["epochs=three"])
     assert cfg.parse_overrides(["data-root=/x", "lam=none", "augment=yes"]) == {
-        "data_root": "/x", "lam": None, "augment": True}
+        "data_root": "/x",
+        "lam": None,
+        "augment": True,
+    }

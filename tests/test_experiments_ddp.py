@@ -22,8 +22,18 @@ from cdgrad.experiments.config import RunConfig, run_key
 from cdgrad.experiments.train import train
 
 # batch 25 splits 13/12 over 2 ranks and the last batch (256 = 10*25 + 6) 3/3: uneven shards are exercised
-CONFIG = RunConfig(dataset="synthetic", model="tiny", epochs=2, batch_size=25, lr=0.1, method="sobolev", lam=1.0,
-                   beta=0.1, threads=1, save_model=True)
+CONFIG = RunConfig(
+    dataset="synthetic",
+    model="tiny",
+    epochs=2,
+    batch_size=25,
+    lr=0.1,
+    method="sobolev",
+    lam=1.0,
+    beta=0.1,
+    threads=1,
+    save_model=True,
+)
 SEED = 5
 WORLD = 2
 TOL = 1e-5
@@ -44,8 +54,9 @@ def _curves(metrics: dict) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from cdgrad.experiments import train as train_mod
     from cdgrad.experiments.presets import run_all

@@ -12,8 +12,24 @@ from cdgrad.experiments.config import RunConfig
 from cdgrad.experiments.store import Run
 
 # Two-sided 95 % (upper 0.975) and one-sided 95 % (upper 0.95) critical values from published t tables.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 24: 2.064, 30: 2.042, 60: 2.000, 120: 1.980}
+T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    15: 2.131,
+    20: 2.086,
+    24: 2.064,
+    30: 2.042,
+    60: 2.000,
+    120: 1.980,
+}
 T95 = {1: 6.314, 2: 2.920, 5: 2.015, 10: 1.812, 20: 1.725, 30: 1.697, 120: 1.658}
 T995 = {1: 63.657, 4: 4.604, 9: 3.250, 24: 2.797}
 
@@ -73,7 +89,7 @@ def test_welch_by_hand_and_against_the_table():
     a, b = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1], [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8]
     va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
     t_ref = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
-    df_ref = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    df_ref = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     t, df, p = report.welch_test(a, b)
     assert (t, df) == pytest.approx((t_ref, df_ref), rel=1e-12)
     assert p == pytest.approx(2 * (1 - report.t_cdf(abs(t_ref), df_ref)), abs=1e-12)
@@ -89,15 +105,16 @@ def test_welch_by_hand_and_against_the_table():
 
 
 def test_error_reduction_is_the_papers():
-    assert report.error_reduction(90.0, 92.0) == pytest.approx(0.2)       # err 10 -> 8
+    assert report.error_reduction(90.0, 92.0) == pytest.approx(0.2)  # err 10 -> 8
     assert report.error_reduction(93.24, 93.57) == pytest.approx((6.76 - 6.43) / 6.76)
     assert report.error_reduction(95.0, 94.0) == pytest.approx(-0.2)
 
 
 def _run(method, seed, acc, **kw):
     config = RunConfig(dataset="cifar10", model="resnet56", batch_size=128, method=method, **kw)
-    return Run(f"{method}{seed}{kw}", seed, config, "0", {}, {"test_epoch": [1], "test_acc": [acc]},
-               {"test_acc": acc}, 1.0, "")
+    return Run(
+        f"{method}{seed}{kw}", seed, config, "0", {}, {"test_epoch": [1], "test_acc": [acc]}, {"test_acc": acc}, 1.0, ""
+    )
 
 
 def test_summary_table_groups_settings_and_uses_published_numbers():

@@ -109,8 +109,12 @@ def test_bad_input_fails_before_training_and_leaves_the_store_alone(tmp_path, mo
 
 
 def test_preset_expansion_overrides_and_filters():
-    p = Preset("t", "test", {"dataset": "synthetic", "model": "tiny"},
-               grid([{"lr": 0.1}, {"lr": 0.2}], [{"method": "none"}, {"method": "h0", "lam": 2.0}], 3))
+    p = Preset(
+        "t",
+        "test",
+        {"dataset": "synthetic", "model": "tiny"},
+        grid([{"lr": 0.1}, {"lr": 0.2}], [{"method": "none"}, {"method": "h0", "lam": 2.0}], 3),
+    )
     runs = p.runs()
     assert len(runs) == 12 and sorted({s for _, s in runs}) == [0, 1, 2]
     assert len(p.runs(where={"lr": 0.2})) == 6
@@ -131,11 +135,20 @@ def test_every_shipped_preset_is_valid_and_reduced_ones_say_what_they_cut():
             assert preset.cuts
     t2 = presets_mod.PRESETS["table2"].runs()
     assert {(c.model, c.optimizer, c.batch_size) for c, _ in t2} == {
-        ("resnet56", "sgd", 128), ("resnet56", "sgd", 32), ("resnet56", "sgd", 8), ("vgg16", "sgd", 128),
-        ("vgg16", "sgd", 8), ("vgg16", "sgd", 6), ("resnet56", "adam", 128), ("resnet56", "adam", 32),
-        ("resnet56", "adam", 8)}
-    seeds = {(c.optimizer, c.method): max(s for c2, s in t2 if (c2.optimizer, c2.method) == (c.optimizer, c.method))
-             for c, _ in t2}
+        ("resnet56", "sgd", 128),
+        ("resnet56", "sgd", 32),
+        ("resnet56", "sgd", 8),
+        ("vgg16", "sgd", 128),
+        ("vgg16", "sgd", 8),
+        ("vgg16", "sgd", 6),
+        ("resnet56", "adam", 128),
+        ("resnet56", "adam", 32),
+        ("resnet56", "adam", 8),
+    }
+    seeds = {
+        (c.optimizer, c.method): max(s for c2, s in t2 if (c2.optimizer, c2.method) == (c.optimizer, c.method))
+        for c, _ in t2
+    }
     assert set(seeds.values()) == {24, 9}  # 25 seeds with SGD, 10 with Adam
     fig6 = presets_mod.PRESETS["fig6"].runs()
     assert all(c.swap_train_test and c.batch_size == 100 and c.epochs == 100 and c.model == "cnn2" for c, _ in fig6)

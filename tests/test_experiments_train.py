@@ -8,6 +8,7 @@ import torch
 
 from cdgrad.experiments.config import RunConfig
 from cdgrad.experiments.train import Progress, evaluate, load_data, make_scheduler, synthetic_dataset, train
+from helpers import SHARED_DATA
 
 TINY = RunConfig(dataset="synthetic", model="tiny", epochs=4, batch_size=32, lr=0.1, eval_every=2, threads=1)
 METRICS = ("epoch", "train_loss", "train_acc", "test_epoch", "test_loss", "test_acc")
@@ -17,12 +18,15 @@ def _curves(result):
     return {k: result["curves"][k] for k in METRICS}
 
 
-@pytest.mark.parametrize("changes", [
-    {"method": "none"},
-    {"method": "sobolev", "lam": 1.0, "beta": 0.5},
-    {"method": "h0", "lam": 3.0, "convention": "paper", "direction": "flat", "scope": "all"},
-    {"method": "centralize", "optimizer": "adam", "lr": 0.01, "schedule": "cosine"},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"method": "none"},
+        {"method": "sobolev", "lam": 1.0, "beta": 0.5},
+        {"method": "h0", "lam": 3.0, "convention": "paper", "direction": "flat", "scope": "all"},
+        {"method": "centralize", "optimizer": "adam", "lr": 0.01, "schedule": "cosine"},
+    ],
+)
 def test_same_seed_same_numbers_and_seed_matters(changes):
     config = TINY.replace(**changes)
     a, b, c = train(config, 0), train(config, 0), train(config, 1)
@@ -56,13 +60,16 @@ def _interrupt_after(k):
     return callback
 
 
-@pytest.mark.parametrize("changes", [
-    {"method": "none", "augment": True},
-    {"method": "sobolev", "lam": 2.0, "beta": 0.1, "schedule": "step", "step_every": 2},
-    {"method": "h0", "lam": 2.0, "optimizer": "adam", "lr": 0.01},
-    {"method": "sgs", "sgs_every": 2, "sgs_batches": 2},
-    {"method": "opnorm", "clip_norm": 1.0, "clip_every": 3},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"method": "none", "augment": True},
+        {"method": "sobolev", "lam": 2.0, "beta": 0.1, "schedule": "step", "step_every": 2},
+        {"method": "h0", "lam": 2.0, "optimizer": "adam", "lr": 0.01},
+        {"method": "sgs", "sgs_every": 2, "sgs_batches": 2},
+        {"method": "opnorm", "clip_norm": 1.0, "clip_every": 3},
+    ],
+)
 def test_resume_after_interruption_gives_identical_numbers(tmp_path, changes):
     config = TINY.replace(epochs=5, **changes)
     full = train(config, 3)
@@ -99,21 +106,25 @@ def test_evaluate_matches_a_plain_loop():
     ds = synthetic_dataset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)).double()
-    x = ((ds.test_x.double() / 255 - 0.5) / 0.25)
-    loss_ref = sum(torch.nn.functional.cross_entropy(model(x[i:i + 1]), ds.test_y[i:i + 1]).item()
-                   for i in range(len(x))) / len(x)
-    acc_ref = 100.0 * sum(int(model(x[i:i + 1]).argmax() == ds.test_y[i]) for i in range(len(x))) / len(x)
+    x = (ds.test_x.double() / 255 - 0.5) / 0.25
+    loss_ref = sum(
+        torch.nn.functional.cross_entropy(model(x[i : i + 1]), ds.test_y[i : i + 1]).item() for i in range(len(x))
+    ) / len(x)
+    acc_ref = 100.0 * sum(int(model(x[i : i + 1]).argmax() == ds.test_y[i]) for i in range(len(x))) / len(x)
     model = model.float()
     loss, acc = evaluate(model, ds.test_x, ds.test_y, (0.5,), (0.25,), batch_size=50)
     assert loss == pytest.approx(loss_ref, rel=1e-5)
     assert acc == acc_ref
 
 
-@pytest.mark.parametrize("schedule, expected", [
-    ("step", [1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01]),
-    ("constant", [1.0] * 7),
-    ("cosine", [0.5 * (1 + math.cos(math.pi * e / 7)) for e in range(7)]),
-])
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        ("step", [1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01]),
+        ("constant", [1.0] * 7),
+        ("cosine", [0.5 * (1 + math.cos(math.pi * e / 7)) for e in range(7)]),
+    ],
+)
 def test_schedules(schedule, expected):
     config = RunConfig(lr=1.0, epochs=7, step_every=3, schedule=schedule)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -158,12 +169,23 @@ def test_progress_bar_is_quiet_unless_enabled():
     assert "100.0%" in loud.text
 
 
-MNIST = "/work/shared/data/mnist"
+MNIST = str(SHARED_DATA / "mnist")
 
 
 @pytest.mark.skipif(not os.path.isdir(MNIST), reason="MNIST files not present")
 def test_one_real_mnist_epoch_on_a_subset():
-    config = RunConfig(dataset="mnist", data_root=MNIST, model="cnn2", epochs=1, batch_size=20, lr=0.05,
-                       train_subset=1000, test_subset=1000, method="sobolev", lam=1.0, threads=1)
+    config = RunConfig(
+        dataset="mnist",
+        data_root=MNIST,
+        model="cnn2",
+        epochs=1,
+        batch_size=20,
+        lr=0.05,
+        train_subset=1000,
+        test_subset=1000,
+        method="sobolev",
+        lam=1.0,
+        threads=1,
+    )
     result = train(config, 0)
     assert result["final"]["test_acc"] > 70.0

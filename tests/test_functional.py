@@ -242,9 +242,14 @@ def test_native_path_agrees_with_reference(metric, monkeypatch):
 
 
 @SETTINGS
-@given(shape=st.lists(st.integers(1, 70), min_size=1, max_size=4).map(tuple), lam=lams,
-       beta=st.floats(-1.0, 1.0), metric=st.sampled_from(["h0", "sobolev"]), seed=st.integers(0, 2**16),
-       layout=st.sampled_from(["contiguous", "channels_last", "strided"]))
+@given(
+    shape=st.lists(st.integers(1, 70), min_size=1, max_size=4).map(tuple),
+    lam=lams,
+    beta=st.floats(-1.0, 1.0),
+    metric=st.sampled_from(["h0", "sobolev"]),
+    seed=st.integers(0, 2**16),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+)
 def test_native_in_place_path_agrees_with_reference_for_any_shape(shape, lam, beta, metric, seed, layout):
     """The attach() path (in place, one kernel call for a list) against the reference, shapes and layouts varied."""
     if _native.library() is None:
@@ -333,8 +338,9 @@ def test_native_loader_falls_back_to_reference(env, expected, tmp_path):
     import sys
 
     run_env = {**os.environ, "CDGRAD_CACHE": str(tmp_path), **env}
-    out = subprocess.run([sys.executable, "-c", NATIVE_PROBE], env=run_env, capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", NATIVE_PROBE], env=run_env, capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
     assert out[1] == "True"  # the result is right either way
     if expected is not None:
         assert " ".join(out) == expected

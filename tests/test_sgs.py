@@ -215,9 +215,7 @@ def test_nmi_rejects_bad_input(args, kwargs, error, match):
     chunk=st.sampled_from([1, 40, 1 << 20]),
     seed=st.integers(0, 2**31),
 )
-def test_spatial_dependence_matches_naive_loops(
-    n, c, h, w, kh, kw, bins, method, dilation, kind, dead, chunk, seed
-):
+def test_spatial_dependence_matches_naive_loops(n, c, h, w, kh, kw, bins, method, dilation, kind, dead, chunk, seed):
     x = features(seed, (n, c, h, w), kind)
     if dead:
         x[:, 0] = 0.5  # a constant channel is left out of the average
@@ -234,9 +232,7 @@ def test_spatial_dependence_matches_naive_loops(
 def test_spatial_dependence_non_square_kernels(kernel, method):
     x = features(7, (2, 3, 9, 8), "smooth")
     got = spatial_dependence(x, kernel, method=method)
-    np.testing.assert_allclose(
-        got.numpy(), ref_dependence(x.numpy(), *kernel, method=method), rtol=0, atol=1e-12
-    )
+    np.testing.assert_allclose(got.numpy(), ref_dependence(x.numpy(), *kernel, method=method), rtol=0, atol=1e-12)
     kh, kw = kernel
     if kh % 2 and kw % 2:  # d and -d see the same pairs: point symmetric about the centre
         assert torch.equal(got, got.flip(0, 1))
@@ -269,18 +265,14 @@ def test_spatial_dependence_with_constant_crops_of_a_live_channel(method):
     assert torch.equal(spatial_dependence(x, (1, 5), method=method), torch.ones(1, 5, dtype=F64))
     y = torch.tensor([[[[0.0, 1.0, 0.0], [2.0, 0.0, 2.0]]]], dtype=F64)
     got = spatial_dependence(y, (3, 5), method=method)
-    np.testing.assert_allclose(
-        got.numpy(), ref_dependence(y.numpy(), 3, 5, method=method), rtol=0, atol=1e-12
-    )
+    np.testing.assert_allclose(got.numpy(), ref_dependence(y.numpy(), 3, 5, method=method), rtol=0, atol=1e-12)
 
 
 def test_spatial_dependence_ignores_memory_layout():
     x = features(9, (3, 4, 6, 5), "relu")
     for method in ("mi", "autocorr"):
         want = spatial_dependence(x, 3, method=method)
-        assert torch.equal(
-            spatial_dependence(x.to(memory_format=torch.channels_last), 3, method=method), want
-        )
+        assert torch.equal(spatial_dependence(x.to(memory_format=torch.channels_last), 3, method=method), want)
         wide = torch.zeros(3, 8, 6, 5, dtype=F64)
         wide[:, ::2] = x
         assert torch.equal(spatial_dependence(wide[:, ::2], 3, method=method), want)  # strided channels
@@ -393,9 +385,7 @@ def layer_inputs(net: Net, xs):
     """Inputs of every conv, recorded independently of the transform's hooks."""
     seen: dict[str, list[torch.Tensor]] = {}
     hooks = [
-        m.register_forward_pre_hook(
-            lambda mod, inp, name=name: seen.setdefault(name, []).append(inp[0].clone())
-        )
+        m.register_forward_pre_hook(lambda mod, inp, name=name: seen.setdefault(name, []).append(inp[0].clone()))
         for name, m in net.named_modules()
         if isinstance(m, nn.Conv2d)
     ]
@@ -676,9 +666,7 @@ def test_chain_with_channel_directed_sobolev():
     sgs = SpatialGradientScaling(net)
     state = sgs.state_dict()
     g = torch.Generator().manual_seed(3)
-    state["scalings"] = {
-        n: torch.rand(v.shape, generator=g, dtype=F64) + 0.5 for n, v in state["scalings"].items()
-    }
+    state["scalings"] = {n: torch.rand(v.shape, generator=g, dtype=F64) + 0.5 for n, v in state["scalings"].items()}
     sgs.load_state_dict(state)
     chain = cdgrad.Chain(sgs, cdgrad.ChannelDirected("sobolev", lam=0.5, beta=0.2))
     params = [net.a.weight, net.c.weight, net.b.weight]
@@ -727,9 +715,7 @@ def run_lemma(opt_kwargs: dict, steps: int = 6, l2_in_loss: float = 0.0, adam: b
     state = sgs.state_dict()
     state["scalings"] = {"": sum(MASKS.values())}  # G = sum_n M_n = [[1, 2, 1], [2, 4, 2], [1, 2, 1]]
     sgs.load_state_dict(state)
-    make = (
-        (lambda ps: torch.optim.Adam(ps, lr=0.01)) if adam else (lambda ps: torch.optim.SGD(ps, **opt_kwargs))
-    )
+    make = (lambda ps: torch.optim.Adam(ps, lr=0.01)) if adam else (lambda ps: torch.optim.SGD(ps, **opt_kwargs))
     opt_branches, opt_single = make(branches), make([conv.weight])
     handle = cdgrad.attach(opt_single, sgs) if hasattr(cdgrad, "attach") else None
     target = torch.randn(5, o, 6, 6, generator=g, dtype=F64)
@@ -750,9 +736,7 @@ def run_lemma(opt_kwargs: dict, steps: int = 6, l2_in_loss: float = 0.0, adam: b
         if not adam and not l2_in_loss and opt_kwargs.get("momentum"):
             # the mechanism: the merged velocity is the sum of the (padded) branch velocities
             velocity = merged([opt_branches.state[p]["momentum_buffer"] for p in branches])
-            torch.testing.assert_close(
-                velocity, opt_single.state[conv.weight]["momentum_buffer"], rtol=0, atol=1e-12
-            )
+            torch.testing.assert_close(velocity, opt_single.state[conv.weight]["momentum_buffer"], rtol=0, atol=1e-12)
     if handle is not None:
         handle.remove()
     return worst

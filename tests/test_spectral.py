@@ -92,8 +92,16 @@ def test_singular_values_match_dense_matrix(shape, seed):
 
 @pytest.mark.parametrize(
     "o,i,kh,kw,n_h,n_w",
-    [(1, 1, 1, 1, 4, 4), (3, 2, 1, 1, 5, 4), (2, 4, 3, 2, 4, 6), (4, 3, 2, 3, 6, 5), (2, 2, 3, 3, 3, 3),
-     (3, 3, 2, 2, 2, 2), (2, 3, 1, 3, 1, 5), (4, 1, 3, 3, 5, 5)],
+    [
+        (1, 1, 1, 1, 4, 4),
+        (3, 2, 1, 1, 5, 4),
+        (2, 4, 3, 2, 4, 6),
+        (4, 3, 2, 3, 6, 5),
+        (2, 2, 3, 3, 3, 3),
+        (3, 3, 2, 2, 2, 2),
+        (2, 3, 1, 3, 1, 5),
+        (4, 1, 3, 3, 5, 5),
+    ],
 )
 def test_singular_values_fixed_cases(o, i, kh, kw, n_h, n_w):
     w = torch.randn(o, i, kh, kw, dtype=F64, generator=torch.Generator().manual_seed(o * 100 + n_h))

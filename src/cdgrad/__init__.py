@@ -1,7 +1,7 @@
 """cdgrad: channel-directed gradients and related geometry-aware gradient transforms.
 
-    import cdgrad
-    handle = cdgrad.attach(optimizer, cdgrad.ChannelDirected("sobolev", lam=1.0, beta=0.1))
+import cdgrad
+handle = cdgrad.attach(optimizer, cdgrad.ChannelDirected("sobolev", lam=1.0, beta=0.1))
 """
 
 from .attach import AttachHandle, attach

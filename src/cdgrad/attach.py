@@ -28,8 +28,9 @@ _FLOATING = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float
 class AttachHandle:
     """Returned by `attach`; `remove()` detaches the transform (also usable as a context manager)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, transform: GradientTransform,
-                 params: list[Tensor] | None) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, transform: GradientTransform, params: list[Tensor] | None
+    ) -> None:
         self.optimizer = optimizer
         self.transform = transform
         self._only = None if params is None else {id(p) for p in params}

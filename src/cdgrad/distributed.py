@@ -261,9 +261,7 @@ def _sobolev_finish_(x: Tensor, gathered: Tensor, position: int, lam: float, bet
     if sorted(positions) != list(range(len(positions))):
         raise ValueError(f"shard positions must be a permutation of 0..{len(positions) - 1}, got {positions}")
     if sum(counts) != n_total:
-        raise ValueError(
-            f"O must equal the total number of rows over all shards ({sum(counts)}), got {n_total}"
-        )
+        raise ValueError(f"O must equal the total number of rows over all shards ({sum(counts)}), got {n_total}")
     if n == 0 or M == 0:
         return
     order = sorted(range(len(positions)), key=positions.__getitem__)  # shards in row order

@@ -158,9 +158,7 @@ def _plan(g: Tensor, dim: int | None) -> tuple[int | None, tuple[int, int, int] 
     return plan
 
 
-def channel_directed_(
-    grads: Sequence[Tensor], metric: str, lam: float, beta: float = 0.0, dim: int | None = 0
-) -> None:
+def channel_directed_(grads: Sequence[Tensor], metric: str, lam: float, beta: float = 0.0, dim: int | None = 0) -> None:
     """In-place `g <- metric_gradient(g) + beta*g` for every tensor of `grads` (the fast path).
 
     CPU float32/float64 tensors whose memory maps onto a C-ordered (B, N, M) array, N the smoothed axis,
@@ -191,9 +189,7 @@ def channel_directed_(
         g.copy_(work)
 
 
-def channel_directed(
-    grad: Tensor, metric: str, lam: float, beta: float = 0.0, dim: int | None = 0
-) -> Tensor:
+def channel_directed(grad: Tensor, metric: str, lam: float, beta: float = 0.0, dim: int | None = 0) -> Tensor:
     """Metric gradient plus `beta` times the ordinary gradient, out of place, validated."""
     _check_grad(grad)
     _check_metric(metric)

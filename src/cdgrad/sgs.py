@@ -86,9 +86,7 @@ def _check_float_tensor(x: Any, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(
-            f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}"
-        )
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
 
 
 def _sturges(n: int) -> int:
@@ -185,9 +183,7 @@ def normalized_mutual_information(p: Tensor, q: Tensor, bins: int | None = None)
     _check_float_tensor(p, "p")
     _check_float_tensor(q, "q")
     if p.shape != q.shape:
-        raise ValueError(
-            f"p and q must have the same shape (..., n), got {tuple(p.shape)} and {tuple(q.shape)}"
-        )
+        raise ValueError(f"p and q must have the same shape (..., n), got {tuple(p.shape)} and {tuple(q.shape)}")
     if p.dim() < 1 or p.shape[-1] < 1:
         raise ValueError(f"p and q must have shape (..., n) with n >= 1, got {tuple(p.shape)}")
     bins = _check_bins(bins)
@@ -551,9 +547,7 @@ class SpatialGradientScaling(GradientTransform):
         def capture(module: nn.Module, inputs: tuple[Any, ...]) -> None:
             if self._armed and self.model.training:
                 x = inputs[0].detach()  # held by reference: autograd already forbids in-place edits
-                self._captured.setdefault(name, []).append(
-                    (x if x.dim() == 4 else x.unsqueeze(0), x._version)
-                )
+                self._captured.setdefault(name, []).append((x if x.dim() == 4 else x.unsqueeze(0), x._version))
 
         return capture
 
@@ -610,9 +604,7 @@ class SpatialGradientScaling(GradientTransform):
                 s = torch.zeros(module.kernel_size, dtype=torch.float64, device=module.weight.device)
                 for group in groups.values():
                     feats = group[0] if len(group) == 1 else torch.cat(group)
-                    dep = _dependence(
-                        feats, module.kernel_size, hp["bins"], hp["method"], module.dilation, workspace
-                    )
+                    dep = _dependence(feats, module.kernel_size, hp["bins"], hp["method"], module.dilation, workspace)
                     s += dep.to(s.device) * (feats.shape[0] / total)
                 scalings[name] = sgs_scaling(s, hp["k"])
         self._scalings = scalings
@@ -639,13 +631,9 @@ class SpatialGradientScaling(GradientTransform):
             _check_grad(g)
             name = self._name_of(p)
             if name is None:
-                raise ValueError(
-                    "params must be weights of the conv layers this SpatialGradientScaling scales"
-                )
+                raise ValueError("params must be weights of the conv layers this SpatialGradientScaling scales")
             if g.shape != p.shape:
-                raise ValueError(
-                    f"grad of layer {name!r} has shape {tuple(g.shape)}, expected {tuple(p.shape)}"
-                )
+                raise ValueError(f"grad of layer {name!r} has shape {tuple(g.shape)}, expected {tuple(p.shape)}")
             names.append(name)
         with torch.no_grad():
             for g, name in zip(grads, names, strict=True):
@@ -681,18 +669,14 @@ class SpatialGradientScaling(GradientTransform):
         layers = self._select_layers(hyper["min_kernel"])
         scalings = state["scalings"]
         if set(scalings) != set(layers):
-            raise ValueError(
-                f"state_dict scalings are for layers {sorted(scalings)}, this model has {sorted(layers)}"
-            )
+            raise ValueError(f"state_dict scalings are for layers {sorted(scalings)}, this model has {sorted(layers)}")
         loaded = {}
         for name, m in layers.items():
             g = scalings[name]
             if not isinstance(g, torch.Tensor) or not g.is_floating_point():
                 raise TypeError(f"scaling of layer {name!r} must be a floating torch.Tensor")
             if tuple(g.shape) != tuple(m.kernel_size):
-                raise ValueError(
-                    f"scaling of layer {name!r} has shape {tuple(g.shape)}, expected {m.kernel_size}"
-                )
+                raise ValueError(f"scaling of layer {name!r} has shape {tuple(g.shape)}, expected {m.kernel_size}")
             if not torch.isfinite(g).all() or (g < 0).any():
                 raise ValueError(f"scaling of layer {name!r} must contain only finite values >= 0")
             loaded[name] = g.detach().to(device=m.weight.device, dtype=torch.float64).clone()

@@ -47,13 +47,9 @@ def _check_weight(weight: Any, name: str = "weight") -> None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (O, I, kh, kw), got {type(weight).__name__}")
     if not weight.is_floating_point():
-        raise TypeError(
-            f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {weight.dtype}"
-        )
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {weight.dtype}")
     if weight.dim() != 4:
-        raise ValueError(
-            f"{name} must be a 4-D conv weight of shape (O, I, kh, kw), got shape {tuple(weight.shape)}"
-        )
+        raise ValueError(f"{name} must be a 4-D conv weight of shape (O, I, kh, kw), got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(weight.shape)}")
 
@@ -77,9 +73,7 @@ def _input_size(input_size: Any, weight: Tensor, name: str = "input_size") -> tu
         raise TypeError(f"{name} must be an int or a pair of ints (n_h, n_w), got {input_size!r}")
     kh, kw = weight.shape[-2:]
     if size[0] < kh or size[1] < kw:
-        raise ValueError(
-            f"{name} must be at least the kernel size ({kh}, {kw}) in each dimension, got {size}"
-        )
+        raise ValueError(f"{name} must be at least the kernel size ({kh}, {kw}) in each dimension, got {size}")
     return size
 
 
@@ -310,9 +304,7 @@ class OperatorNormClipper:
             name = str(k)
             if isinstance(layer, nn.Module):
                 if not _is_supported_conv(layer):
-                    raise TypeError(
-                        f"layers[{k}] must be an nn.Conv2d or a 4-D tensor, got {type(layer).__name__}"
-                    )
+                    raise TypeError(f"layers[{k}] must be an nn.Conv2d or a 4-D tensor, got {type(layer).__name__}")
                 _check_conv(name, layer)
             else:
                 _check_weight(layer, f"layers[{k}]")
@@ -330,9 +322,7 @@ class OperatorNormClipper:
         if isinstance(input_sizes, Mapping):
             missing = [n for n in names if n not in input_sizes]
             if missing:
-                raise ValueError(
-                    f"input_sizes has no entry for layers {missing}; it has {sorted(input_sizes)}"
-                )
+                raise ValueError(f"input_sizes has no entry for layers {missing}; it has {sorted(input_sizes)}")
             raw = {n: input_sizes[n] for n in names}
         elif _is_int(input_sizes) or (
             isinstance(input_sizes, Sequence) and len(input_sizes) == 2 and all(_is_int(s) for s in input_sizes)
@@ -340,9 +330,7 @@ class OperatorNormClipper:
             raw = dict.fromkeys(names, input_sizes)
         elif isinstance(input_sizes, Sequence) and not isinstance(input_sizes, str):
             if len(input_sizes) != len(names):
-                raise ValueError(
-                    f"input_sizes has {len(input_sizes)} entries but there are {len(names)} layers"
-                )
+                raise ValueError(f"input_sizes has {len(input_sizes)} entries but there are {len(names)} layers")
             raw = dict(zip(names, input_sizes, strict=True))
         else:
             raise TypeError(
@@ -408,12 +396,8 @@ class OperatorNormClipper:
         sizes = state["input_sizes"]
         if not isinstance(sizes, Mapping) or set(sizes) != set(self._layers):
             got = sorted(sizes) if isinstance(sizes, Mapping) else sizes
-            raise ValueError(
-                f"state['input_sizes'] must name exactly the layers {self.layer_names}, got {got}"
-            )
-        new_sizes = {
-            n: _input_size(sizes[n], self._weight(n), f"input_sizes[{n!r}]") for n in self._layers
-        }
+            raise ValueError(f"state['input_sizes'] must name exactly the layers {self.layer_names}, got {got}")
+        new_sizes = {n: _input_size(sizes[n], self._weight(n), f"input_sizes[{n!r}]") for n in self._layers}
         self.step_count, self.max_norm, self.every, self.input_sizes = step, max_norm, every, new_sizes
 
     def __repr__(self) -> str:

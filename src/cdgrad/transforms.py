@@ -53,7 +53,11 @@ class ChannelDirected(GradientTransform):
     """
 
     def __init__(
-        self, metric: str = "sobolev", lam: float = 1.0, beta: float = 0.0, direction: str = "output",
+        self,
+        metric: str = "sobolev",
+        lam: float = 1.0,
+        beta: float = 0.0,
+        direction: str = "output",
         scope: str = "conv",
     ) -> None:
         self.metric = F._check_metric(metric)
@@ -63,8 +67,13 @@ class ChannelDirected(GradientTransform):
         self.scope = _check_choice(scope, "scope", SCOPES)
 
     def config(self) -> dict[str, Any]:
-        return {"metric": self.metric, "lam": self.lam, "beta": self.beta, "direction": self.direction,
-                "scope": self.scope}
+        return {
+            "metric": self.metric,
+            "lam": self.lam,
+            "beta": self.beta,
+            "direction": self.direction,
+            "scope": self.scope,
+        }
 
     def select(self, param: Tensor) -> bool:
         return _in_scope(param, self.scope, self.direction)
@@ -189,9 +198,7 @@ class Chain(GradientTransform):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         children = state.get("transforms") if state.get("type") == "Chain" else None
         if children is None or len(children) != len(self.transforms):
-            raise ValueError(
-                f"state_dict does not match this Chain of {len(self.transforms)} transforms"
-            )
+            raise ValueError(f"state_dict does not match this Chain of {len(self.transforms)} transforms")
         for t, s in zip(self.transforms, children, strict=True):
             t.load_state_dict(s)
 

@@ -42,9 +42,7 @@ class GradientTransform:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("type") != type(self).__name__:
-            raise ValueError(
-                f"state_dict is for {state.get('type')!r}, cannot load it into {type(self).__name__}"
-            )
+            raise ValueError(f"state_dict is for {state.get('type')!r}, cannot load it into {type(self).__name__}")
         self.__init__(**state["config"])  # re-validates every hyper-parameter
 
     def config(self) -> dict[str, Any]:
@@ -62,6 +60,4 @@ def _check_grad(grad: Tensor, name: str = "grad") -> None:
     if grad.is_sparse or grad.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor; sparse gradients are not supported")
     if not grad.is_floating_point():
-        raise TypeError(
-            f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {grad.dtype}"
-        )
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {grad.dtype}")

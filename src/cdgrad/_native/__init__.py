@@ -101,8 +101,9 @@ class Jobs:
         self.params: list[float] = []
         self.kinds: list[int] = []
 
-    def add(self, src: int, dst: int, b: int, n: int, m: int, inv: float, beta: float, metric: int,
-            is_double: bool) -> None:
+    def add(
+        self, src: int, dst: int, b: int, n: int, m: int, inv: float, beta: float, metric: int, is_double: bool
+    ) -> None:
         """out = metric gradient (coefficient `inv`) + beta * f along N; dst may equal src."""
         self.src.append(src)
         self.dst.append(dst)
@@ -116,8 +117,13 @@ class Jobs:
     def run(self, num_threads: int) -> None:
         lib = library()
         assert lib is not None
-        arrays = (array("q", self.src), array("q", self.dst), array("q", self.dims), array("d", self.params),
-                  array("i", self.kinds))
+        arrays = (
+            array("q", self.src),
+            array("q", self.dst),
+            array("q", self.dims),
+            array("d", self.params),
+            array("i", self.kinds),
+        )
         status = lib.cdg_run(len(self.src), *(a.buffer_info()[0] for a in arrays), num_threads)
         if status != 0:
             raise MemoryError("cdgrad native kernel could not allocate its work list")

@@ -53,9 +53,7 @@ def load_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
         raise ValueError(f"could not load {str(path)!r} as a torch checkpoint: {err}") from err
     state = ckpt.get("model", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
-            f"{str(path)!r} must hold a state_dict (name -> tensor) or a dict with a 'model' state_dict"
-        )
+        raise ValueError(f"{str(path)!r} must hold a state_dict (name -> tensor) or a dict with a 'model' state_dict")
     return dict(state)
 
 
@@ -124,14 +122,11 @@ def analyze_state_dict(
             f"| {r['name']} | {shape} | {_fmt(r['corr_out'])} | {_fmt(r['corr_in'])} | {_fmt(r['ratio'], 2)} "
             f"| {_fmt(r['op_norm'])} |"
         )
-    note = (
-        "Operator norm: largest singular value of the stride-1 convolution with wrap-around "
-        + (
-            "at each layer's recorded input size."
-            if isinstance(input_size, Mapping)
-            else f"on {label[2:]} inputs for every layer; layers behind strides or pooling see smaller "
-            "maps, so this is the norm at an upper input size, not the layer's exact norm."
-        )
+    note = "Operator norm: largest singular value of the stride-1 convolution with wrap-around " + (
+        "at each layer's recorded input size."
+        if isinstance(input_size, Mapping)
+        else f"on {label[2:]} inputs for every layer; layers behind strides or pooling see smaller "
+        "maps, so this is the norm at an upper input size, not the layer's exact norm."
     )
     table = "\n".join(lines) + "\n\n" + note + "\n"
 
@@ -174,8 +169,11 @@ def _plot_histogram(weights: dict[str, Tensor], bins: int, path: Path) -> None:
             total += counts
         density = total.double() / max(int(total.sum()), 1)
         ax.stairs(density.tolist(), edges.tolist(), color=color, label=f"between {axis} channels")
-    ax.set(xlabel="correlation between channels", ylabel="fraction of channel pairs",
-           title="Channel correlation histogram (all layers)")
+    ax.set(
+        xlabel="correlation between channels",
+        ylabel="fraction of channel pairs",
+        title="Channel correlation histogram (all layers)",
+    )
     ax.legend()
     fig.savefig(path, dpi=100)
 
@@ -197,11 +195,11 @@ def _plot_spectra(spectra: dict[str, Tensor | None], label: str, path: Path) -> 
     shown = [(name, s) for name, s in spectra.items() if s is not None]
     for k, (name, s) in enumerate(shown):
         x = torch.linspace(0.0, 1.0, s.numel(), dtype=torch.float64)
-        ax.plot(x.tolist(), s.clamp(min=1e-12).tolist(), lw=1, label=name if len(shown) <= 10 else None,
-                color=f"C{k % 10}")
+        ax.plot(
+            x.tolist(), s.clamp(min=1e-12).tolist(), lw=1, label=name if len(shown) <= 10 else None, color=f"C{k % 10}"
+        )
     ax.set_yscale("log")
-    ax.set(xlabel="rank / number of singular values", ylabel="singular value",
-           title=f"Conv singular values {label}")
+    ax.set(xlabel="rank / number of singular values", ylabel="singular value", title=f"Conv singular values {label}")
     if 0 < len(shown) <= 10:
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=100)
@@ -219,13 +217,18 @@ def analyze(
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cdgrad analyze``."""
-    parser.add_argument("source", help="checkpoint saved with torch.save (a state_dict or {'model': state_dict}), "
-                                       "or the key of a run in the results store trained with --save-model")
-    parser.add_argument("--results", default="results",
-                        help="results folder where a run key is looked up (default: results)")
+    parser.add_argument(
+        "source",
+        help="checkpoint saved with torch.save (a state_dict or {'model': state_dict}), "
+        "or the key of a run in the results store trained with --save-model",
+    )
+    parser.add_argument(
+        "--results", default="results", help="results folder where a run key is looked up (default: results)"
+    )
     parser.add_argument("--out-dir", default="analysis", help="folder for summary.md and the PNG plots")
-    parser.add_argument("--input-size", type=int, default=32,
-                        help="spatial input size n for the singular values of every layer (n x n)")
+    parser.add_argument(
+        "--input-size", type=int, default=32, help="spatial input size n for the singular values of every layer (n x n)"
+    )
     parser.add_argument("--max-distance", type=int, default=8, help="largest channel distance plotted")
     parser.add_argument("--bins", type=int, default=40, help="bins of the channel-correlation histogram")
 

@@ -1,10 +1,10 @@
 """The `cdgrad` command line: train one configuration, run a preset sweep, report, list, analyze.
 
-    cdgrad run demo                      # a few-minute Fashion-MNIST comparison, table and plot at the end
-    cdgrad list -v                       # presets (one per published table / figure) and what they run
-    cdgrad train --method sobolev --lam 1 --epochs 5 --seed 0
-    cdgrad run fig6-reduced --set data_root=/path/to/mnist --where dataset=mnist
-    cdgrad report fig6-reduced --out docs/results
+cdgrad run demo                      # a few-minute Fashion-MNIST comparison, table and plot at the end
+cdgrad list -v                       # presets (one per published table / figure) and what they run
+cdgrad train --method sobolev --lam 1 --epochs 5 --seed 0
+cdgrad run fig6-reduced --set data_root=/path/to/mnist --where dataset=mnist
+cdgrad report fig6-reduced --out docs/results
 """
 
 from __future__ import annotations
@@ -22,66 +22,112 @@ DEFAULT_RESULTS = "results"
 
 
 def _add_common(p: argparse.ArgumentParser, sweep: bool) -> None:
-    p.add_argument("--results", default=DEFAULT_RESULTS, metavar="DIR",
-                   help=f"results folder holding results.sqlite and checkpoints (default: {DEFAULT_RESULTS})")
+    p.add_argument(
+        "--results",
+        default=DEFAULT_RESULTS,
+        metavar="DIR",
+        help=f"results folder holding results.sqlite and checkpoints (default: {DEFAULT_RESULTS})",
+    )
     if sweep:
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                       help="change a config field in every run of the preset, e.g. --set data_root=/data/mnist "
-                            "(repeatable; fields that change results change the runs' identity)")
-        p.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
-                       help="keep only the preset's runs whose config has this value, e.g. --where dataset=mnist")
-        p.add_argument("--out", default=None, metavar="DIR",
-                       help="write <preset>.md and the plots here (run: default <results>/report)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="FIELD=VALUE",
+            help="change a config field in every run of the preset, e.g. --set data_root=/data/mnist "
+            "(repeatable; fields that change results change the runs' identity)",
+        )
+        p.add_argument(
+            "--where",
+            action="append",
+            default=[],
+            metavar="FIELD=VALUE",
+            help="keep only the preset's runs whose config has this value, e.g. --where dataset=mnist",
+        )
+        p.add_argument(
+            "--out",
+            default=None,
+            metavar="DIR",
+            help="write <preset>.md and the plots here (run: default <results>/report)",
+        )
         p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cdgrad", description="Reproduce the experiments of channel-directed gradients (Lao et al.) and "
+        prog="cdgrad",
+        description="Reproduce the experiments of channel-directed gradients (Lao et al.) and "
         "the related gradient transforms: train, run preset sweeps, report tables and plots.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train one configuration for one seed and store the result",
-                       description="Train one configuration for one seed. Every option below is a field of the "
-                       "run config (cdgrad.experiments.config.RunConfig). The run is stored in the results "
-                       "folder (skipped if already there) and resumes from its checkpoint if interrupted.")
-    p.add_argument("--seed", type=int, default=0,
-                   help="random seed (model init, batch order, augmentation) (default: 0)")
+    p = sub.add_parser(
+        "train",
+        help="train one configuration for one seed and store the result",
+        description="Train one configuration for one seed. Every option below is a field of the "
+        "run config (cdgrad.experiments.config.RunConfig). The run is stored in the results "
+        "folder (skipped if already there) and resumes from its checkpoint if interrupted.",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed (model init, batch order, augmentation) (default: 0)"
+    )
     _add_common(p, sweep=False)
     p.add_argument("--no-store", action="store_true", help="train without reading or writing the results folder")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: only when stderr is a terminal)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: only when stderr is a terminal)",
+    )
     add_config_arguments(p)
 
-    p = sub.add_parser("run", help="run a preset sweep (skips completed runs), then print its report",
-                       description="Run every configuration and seed of a preset that is not yet in the results "
-                       "folder, then print the report table and write the plots. Everything is checked (configs, "
-                       "data, results folder) before the first run starts. Interrupted runs resume from their "
-                       "checkpoints when the command is repeated. See `cdgrad list -v` for the presets.")
+    p = sub.add_parser(
+        "run",
+        help="run a preset sweep (skips completed runs), then print its report",
+        description="Run every configuration and seed of a preset that is not yet in the results "
+        "folder, then print the report table and write the plots. Everything is checked (configs, "
+        "data, results folder) before the first run starts. Interrupted runs resume from their "
+        "checkpoints when the command is repeated. See `cdgrad list -v` for the presets.",
+    )
     p.add_argument("preset", help="preset name (see `cdgrad list`)")
     _add_common(p, sweep=True)
     p.add_argument("--max-seeds", type=int, default=None, metavar="N", help="run at most N seeds per configuration")
     p.add_argument("--dry-run", action="store_true", help="list the runs (and whether they are done) and exit")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: only when stderr is a terminal)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: only when stderr is a terminal)",
+    )
 
-    p = sub.add_parser("report", help="print Markdown tables (and write plots) from stored results",
-                       description="For each preset: one table per setting with mean ± std of the final test "
-                       "accuracy, its 95%% Student-t confidence interval, the number of seeds, the error reduction "
-                       "(err_SGD - err)/err_SGD, Welch's t-test against SGD and the published number where the "
-                       "paper has one. Without a preset name: every preset that has stored runs.")
+    p = sub.add_parser(
+        "report",
+        help="print Markdown tables (and write plots) from stored results",
+        description="For each preset: one table per setting with mean ± std of the final test "
+        "accuracy, its 95%% Student-t confidence interval, the number of seeds, the error reduction "
+        "(err_SGD - err)/err_SGD, Welch's t-test against SGD and the published number where the "
+        "paper has one. Without a preset name: every preset that has stored runs.",
+    )
     p.add_argument("presets", nargs="*", help="preset names (default: all presets with results)")
     _add_common(p, sweep=True)
 
-    p = sub.add_parser("list", help="list the presets (or the gradient methods)",
-                       description="List the presets, with what the reduced ones cut, or the gradient methods and "
-                       "their hyper-parameters.")
+    p = sub.add_parser(
+        "list",
+        help="list the presets (or the gradient methods)",
+        description="List the presets, with what the reduced ones cut, or the gradient methods and "
+        "their hyper-parameters.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show each preset's configurations")
     p.add_argument("--methods", action="store_true", help="list the gradient methods instead")
 
-    p = sub.add_parser("analyze", help="analyse a trained model's weights (channel correlations, spectra)",
-                       description="Analyse the weights of a trained model.")
+    p = sub.add_parser(
+        "analyze",
+        help="analyse a trained model's weights (channel correlations, spectra)",
+        description="Analyse the weights of a trained model.",
+    )
     try:
         from cdgrad.experiments.analyze import add_analyze_arguments
     except ImportError:
@@ -108,16 +154,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = store.runs([key])[0]
         print(f"run {key} is already complete: test acc {run.final['test_acc']:.2f}% (results: {store.path})")
         return 0
-    metrics = train(config, args.seed, dataset=next(iter(datasets.values())), progress=args.progress,
-                    checkpoint=None if store is None else store.checkpoint_path(key))
+    metrics = train(
+        config,
+        args.seed,
+        dataset=next(iter(datasets.values())),
+        progress=args.progress,
+        checkpoint=None if store is None else store.checkpoint_path(key),
+    )
     if not is_main_process():  # under torchrun rank 0 alone stores and prints the run
         return 0
     if store is not None:
         store.save(config, args.seed, metrics)
     c = metrics["curves"]
     for i, e in enumerate(c["epoch"]):
-        test = (f"  test loss {c['test_loss'][c['test_epoch'].index(e)]:.4f} acc "
-                f"{c['test_acc'][c['test_epoch'].index(e)]:.2f}%" if e in c["test_epoch"] else "")
+        test = (
+            f"  test loss {c['test_loss'][c['test_epoch'].index(e)]:.4f} acc "
+            f"{c['test_acc'][c['test_epoch'].index(e)]:.2f}%"
+            if e in c["test_epoch"]
+            else ""
+        )
         print(f"epoch {e:3d}  train loss {c['train_loss'][i]:.4f} acc {c['train_acc'][i]:.2f}%{test}")
     print(json.dumps({"key": key, **metrics["final"], "wall_s": round(metrics["wall_s"], 2)}))
     return 0
@@ -126,12 +181,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _preset_runs(args: argparse.Namespace, name: str) -> list[tuple[RunConfig, int]]:
     from cdgrad.experiments.presets import get_preset
 
-    return get_preset(name).runs(parse_overrides(args.overrides), parse_overrides(args.where),
-                                 getattr(args, "max_seeds", None))
+    return get_preset(name).runs(
+        parse_overrides(args.overrides), parse_overrides(args.where), getattr(args, "max_seeds", None)
+    )
 
 
-def _report(name: str, runs: list[tuple[RunConfig, int]], args: argparse.Namespace, out_dir: str | None,
-            command: str) -> str:
+def _report(
+    name: str, runs: list[tuple[RunConfig, int]], args: argparse.Namespace, out_dir: str | None, command: str
+) -> str:
     from cdgrad.experiments.plots import make_plots
     from cdgrad.experiments.presets import get_preset
     from cdgrad.experiments.report import markdown, summarize
@@ -239,8 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(run_analyze(args) or 0)
     except FileNotFoundError as exc:
-        hints = {"train": "\nOn the command line, give the data folder with --data-root DIR.",
-                 "analyze": "\nGive a checkpoint file, or a run key with --results DIR."}
+        hints = {
+            "train": "\nOn the command line, give the data folder with --data-root DIR.",
+            "analyze": "\nGive a checkpoint file, or a run key with --results DIR.",
+        }
         hint = hints.get(args.command, "\nOn the command line, give the data folder with --set data_root=DIR.")
         print(f"cdgrad {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2

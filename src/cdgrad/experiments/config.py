@@ -35,10 +35,12 @@ class RunConfig:
     """One training configuration (everything except the seed)."""
 
     # data
-    dataset: str = _f("fashion-mnist", "data set ('synthetic' is a tiny generated set for tests only)",
-                      DATASET_CHOICES)
-    data_root: str | None = _f(None, "folder holding the data set's files (unset: $CDGRAD_DATA, "
-                               "~/.cache/cdgrad/data, /usr/share/datasets)", identity=False)
+    dataset: str = _f("fashion-mnist", "data set ('synthetic' is a tiny generated set for tests only)", DATASET_CHOICES)
+    data_root: str | None = _f(
+        None,
+        "folder holding the data set's files (unset: $CDGRAD_DATA, ~/.cache/cdgrad/data, /usr/share/datasets)",
+        identity=False,
+    )
     download: bool = _f(False, "download the official files when the data set is not found", identity=False)
     swap_train_test: bool = _f(False, "Fig. 6 protocol: train on the test split, evaluate on the training split")
     train_subset: int = _f(0, "train on the first N training images only (0 = all)")
@@ -52,25 +54,35 @@ class RunConfig:
     lr: float = _f(0.01, "initial learning rate")
     momentum: float = _f(0.9, "SGD momentum (sgd only)")
     weight_decay: float = _f(5e-4, "L2 weight decay (coupled, as in torch.optim)")
-    schedule: str = _f("step", "learning-rate schedule: 'step' divides lr by 10 every step_every epochs "
-                       "(the paper's), 'cosine' anneals to 0 over the run, 'constant' keeps it",
-                       ("step", "cosine", "constant"))
+    schedule: str = _f(
+        "step",
+        "learning-rate schedule: 'step' divides lr by 10 every step_every epochs "
+        "(the paper's), 'cosine' anneals to 0 over the run, 'constant' keeps it",
+        ("step", "cosine", "constant"),
+    )
     step_every: int = _f(40, "epochs between lr divisions by 10 (schedule 'step')")
     # gradient method
     method: str = _f("none", "gradient method (see `cdgrad list --methods`)", tuple(METHODS))
     lam: float | None = _f(None, "lambda of h0 / sobolev", method=True)
     beta: float | None = _f(None, "h0 / sobolev: add beta times the ordinary gradient", method=True)
     sigma: float | None = _f(None, "sigma of Laplacian smoothing (ls)", method=True)
-    direction: str | None = _f(None, "axis to smooth along: output, input or flat (h0/sobolev); flat or output "
-                               "(ls)", ("output", "input", "flat"), method=True)
+    direction: str | None = _f(
+        None,
+        "axis to smooth along: output, input or flat (h0/sobolev); flat or output (ls)",
+        ("output", "input", "flat"),
+        method=True,
+    )
     scope: str | None = _f(None, "which weights: conv (3+ dims) or all", ("conv", "all"), method=True)
-    convention: str | None = _f(None, "lambda convention of h0 / sobolev: 'exact' (method.md eq. 8, the default) "
-                                "or 'paper' (the published code, via cdgrad.paper_convention)",
-                                ("exact", "paper"), method=True)
+    convention: str | None = _f(
+        None,
+        "lambda convention of h0 / sobolev: 'exact' (method.md eq. 8, the default) "
+        "or 'paper' (the published code, via cdgrad.paper_convention)",
+        ("exact", "paper"),
+        method=True,
+    )
     sgs_k: float | None = _f(None, "spatial gradient scaling: strength k (default 5)", method=True)
     sgs_batches: int | None = _f(None, "spatial gradient scaling: batches per estimate (default 2)", method=True)
-    sgs_every: int | None = _f(None, "spatial gradient scaling: epochs between estimates (default 5)",
-                               method=True)
+    sgs_every: int | None = _f(None, "spatial gradient scaling: epochs between estimates (default 5)", method=True)
     clip_norm: float | None = _f(None, "opnorm: operator-norm bound of each conv layer", method=True)
     clip_every: int | None = _f(None, "opnorm: optimizer steps between projections", method=True)
     # evaluation and execution
@@ -78,8 +90,9 @@ class RunConfig:
     eval_batch_size: int = _f(250, "batch size of the (no-grad) evaluation", identity=False)
     device: str = _f("cpu", "torch device to train on, e.g. cpu, cuda, cuda:1", identity=False)
     threads: int = _f(0, "torch CPU threads (0 = leave torch's default)", identity=False)
-    save_model: bool = _f(False, "keep the final checkpoint as <results>/models/<run key>.pt (for `cdgrad analyze`)",
-                          identity=False)
+    save_model: bool = _f(
+        False, "keep the final checkpoint as <results>/models/<run key>.pt (for `cdgrad analyze`)", identity=False
+    )
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -159,8 +172,7 @@ def validate(config: RunConfig) -> None:
     try:
         device = torch.device(config.device)
     except RuntimeError:
-        raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:0; got {config.device!r}") \
-            from None
+        raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:0; got {config.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={config.device!r} but CUDA is not available; use device=cpu")
 
@@ -174,8 +186,10 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; accepted: {', '.join(FIELDS)}")
-    values = {k: (float(v) if FIELD_TYPES[k] is float and isinstance(v, int) and not isinstance(v, bool) else v)
-              for k, v in data.items()}
+    values = {
+        k: (float(v) if FIELD_TYPES[k] is float and isinstance(v, int) and not isinstance(v, bool) else v)
+        for k, v in data.items()
+    }
     return RunConfig(**values)
 
 
@@ -208,12 +222,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: RunConfig | 
         shown = default if default is not None else ("the method's" if f.metadata["method"] else "unset")
         help_text = f"{f.metadata['help']} (default: {shown})"
         if kind is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
-                               help=help_text)
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
-        group.add_argument(flag, dest=name, type=lambda s, n=name: _argparse_value(n, s), default=default,
-                           choices=f.metadata["choices"], metavar=kind.__name__.upper()
-                           if f.metadata["choices"] is None else None, help=help_text)
+        group.add_argument(
+            flag,
+            dest=name,
+            type=lambda s, n=name: _argparse_value(n, s),
+            default=default,
+            choices=f.metadata["choices"],
+            metavar=kind.__name__.upper() if f.metadata["choices"] is None else None,
+            help=help_text,
+        )
 
 
 def _argparse_value(name: str, text: str) -> Any:

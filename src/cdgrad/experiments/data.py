@@ -498,9 +498,7 @@ def read_cifar_batch(buf: bytes, source: str | os.PathLike = "<bytes>") -> tuple
     except UnsafePickleError:
         raise
     except Exception as e:  # any parse failure of a corrupt or truncated pickle
-        raise DatasetFormatError(
-            f"{source}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})"
-        ) from None
+        raise DatasetFormatError(f"{source}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise DatasetFormatError(f"{source}: a CIFAR-10 batch must be a dict, got {type(obj).__name__}")
     data, labels = _get(obj, "data"), _get(obj, "labels")
@@ -760,9 +758,7 @@ def load_dataset(
             d = download_dataset(name)
         except DatasetNotFoundError as e:
             raise DatasetNotFoundError(
-                _not_found_message(
-                    name, _candidates(name, root), _missing_or_all(name), note=f"Download failed: {e}"
-                )
+                _not_found_message(name, _candidates(name, root), _missing_or_all(name), note=f"Download failed: {e}")
             ) from None
     arrays = _load_cifar(d, verify) if name == "cifar10" else _load_idx_set(name, d, verify)
     train_x, train_y, test_x, test_y = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)

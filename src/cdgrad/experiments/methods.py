@@ -39,18 +39,33 @@ class Method:
     directions: tuple[str, ...] = ()
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("none", "the ordinary gradient (baseline)", ()),
-    Method("h0", "re-weighted H0 channel-directed gradient", ("lam", "beta", "direction", "scope", "convention"),
-           ("output", "input", "flat")),
-    Method("sobolev", "channel-directed Sobolev (H1~) gradient",
-           ("lam", "beta", "direction", "scope", "convention"), ("output", "input", "flat")),
-    Method("ls", "Laplacian smoothing, rasterised (flat) or along the output axis", ("sigma", "direction", "scope"),
-           ("flat", "output")),
-    Method("centralize", "gradient centralisation", ("scope",)),
-    Method("sgs", "spatial gradient scaling", ("sgs_k", "sgs_batches", "sgs_every")),
-    Method("opnorm", "operator-norm clipping of conv layers", ("clip_norm", "clip_every")),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("none", "the ordinary gradient (baseline)", ()),
+        Method(
+            "h0",
+            "re-weighted H0 channel-directed gradient",
+            ("lam", "beta", "direction", "scope", "convention"),
+            ("output", "input", "flat"),
+        ),
+        Method(
+            "sobolev",
+            "channel-directed Sobolev (H1~) gradient",
+            ("lam", "beta", "direction", "scope", "convention"),
+            ("output", "input", "flat"),
+        ),
+        Method(
+            "ls",
+            "Laplacian smoothing, rasterised (flat) or along the output axis",
+            ("sigma", "direction", "scope"),
+            ("flat", "output"),
+        ),
+        Method("centralize", "gradient centralisation", ("scope",)),
+        Method("sgs", "spatial gradient scaling", ("sgs_k", "sgs_batches", "sgs_every")),
+        Method("opnorm", "operator-norm clipping of conv layers", ("clip_norm", "clip_every")),
+    )
+}
 
 
 def validate_method(config: RunConfig) -> None:
@@ -63,13 +78,21 @@ def validate_method(config: RunConfig) -> None:
     for name in METHOD_FIELDS:
         if getattr(config, name) is not None and name not in m.params:
             takes = ", ".join(m.params) if m.params else "no hyper-parameters"
-            raise ValueError(f"{name}={getattr(config, name)!r} is not a hyper-parameter of method "
-                             f"{m.name!r} (it takes: {takes})")
+            raise ValueError(
+                f"{name}={getattr(config, name)!r} is not a hyper-parameter of method {m.name!r} (it takes: {takes})"
+            )
     if config.direction is not None and config.direction not in m.directions:
-        raise ValueError(f"direction for method {m.name!r} must be one of {', '.join(m.directions)}; "
-                         f"got {config.direction!r}")
-    positive = {"sigma": False, "sgs_k": True, "sgs_batches": True, "sgs_every": True, "clip_norm": True,
-                "clip_every": True}
+        raise ValueError(
+            f"direction for method {m.name!r} must be one of {', '.join(m.directions)}; got {config.direction!r}"
+        )
+    positive = {
+        "sigma": False,
+        "sgs_k": True,
+        "sgs_batches": True,
+        "sgs_every": True,
+        "clip_norm": True,
+        "clip_every": True,
+    }
     for name, strict in positive.items():
         value = getattr(config, name)
         if value is not None and (value <= 0 if strict else value < 0):
@@ -123,8 +146,11 @@ class AttachedMethod:
                 hook(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: obj.state_dict() for name, obj in (("transform", self.transform), ("clipper", self.clipper))
-                if obj is not None and hasattr(obj, "state_dict")}
+        return {
+            name: obj.state_dict()
+            for name, obj in (("transform", self.transform), ("clipper", self.clipper))
+            if obj is not None and hasattr(obj, "state_dict")
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, obj in (("transform", self.transform), ("clipper", self.clipper)):
@@ -137,8 +163,9 @@ class AttachedMethod:
         self.handles.clear()
 
 
-def attach_method(config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                  sample: torch.Tensor | None = None) -> AttachedMethod:
+def attach_method(
+    config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, sample: torch.Tensor | None = None
+) -> AttachedMethod:
     """Build `config.method` and hook it into `optimizer.step()`.
 
     `sample` is a small input batch: opnorm records each conv layer's input size from it.
@@ -158,8 +185,9 @@ def attach_method(config: RunConfig, model: nn.Module, optimizer: torch.optim.Op
         model.eval()  # a forward pass in eval mode leaves BatchNorm statistics alone
         sizes = record_input_sizes(model, sample)
         model.train(was_training)
-        out.clipper = OperatorNormClipper(model, sizes, max_norm=config.clip_norm or 1.0,
-                                          every=config.clip_every or 100)
+        out.clipper = OperatorNormClipper(
+            model, sizes, max_norm=config.clip_norm or 1.0, every=config.clip_every or 100
+        )
         out.handles.append(out.clipper.attach(optimizer))
     return out
 

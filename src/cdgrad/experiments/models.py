@@ -84,9 +84,7 @@ class CNN2(nn.Module):
         _positive_int(in_channels, "in_channels")
         _positive_int(image_size, "image_size")
         if image_size < 16:
-            raise ValueError(
-                f"image_size must be >= 16 for cnn2 (two 5x5 convs, two 2x2 pools), got {image_size}"
-            )
+            raise ValueError(f"image_size must be >= 16 for cnn2 (two 5x5 convs, two 2x2 pools), got {image_size}")
         side = ((image_size - 4) // 2 - 4) // 2
         self.conv1 = nn.Conv2d(in_channels, 50, kernel_size=5)
         self.conv2 = nn.Conv2d(50, 100, kernel_size=5)
@@ -163,9 +161,7 @@ class CifarResNet(nn.Module):
     ResNet-56 853,018 / 855,770.
     """
 
-    def __init__(
-        self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, shortcut: str = "A"
-    ) -> None:
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, shortcut: str = "A") -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")

@@ -1,8 +1,8 @@
 """PNG figures of a preset's results (matplotlib, Agg backend), one panel per setting.
 
-    curves   test accuracy per epoch, mean over seeds with a +-1 std band            (paper Fig. 4)
-    hist     histogram of final test accuracies per method                        (paper Fig. 5 left)
-    lambda   final test accuracy vs lambda for h0 and sobolev, SGD as a band        (paper Fig. 6)
+curves   test accuracy per epoch, mean over seeds with a +-1 std band            (paper Fig. 4)
+hist     histogram of final test accuracies per method                        (paper Fig. 5 left)
+lambda   final test accuracy vs lambda for h0 and sobolev, SGD as a band        (paper Fig. 6)
 """
 
 from __future__ import annotations
@@ -62,8 +62,15 @@ def plot_hist(settings: Sequence[Setting], path: str) -> str:
         lo, hi = everything.min(), everything.max()
         bins = np.linspace(lo - 0.05, hi + 0.05, 16) if hi > lo else 10
         for row in st.rows:
-            ax.hist(row.accs, bins=bins, histtype="stepfilled", alpha=0.35, edgecolor="k", linewidth=0.8,
-                    label=f"{row.label} (n={len(row.accs)})")
+            ax.hist(
+                row.accs,
+                bins=bins,
+                histtype="stepfilled",
+                alpha=0.35,
+                edgecolor="k",
+                linewidth=0.8,
+                label=f"{row.label} (n={len(row.accs)})",
+            )
         ax.set_xlabel("final test accuracy (%)")
         ax.set_ylabel("runs")
         ax.yaxis.get_major_locator().set_params(integer=True)
@@ -80,14 +87,23 @@ def plot_lambda(settings: Sequence[Setting], path: str) -> str:
         for r in st.rows:
             if r.config.method in ("h0", "sobolev") and r.config.lam is not None:
                 c = r.config
-                label = c.method + (f" beta={c.beta:g}" if c.beta else "") + (
-                    f" {c.direction}" if c.direction not in (None, "output") else "") + (
-                    " (paper lambda)" if c.convention == "paper" else "")
+                label = (
+                    c.method
+                    + (f" beta={c.beta:g}" if c.beta else "")
+                    + (f" {c.direction}" if c.direction not in (None, "output") else "")
+                    + (" (paper lambda)" if c.convention == "paper" else "")
+                )
                 lines.setdefault(label, []).append(r)
         for label, rows in lines.items():
             rows.sort(key=lambda r: r.config.lam)
-            ax.errorbar([r.config.lam for r in rows], [r.mean for r in rows],
-                        yerr=[0.0 if np.isnan(r.std) else r.std for r in rows], marker="o", capsize=3, label=label)
+            ax.errorbar(
+                [r.config.lam for r in rows],
+                [r.mean for r in rows],
+                yerr=[0.0 if np.isnan(r.std) else r.std for r in rows],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
         if base is not None:
             ax.axhline(base.mean, color="k", linestyle="--", label=f"SGD (n={len(base.accs)})")
             if len(base.accs) > 1:

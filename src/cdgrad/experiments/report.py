@@ -43,8 +43,10 @@ def betainc(a: float, b: float, x: float) -> float:
     d = 1.0 / (d if abs(d) > tiny else tiny)
     h = d
     for m in range(1, 10000):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + num * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + num / c
@@ -190,8 +192,14 @@ class Setting:
 
 
 def _order(config: RunConfig) -> tuple:
-    return (list(METHODS).index(config.method), config.direction or "", config.convention or "", config.beta or 0.0,
-            config.lam if config.lam is not None else -1.0, config.sigma or 0.0)
+    return (
+        list(METHODS).index(config.method),
+        config.direction or "",
+        config.convention or "",
+        config.beta or 0.0,
+        config.lam if config.lam is not None else -1.0,
+        config.sigma or 0.0,
+    )
 
 
 def summarize(runs: Sequence[Run]) -> list[Setting]:
@@ -206,8 +214,9 @@ def summarize(runs: Sequence[Run]) -> list[Setting]:
         for label, group in by_label.items():
             accs = [r.final["test_acc"] for r in sorted(group, key=lambda r: r.seed)]
             m, s = mean_std(accs)
-            rows.append(Row(label, group[0].config, accs, m, s, confidence_interval(accs),
-                            paper=published(group[0].config)))
+            rows.append(
+                Row(label, group[0].config, accs, m, s, confidence_interval(accs), paper=published(group[0].config))
+            )
         rows.sort(key=lambda r: _order(r.config))
         setting = Setting(json.loads(skey), rows, by_label)
         base = setting.baseline
@@ -230,14 +239,28 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
 def setting_title(setting: dict, varying: Sequence[str] = ()) -> str:
     """A short description of a setting, e.g. `fashion-mnist, cnn2, sgd lr 0.01, batch 100, 8 epochs`."""
     s = setting
-    parts = [s["dataset"] + (" (train on test split, evaluate on train split)" if s["swap_train_test"] else ""),
-             s["model"], f"{s['optimizer']} lr {s['lr']:g}", f"batch {s['batch_size']}", f"{s['epochs']} epochs"]
+    parts = [
+        s["dataset"] + (" (train on test split, evaluate on train split)" if s["swap_train_test"] else ""),
+        s["model"],
+        f"{s['optimizer']} lr {s['lr']:g}",
+        f"batch {s['batch_size']}",
+        f"{s['epochs']} epochs",
+    ]
     if s["train_subset"]:
         parts.append(f"{s['train_subset']} training images")
     if s["test_subset"]:
         parts.append(f"{s['test_subset']} evaluation images")
-    shown = {"dataset", "swap_train_test", "model", "optimizer", "lr", "batch_size", "epochs", "train_subset",
-             "test_subset"}
+    shown = {
+        "dataset",
+        "swap_train_test",
+        "model",
+        "optimizer",
+        "lr",
+        "batch_size",
+        "epochs",
+        "train_subset",
+        "test_subset",
+    }
     parts += [f"{k}={s[k]}" for k in varying if k not in shown]
     return ", ".join(parts)
 
@@ -250,16 +273,29 @@ def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
         base = st.baseline
         has_paper = any(r.paper is not None for r in st.rows)
         out.append(f"{'#' * heading_level} {setting_title(st.setting, varying)}\n")
-        head = ["method", "seeds", "test acc % (mean ± std)", "95% CI", "error reduction vs SGD",
-                "Welch p vs SGD"] + (["paper"] if has_paper else [])
+        head = ["method", "seeds", "test acc % (mean ± std)", "95% CI", "error reduction vs SGD", "Welch p vs SGD"] + (
+            ["paper"] if has_paper else []
+        )
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for r in st.rows:
-            red = "baseline" if r is base else (_fmt(100 * r.reduction, "+.1f") + " %" if r.reduction is not None
-                                                and not math.isnan(r.reduction) else "-")
-            cells = [r.label, str(len(r.accs)), f"{r.mean:.2f} ± {_fmt(r.std)}",
-                     f"[{_fmt(r.ci[0])}, {_fmt(r.ci[1])}]", red,
-                     "-" if r is base else _fmt(r.p_value, ".2g")] + ([_fmt(r.paper)] if has_paper else [])
+            red = (
+                "baseline"
+                if r is base
+                else (
+                    _fmt(100 * r.reduction, "+.1f") + " %"
+                    if r.reduction is not None and not math.isnan(r.reduction)
+                    else "-"
+                )
+            )
+            cells = [
+                r.label,
+                str(len(r.accs)),
+                f"{r.mean:.2f} ± {_fmt(r.std)}",
+                f"[{_fmt(r.ci[0])}, {_fmt(r.ci[1])}]",
+                red,
+                "-" if r is base else _fmt(r.p_value, ".2g"),
+            ] + ([_fmt(r.paper)] if has_paper else [])
             out.append("| " + " | ".join(cells) + " |")
         if base is None:
             out.append("\n(no `method=none` run in this setting: no baseline to compare with)")

@@ -59,9 +59,15 @@ def environment(config: RunConfig | None = None) -> dict[str, Any]:
     import numpy
 
     device = config.device if config is not None else "cpu"
-    env = {"torch": torch.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0],
-           "platform": platform.platform(), "machine": platform.machine(), "threads": torch.get_num_threads(),
-           "device": device}
+    env = {
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
         env["cuda"] = torch.version.cuda
@@ -88,8 +94,9 @@ class ResultStore:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("ROLLBACK")
         except (OSError, sqlite3.Error) as exc:
-            raise ValueError(f"results folder {self.root!r} is not writable ({exc}); pass a writable folder "
-                             "with --results") from None
+            raise ValueError(
+                f"results folder {self.root!r} is not writable ({exc}); pass a writable folder with --results"
+            ) from None
 
     @property
     def checkpoint_dir(self) -> str:
@@ -122,10 +129,23 @@ class ResultStore:
         if not os.path.exists(self.path):
             return []
         with closing(self._connect()) as conn:
-            rows = conn.execute("SELECT key, seed, config, version, env, curves, final, wall_s, finished FROM runs "
-                                "ORDER BY finished").fetchall()
-        by_key = {r[0]: Run(r[0], r[1], from_dict(json.loads(r[2])), r[3], json.loads(r[4]), json.loads(r[5]),
-                            json.loads(r[6]), r[7], r[8]) for r in rows}
+            rows = conn.execute(
+                "SELECT key, seed, config, version, env, curves, final, wall_s, finished FROM runs ORDER BY finished"
+            ).fetchall()
+        by_key = {
+            r[0]: Run(
+                r[0],
+                r[1],
+                from_dict(json.loads(r[2])),
+                r[3],
+                json.loads(r[4]),
+                json.loads(r[5]),
+                json.loads(r[6]),
+                r[7],
+                r[8],
+            )
+            for r in rows
+        }
         if keys is None:
             return list(by_key.values())
         return [by_key[k] for k in keys if k in by_key]
@@ -137,9 +157,17 @@ class ResultStore:
         from cdgrad import __version__
 
         key = run_key(config, seed)
-        row = (key, seed, json.dumps(to_dict(config), sort_keys=True), __version__,
-               json.dumps(env or environment(config), sort_keys=True), json.dumps(metrics["curves"]),
-               json.dumps(metrics["final"]), float(metrics["wall_s"]), time.strftime("%Y-%m-%dT%H:%M:%S"))
+        row = (
+            key,
+            seed,
+            json.dumps(to_dict(config), sort_keys=True),
+            __version__,
+            json.dumps(env or environment(config), sort_keys=True),
+            json.dumps(metrics["curves"]),
+            json.dumps(metrics["final"]),
+            float(metrics["wall_s"]),
+            time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
         os.makedirs(self.root, exist_ok=True)
         conn = self._connect()
         try:

@@ -55,12 +55,16 @@ def subset(ds: data_mod.Dataset, n_train: int, n_test: int) -> data_mod.Dataset:
     def cut(x: Tensor, n: int) -> Tensor:
         return x[:n] if 0 < n < len(x) else x
 
-    return dataclasses.replace(ds, train_x=cut(ds.train_x, n_train), train_y=cut(ds.train_y, n_train),
-                               test_x=cut(ds.test_x, n_test), test_y=cut(ds.test_y, n_test))
+    return dataclasses.replace(
+        ds,
+        train_x=cut(ds.train_x, n_train),
+        train_y=cut(ds.train_y, n_train),
+        test_x=cut(ds.test_x, n_test),
+        test_y=cut(ds.test_y, n_test),
+    )
 
 
-def synthetic_dataset(n_train: int = 256, n_test: int = 128, size: int = 8, classes: int = 4
-                      ) -> data_mod.Dataset:
+def synthetic_dataset(n_train: int = 256, n_test: int = 128, size: int = 8, classes: int = 4) -> data_mod.Dataset:
     """A tiny, learnable, generated data set (one class-specific pattern plus noise), for tests only."""
     g = torch.Generator().manual_seed(1234)
     patterns = torch.rand(classes, 1, size, size, generator=g)
@@ -72,8 +76,16 @@ def synthetic_dataset(n_train: int = 256, n_test: int = 128, size: int = 8, clas
 
     train_x, train_y = make(n_train)
     test_x, test_y = make(n_test)
-    return data_mod.Dataset(name="synthetic", train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-                            num_classes=classes, mean=(0.5,), std=(0.25,))
+    return data_mod.Dataset(
+        name="synthetic",
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        num_classes=classes,
+        mean=(0.5,),
+        std=(0.25,),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -103,8 +115,9 @@ def make_model(config: RunConfig, ds: data_mod.Dataset) -> nn.Module:
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -125,21 +138,21 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, mean: Any, std: Any, batch_
 
 
 @torch.no_grad()
-def _evaluate_sums(model: nn.Module, x: Tensor, y: Tensor, mean: Any, std: Any, batch_size: int
-                   ) -> tuple[float, int]:
+def _evaluate_sums(model: nn.Module, x: Tensor, y: Tensor, mean: Any, std: Any, batch_size: int) -> tuple[float, int]:
     """Summed cross-entropy and number of correct predictions of `model` on (x, y)."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, len(x), batch_size):
-        logits = model(data_mod.normalize(x[i:i + batch_size], mean, std))
-        target = y[i:i + batch_size]
+        logits = model(data_mod.normalize(x[i : i + batch_size], mean, std))
+        target = y[i : i + batch_size]
         loss_sum += F.cross_entropy(logits.float(), target, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
     return loss_sum, correct
 
 
-def _evaluate_sharded(model: nn.Module, ds: data_mod.Dataset, batch_size: int, rank: int, world: int
-                      ) -> tuple[float, float]:
+def _evaluate_sharded(
+    model: nn.Module, ds: data_mod.Dataset, batch_size: int, rank: int, world: int
+) -> tuple[float, float]:
     """`evaluate` on the test split with rank r taking the r-th contiguous chunk; sums all-reduced."""
     n = len(ds.test_x)
     lo, hi = n * rank // world, n * (rank + 1) // world
@@ -190,22 +203,35 @@ def load_checkpoint(path: str, config: RunConfig, seed: int, world_size: int = 1
     """The state saved at `path`; ValueError if it belongs to another run or was written under another world size."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state.get("config")
-    if not isinstance(saved, dict) or identity_dict(from_dict(saved)) != identity_dict(config) or \
-            state.get("seed") != seed:
-        raise ValueError(f"checkpoint {path} belongs to a different run (config or seed differ); remove it "
-                         "or pass a different checkpoint path")
+    if (
+        not isinstance(saved, dict)
+        or identity_dict(from_dict(saved)) != identity_dict(config)
+        or state.get("seed") != seed
+    ):
+        raise ValueError(
+            f"checkpoint {path} belongs to a different run (config or seed differ); remove it "
+            "or pass a different checkpoint path"
+        )
     saved_world = state.get("world_size", 1)  # checkpoints without the field come from single-process runs
     if saved_world != world_size:
-        raise ValueError(f"checkpoint {path} was written by a run with world size {saved_world} and can only be "
-                         f"resumed with world size {saved_world}, but this run has world size {world_size}; "
-                         f"launch {saved_world} process(es) or remove the checkpoint")
+        raise ValueError(
+            f"checkpoint {path} was written by a run with world size {saved_world} and can only be "
+            f"resumed with world size {saved_world}, but this run has world size {world_size}; "
+            f"launch {saved_world} process(es) or remove the checkpoint"
+        )
     return state
 
 
 # ------------------------------------------------------------------------------------------------ train
-def train(config: RunConfig, seed: int, *, dataset: data_mod.Dataset | None = None, checkpoint: str | None = None,
-          progress: bool | None = None, callback: Callable[[int, dict[str, list]], None] | None = None
-          ) -> dict[str, Any]:
+def train(
+    config: RunConfig,
+    seed: int,
+    *,
+    dataset: data_mod.Dataset | None = None,
+    checkpoint: str | None = None,
+    progress: bool | None = None,
+    callback: Callable[[int, dict[str, list]], None] | None = None,
+) -> dict[str, Any]:
     """Train `config` from seed `seed`; return per-epoch curves and final metrics.
 
     Loss is the mean cross-entropy; accuracies are in percent. `train_*` are running averages over the
@@ -249,11 +275,13 @@ def train(config: RunConfig, seed: int, *, dataset: data_mod.Dataset | None = No
 
     net: nn.Module = model
     if world > 1:  # after loading the checkpoint; DDP also broadcasts rank 0's parameters and buffers
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                  and device.index is not None else None)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" and device.index is not None else None
+        )
     steps = math.ceil(n / config.batch_size)
-    bar = Progress((config.epochs - start_epoch) * steps, desc=f"{config.method} s{seed}",
-                   enabled=progress if rank == 0 else False)
+    bar = Progress(
+        (config.epochs - start_epoch) * steps, desc=f"{config.method} s{seed}", enabled=progress if rank == 0 else False
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads or threads)
     try:
@@ -265,7 +293,7 @@ def train(config: RunConfig, seed: int, *, dataset: data_mod.Dataset | None = No
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.int64)
             for i in range(steps):
-                idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
+                idx = perm[i * config.batch_size : (i + 1) * config.batch_size]
                 x, y = ds.train_x[idx], ds.train_y[idx]
                 if config.augment:  # on the uint8 batch: zero padding is black, as in torchvision
                     x = data_mod.augment_crop_flip(x, pad=4, generator=gen)
@@ -285,8 +313,7 @@ def train(config: RunConfig, seed: int, *, dataset: data_mod.Dataset | None = No
                 optimizer.step()
                 loss_sum += batch_loss
                 correct += (logits.detach().argmax(1) == y).sum()
-                bar.update(info=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}"
-                           if bar.enabled else None)
+                bar.update(info=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}" if bar.enabled else None)
             scheduler.step()
             if world > 1:
                 sums = torch.stack([loss_sum, correct.to(torch.float64)])
@@ -297,8 +324,7 @@ def train(config: RunConfig, seed: int, *, dataset: data_mod.Dataset | None = No
             curves["train_acc"].append(100.0 * correct.item() / n)
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 if world == 1:
-                    test_loss, test_acc = evaluate(model, ds.test_x, ds.test_y, ds.mean, ds.std,
-                                                   config.eval_batch_size)
+                    test_loss, test_acc = evaluate(model, ds.test_x, ds.test_y, ds.mean, ds.std, config.eval_batch_size)
                 else:
                     test_loss, test_acc = _evaluate_sharded(model, ds, config.eval_batch_size, rank, world)
                 curves["test_epoch"].append(epoch + 1)
@@ -307,14 +333,24 @@ def train(config: RunConfig, seed: int, *, dataset: data_mod.Dataset | None = No
             curves["epoch_time"].append(time.perf_counter() - t0)
             elapsed += curves["epoch_time"][-1]
             if checkpoint is not None and rank == 0:
-                save_checkpoint(checkpoint, {
-                    "config": to_dict(config), "seed": seed, "epoch": epoch + 1, "elapsed": elapsed,
-                    "world_size": world,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "method": method.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "generator": gen.get_state(), "curves": curves,
-                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                })
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "config": to_dict(config),
+                        "seed": seed,
+                        "epoch": epoch + 1,
+                        "elapsed": elapsed,
+                        "world_size": world,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "method": method.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "generator": gen.get_state(),
+                        "curves": curves,
+                        **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                    },
+                )
             if checkpoint is not None and world > 1:
                 torch.distributed.barrier()  # no rank goes on (and may read the file) before it is written
             if callback is not None:
