@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cdgrad import distributed as D
+from cdgrad.experiments import launch
 
 _COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
 _NOT_COLLECTIVES = ("wait_tensor", "_wrap_tensor_autograd", "barrier")
@@ -79,7 +80,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(args.world))
     torch.set_num_threads(args.threads)
-    D.init_from_env(backend="gloo")
+    launch.init_from_env(backend="gloo")
     mesh = init_device_mesh("cpu", (args.world,))
     dtype = getattr(torch, args.dtype)
     shape = (args.channels, args.channels, args.kernel, args.kernel)

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 import cdgrad
 from cdgrad import distributed as D
+from cdgrad.experiments import launch
 
 # ---------------------------------------------------------------------------------------------- references
 
@@ -215,18 +216,18 @@ def test_init_from_env_without_launcher(monkeypatch):
         pytest.skip("a default process group already exists in this process")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    assert D.init_from_env() is None
-    assert D.is_main_process()
+    assert launch.init_from_env() is None
+    assert launch.is_main_process()
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE"):
-        D.init_from_env()
+        launch.init_from_env()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="RANK"):
-        D.init_from_env()
+        launch.init_from_env()
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(TypeError, match="timeout"):
-        D.init_from_env(timeout=30)
+        launch.init_from_env(timeout=30)
     assert not torch.distributed.is_initialized()
 
 
@@ -239,8 +240,8 @@ SIZES = (1, 2, 5, 7, 64)
 
 def _scenario_init(rank, world):
     # the worker called init_from_env() before any scenario; a second call must reuse the group
-    again = D.init_from_env()
-    return {"rank": again[0], "world": again[1], "main": float(D.is_main_process())}
+    again = launch.init_from_env()
+    return {"rank": again[0], "world": again[1], "main": float(launch.is_main_process())}
 
 
 def _scenario_sharded_functions(rank, world):
@@ -525,7 +526,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    results: dict = {"init_from_env": D.init_from_env(backend="gloo", timeout=timedelta(seconds=60))}
+    results: dict = {"init_from_env": launch.init_from_env(backend="gloo", timeout=timedelta(seconds=60))}
     for name, fn in _SCENARIOS.items():
         try:
             results[name] = {"values": fn(rank, world)}

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cdgrad.distributed import is_main_process
+    from cdgrad.experiments.launch import is_main_process
     from cdgrad.experiments.presets import prepare
     from cdgrad.experiments.store import ResultStore
     from cdgrad.experiments.train import train
@@ -213,7 +213,7 @@ def _report(
 
 
 def cmd_run(args: argparse.Namespace, command: str) -> int:
-    from cdgrad.distributed import is_main_process
+    from cdgrad.experiments.launch import is_main_process
     from cdgrad.experiments.methods import describe
     from cdgrad.experiments.presets import run_all
     from cdgrad.experiments.store import ResultStore

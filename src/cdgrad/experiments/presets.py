@@ -201,7 +201,7 @@ def data_key(config: RunConfig) -> tuple:
 
 def prepare(runs: list[tuple[RunConfig, int]], store: ResultStore | None) -> dict[tuple, Any]:
     """Check everything that can fail before training: configs, results folder, data. Returns the data sets."""
-    from cdgrad.distributed import init_from_env, is_main_process
+    from cdgrad.experiments.launch import init_from_env, is_main_process
     from cdgrad.experiments.train import load_data
 
     for config, _ in runs:
@@ -228,7 +228,7 @@ def run_all(
     log: Callable[[str], None] = print,
 ) -> list[str]:
     """Train every run not yet in `store` (resuming from its checkpoint if one exists); returns all keys."""
-    from cdgrad.distributed import is_main_process
+    from cdgrad.experiments.launch import is_main_process
     from cdgrad.experiments.train import train
 
     datasets = prepare(runs, store)

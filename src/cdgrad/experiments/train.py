@@ -7,7 +7,7 @@ the complete state (model, optimizer, method state, scheduler, generators, curve
 atomically after every epoch, and a later call with the same path resumes from it and ends with the
 same numbers as an uninterrupted run.
 
-Under torchrun (`WORLD_SIZE`/`RANK` in the environment, see `cdgrad.distributed.init_from_env`) the model is
+Under torchrun (`WORLD_SIZE`/`RANK` in the environment, see `cdgrad.experiments.launch.init_from_env`) the model is
 wrapped in DistributedDataParallel and every rank draws the same global permutation and batches of
 `batch_size`, training on rows `r::world` of each batch; the loss is scaled so that DDP's gradient average is
 the gradient of the global batch's mean loss, i.e. the run equals the single-process run up to round-off (for
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdgrad.distributed import init_from_env
 from cdgrad.experiments import data as data_mod
 from cdgrad.experiments.config import RunConfig, from_dict, identity_dict, to_dict, validate
+from cdgrad.experiments.launch import init_from_env
 from cdgrad.experiments.methods import attach_method
 
 CURVES = ("epoch", "train_loss", "train_acc", "test_epoch", "test_loss", "test_acc", "epoch_time")
