@@ -1,11 +1,12 @@
 """Time spatial gradient scaling on a CIFAR ResNet-56: the scalings of every conv layer from 2 batches of 128.
 
-    PYTHONPATH=src python benchmarks/bench_sgs.py [--threads 1] [--method mi|autocorr] [--repeats 3]
+    PYTHONPATH=src python benchmarks/bench_sgs.py [--threads 1] [--method mi|autocorr] [--repeats 3] [--smoke]
 
 Phases: the capture (two training-mode forward passes, with and without the hooks), then
 `SpatialGradientScaling.update()` (the computation of every layer's `G`), timed as a whole and broken
 down by primitive with cProfile. Wall-clock and process CPU time are both printed: on a shared machine
-the CPU time is the steadier figure.
+the CPU time is the steadier figure.  --smoke runs both methods once on two batches of 8 images, in seconds
+(a check that the script works, not a timing).
 """
 
 from __future__ import annotations
@@ -57,7 +58,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed update() runs; the last is profiled")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     ap.add_argument("--method", choices=("mi", "autocorr"), default="mi", help="dependence measure")
+    ap.add_argument("--smoke", action="store_true", help="both methods, 2 batches of 8, one run each, in seconds")
     args = ap.parse_args()
+    if args.smoke:
+        args.batches, args.batch_size, args.repeats = 2, 8, 1
+        for method in ("mi", "autocorr"):
+            args.method = method
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model("resnet56").train()

@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/bench_throughput.py      # cnn2 and resnet20, 1 and 2 threads
     PYTHONPATH=src python benchmarks/bench_throughput.py --models cnn2 --threads 1 --methods none sobolev
+    PYTHONPATH=src python benchmarks/bench_throughput.py --smoke  # every method on cnn2, a few steps: seconds
 
 A training step is the one `cdgrad.experiments.train` runs (normalise a uint8 batch, forward, cross-entropy,
 backward, gradient method, SGD with momentum and weight decay); evaluation is `train.evaluate`, a no-grad
@@ -86,7 +87,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["none", "h0", "sobolev"], choices=list(METHODS))
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch thread counts to try")
     parser.add_argument("--seconds", type=float, default=8.0, help="time spent measuring each training cell")
+    parser.add_argument("--smoke", action="store_true", help="every method on cnn2, 1 thread, 3 steps each")
     args = parser.parse_args()
+    if args.smoke:
+        args.models, args.methods, args.threads, args.seconds = ["cnn2"], list(METHODS), [1], 0.0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "

@@ -1,6 +1,6 @@
 """Speed of the channel-directed transforms, measured side by side in one run.
 
-    python benchmarks/bench_transforms.py [--quick] [--end-to-end]
+    python benchmarks/bench_transforms.py [--quick] [--end-to-end] [--smoke]
 
 Per conv shape (CIFAR ResNet-56, VGG-16, one 512x512x3x3 layer), median time of:
   clone      a plain `clone()` of the gradient: the memory-bound floor
@@ -13,6 +13,7 @@ and the ratios ("in place" is the path `cdgrad.attach` takes: the kernel rewrite
 memory).  Then whole models: every conv gradient of a ResNet-56 / VGG-16 transformed in place in one call
 (as `cdgrad.attach` does) vs cloning each gradient.  With --end-to-end, the extra time that
 `optimizer.step()` takes with the transform, as a share of a whole CIFAR ResNet-56 training iteration.
+--smoke runs every measurement once at the smallest sizes, in seconds (a check that the script works, not a timing).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def timeit(fn, min_time=0.2, repeats=15) -> float:
     return min(rounds)
 
 
-def per_shape(shapes, min_time):
+def per_shape(shapes, min_time, repeats=15):
     print(
         "| shape | clone us | h0 us | sobolev us | sobolev in place us | reference us | published us | h0/clone "
         "| sobolev/clone | in place/clone | published/sobolev |"
@@ -81,15 +82,17 @@ def per_shape(shapes, min_time):
         work = g.clone()
         # In place, as attach() runs it: refill the buffer each call (repeated smoothing would drive the
         # values into float32 denormals), and subtract the refill.
-        refill = timeit(lambda g=g, w=work: w.copy_(g), min_time)
+        refill = timeit(lambda g=g, w=work: w.copy_(g), min_time, repeats)
         t = {
-            "clone": timeit(lambda g=g: g.clone(), min_time),
-            "h0": timeit(lambda g=g: cdgrad.reweighted_h0(g, 2.0), min_time),
-            "sobolev": timeit(lambda g=g: cdgrad.sobolev(g, 1.0), min_time),
-            "inplace": timeit(lambda g=g, w=work: F.channel_directed_([w.copy_(g)], "sobolev", 1.0, 0.0, 0), min_time)
+            "clone": timeit(lambda g=g: g.clone(), min_time, repeats),
+            "h0": timeit(lambda g=g: cdgrad.reweighted_h0(g, 2.0), min_time, repeats),
+            "sobolev": timeit(lambda g=g: cdgrad.sobolev(g, 1.0), min_time, repeats),
+            "inplace": timeit(
+                lambda g=g, w=work: F.channel_directed_([w.copy_(g)], "sobolev", 1.0, 0.0, 0), min_time, repeats
+            )
             - refill,
-            "reference": timeit(lambda g=g: F.sobolev_reference(g, 1.0), min_time),
-            "published": timeit(lambda g=g: published_style_sobolev(g, 1.0), min_time),
+            "reference": timeit(lambda g=g: F.sobolev_reference(g, 1.0), min_time, repeats),
+            "published": timeit(lambda g=g: published_style_sobolev(g, 1.0), min_time, repeats),
         }
         us = {k: v * 1e6 for k, v in t.items()}
         print(
@@ -100,24 +103,24 @@ def per_shape(shapes, min_time):
         )
 
 
-def whole_model(name, shapes, min_time):
+def whole_model(name, shapes, min_time, repeats=15):
     """Every conv gradient of a model transformed in place in one call, as attach() does."""
     grads = [torch.randn(s) for s in shapes]
     work = [g.clone() for g in grads]
     numel = sum(g.numel() for g in grads)
-    refill = timeit(lambda: torch._foreach_copy_(work, grads), min_time)
+    refill = timeit(lambda: torch._foreach_copy_(work, grads), min_time, repeats)
 
     def transformed(metric, lam, beta):
         def run():
             torch._foreach_copy_(work, grads)
             F.channel_directed_(work, metric, lam, beta, 0)
 
-        return timeit(run, min_time) - refill
+        return timeit(run, min_time, repeats) - refill
 
-    t_clone = timeit(lambda: [g.clone() for g in grads], min_time)
+    t_clone = timeit(lambda: [g.clone() for g in grads], min_time, repeats)
     t_h0 = transformed("h0", 2.0, 0.0)
     t_sob = transformed("sobolev", 1.0, 0.1)
-    t_pub = timeit(lambda: [published_style_sobolev(g, 1.0) for g in grads], min_time)
+    t_pub = timeit(lambda: [published_style_sobolev(g, 1.0) for g in grads], min_time, repeats)
     print(
         f"| {name} ({len(grads)} tensors, {numel / 1e6:.2f} M) | {t_clone * 1e6:.0f} | "
         f"{t_h0 * 1e6:.0f} | {t_sob * 1e6:.0f} | {t_pub * 1e6:.0f} | {t_h0 / t_clone:.2f} | "
@@ -125,7 +128,7 @@ def whole_model(name, shapes, min_time):
     )
 
 
-def end_to_end(batch_size=8, iterations=40):
+def end_to_end(batch_size=8, iterations=40, warmup=3):
     """Three identical ResNet-56 + SGD set-ups (none, H0, Sobolev), attached once, timed interleaved."""
     import copy
 
@@ -148,7 +151,7 @@ def end_to_end(batch_size=8, iterations=40):
         setups[name] = (model, opt)
     step_times = {k: [] for k in setups}
     iter_times = []
-    for it in range(iterations + 3):
+    for it in range(iterations + warmup):
         for name, (model, opt) in setups.items():  # interleaved, so drift affects every variant alike
             t0 = time.perf_counter()
             opt.zero_grad()
@@ -156,7 +159,7 @@ def end_to_end(batch_size=8, iterations=40):
             t1 = time.perf_counter()
             opt.step()
             t2 = time.perf_counter()
-            if it >= 3:
+            if it >= warmup:
                 step_times[name].append(t2 - t1)
                 if name == "none":
                     iter_times.append(t2 - t0)
@@ -187,26 +190,32 @@ def main():
         help="batch sizes of the end-to-end measurement (default: 8)",
     )
     parser.add_argument("--iterations", type=int, default=40, help="timed iterations per set-up end to end")
+    parser.add_argument("--smoke", action="store_true", help="every measurement once, smallest sizes, in seconds")
     args = parser.parse_args()
-    min_time = 0.05 if args.quick else 0.3
+    min_time, repeats = (0.05, 15) if args.quick else (0.3, 15)
+    if args.smoke:  # every code path above, on the two smallest shapes, ResNet-56 and two iterations end to end
+        min_time, repeats = 0.0, 2
+        args.end_to_end, args.batch_sizes, args.iterations = True, [2], 2
     cpu = platform.processor() or platform.machine()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
         f"native kernel: {'yes' if _native.library() is not None else 'no (PyTorch path)'}\n"
     )
     resnet56, vgg16 = conv_weight_shapes("resnet56"), conv_weight_shapes("vgg16")
-    per_shape(sorted(set(resnet56 + vgg16), key=lambda s: (s[0], s[1])), min_time)
+    shapes = sorted(set(resnet56 + vgg16), key=lambda s: (s[0], s[1]))
+    per_shape(shapes[:2] if args.smoke else shapes, min_time, repeats)
     print(
         "\n| all conv gradients, in place in one call | clone each us | h0 us | sobolev us | published us "
         "| h0/clone | sobolev/clone | published/sobolev |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    whole_model("ResNet-56", resnet56, min_time)
-    whole_model("VGG-16", vgg16, min_time)
+    whole_model("ResNet-56", resnet56, min_time, repeats)
+    if not args.smoke:
+        whole_model("VGG-16", vgg16, min_time, repeats)
     if args.end_to_end:
         for batch_size in args.batch_sizes:
             print()
-            end_to_end(batch_size, args.iterations)
+            end_to_end(batch_size, args.iterations, 1 if args.smoke else 3)
 
 
 if __name__ == "__main__":

@@ -293,3 +293,15 @@ def test_cli_finds_a_run_in_the_results_store(tmp_path, capsys):
     missing = parser.parse_args(["nope", "--results", str(tmp_path / "results"), "--out-dir", str(tmp_path / "x")])
     with pytest.raises(FileNotFoundError, match="nope"):
         run_analyze(missing)
+
+
+def test_nan_weights_give_a_clear_error_naming_the_layer():
+    net = Small().double()
+    state = net.state_dict()
+    state["conv2.weight"][1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"state_dict\['conv2.weight'\].*non-finite"):
+        summarize_state_dict(state, 8)
+    with pytest.raises(ValueError, match="non-finite"):
+        axis_correlation(state["conv2.weight"], 1, 0)
+    with pytest.raises(ValueError, match="non-finite"):
+        singular_value_spectrum(state["conv2.weight"], 8)

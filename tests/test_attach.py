@@ -64,12 +64,12 @@ def test_attached_equals_hand_transformed(opt_name, t_name):
         opt_b.step()
         for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(pa, pb), f"step {step}"
+    # the same run without the transform ends elsewhere: the transform did change the updates
     plain = init(small_net())
     opt_p = OPTIMIZERS[opt_name](plain.parameters())
-    opt_p.zero_grad()
-    loss_fn(plain, 0).backward()
-    opt_p.step()
-    assert not torch.equal(next(plain.parameters()), next(small_net().parameters())), "the transform changed nothing"
+    run(plain, opt_p, range(5))
+    moved = [not torch.equal(pa, pp) for pa, pp in zip(a.parameters(), plain.parameters(), strict=True)]
+    assert any(moved), "the transform changed nothing"
 
 
 def run(model, opt, steps, scheduler=None):
@@ -232,3 +232,93 @@ def test_bad_input_leaves_everything_untouched():
         cdgrad.attach(opt, cdgrad.sobolev)
     with pytest.raises(ValueError, match="not a parameter of the optimizer"):
         cdgrad.attach(opt, cdgrad.ChannelDirected(), params=[torch.zeros(3, requires_grad=True)])
+
+
+def test_attach_params_is_masked_and_follows_state_changes():
+    """attach(params=) selects like cdgrad.masked; a hyper-parameter change re-decides the cached selection."""
+    model = init(small_net())
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = cdgrad.ChannelDirected("h0", 2.0)
+    handle = cdgrad.attach(opt, t, params=convs[:1])
+    other = cdgrad.attach(opt, cdgrad.masked(cdgrad.ChannelDirected("h0", 2.0), convs[:1]))
+    loss_fn(model, 0).backward()
+    assert [id(p) for p in handle.selected()] == [id(p) for p in other.selected()] == [id(convs[0])]
+    whole = cdgrad.attach(opt, t)
+    assert [id(p) for p in whole.selected()] == [id(p) for p in convs]
+    t.scope = "all"  # every parameter with an axis now
+    assert len(whole.selected()) == len(list(model.parameters()))
+    for h in (handle, other, whole):
+        h.remove()
+
+
+def test_a_gradient_that_cannot_be_transformed_leaves_the_others_untouched():
+    """Validate all, then transform: Chain checks every child on every gradient before the first one runs."""
+    conv, bias = torch.randn(6, 4, 3, 3), torch.randn(6)
+    chain = cdgrad.Chain(cdgrad.Centralize(), cdgrad.ChannelDirected("sobolev", 0.5, direction="input", scope="all"))
+    g_conv, g_bias = conv.clone(), bias.clone()
+    with pytest.raises(ValueError, match="direction"):  # a 1-D gradient has no input axis
+        chain.transforms[1].transform_([g_conv, g_bias], [conv, bias])
+    assert torch.equal(g_conv, conv) and torch.equal(g_bias, bias)
+    sparse = torch.randn(6, 4, 3, 3).to_sparse()
+    with pytest.raises(TypeError, match="sparse"):
+        chain.transform_([g_conv, sparse], [conv, conv])
+    assert torch.equal(g_conv, conv)
+
+
+class Square(GradientTransform):
+    """Not homogeneous: `g -> g * |g|` (a scale s becomes s^2); records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def select(self, param):
+        return param.dim() == 4
+
+    def apply_(self, grads, params):
+        self.calls.append([g.clone() for g in grads])
+        for g in grads:
+            g.mul_(g.abs())
+
+
+FUSED = {
+    "sgd": lambda p, fused: torch.optim.SGD(p, lr=0.05, momentum=0.9, fused=fused),
+    "adamw": lambda p, fused: torch.optim.AdamW(p, lr=1e-2, fused=fused),
+}
+
+
+@pytest.mark.parametrize("opt_name", list(FUSED))
+@pytest.mark.parametrize("make", [Square, lambda: cdgrad.ChannelDirected("sobolev", 0.5, 0.1)])
+def test_fused_optimizers_under_grad_scaler(opt_name, make):
+    """GradScaler hands fused optimizers scaled gradients: the result must equal the unfused (unscaled) run, and an
+    overflow step must not run the transform."""
+    if not torch.amp.is_autocast_available("cpu"):
+        pytest.skip("no CPU autocast")
+    models = [init(small_net(dtype=torch.float32)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    transforms = [make(), make()]
+    opts, scalers = [], []
+    for model, t, fused in zip(models, transforms, (True, False), strict=True):
+        opts.append(FUSED[opt_name](model.parameters(), fused))
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**4))
+        cdgrad.attach(opts[-1], t)
+    assert opts[0]._step_supports_amp_scaling and not getattr(opts[1], "_step_supports_amp_scaling", False)
+    x, y = batch(3, torch.float32)
+    for step in range(4):
+        for model, opt, scaler in zip(models, opts, scalers, strict=True):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            if step == 2:
+                loss = loss * float("inf")  # overflow: every optimizer skips this step
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if step == 2 and isinstance(transforms[0], Square):
+            assert len(transforms[0].calls) == len(transforms[1].calls) == 2  # not called on the skipped step
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    if isinstance(transforms[0], Square):
+        for a, b in zip(transforms[0].calls, transforms[1].calls, strict=True):
+            for ga, gb in zip(a, b, strict=True):  # the fused side saw unscaled gradients too
+                torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)

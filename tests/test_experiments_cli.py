@@ -9,12 +9,15 @@ from cdgrad.experiments import cli
 from cdgrad.experiments import presets as presets_mod
 from cdgrad.experiments.presets import Preset, grid
 from cdgrad.experiments.store import ResultStore
+from helpers import install_preset, register_fixtures, uninstall_preset
+
+register_fixtures()
 
 TINY = {"dataset": "synthetic", "model": "tiny", "epochs": 3, "batch_size": 64, "lr": 0.1, "threads": 1}
 
 
 @pytest.fixture
-def tiny_preset(monkeypatch):
+def tiny_preset():
     preset = Preset(
         "tiny-test",
         "tiny synthetic sweep",
@@ -31,8 +34,9 @@ def tiny_preset(monkeypatch):
         plots=("curves", "hist", "lambda"),
         cuts="everything",
     )
-    monkeypatch.setitem(presets_mod.PRESETS, preset.name, preset)
-    return preset
+    install_preset(preset)
+    yield preset
+    uninstall_preset(preset.name)
 
 
 def test_run_then_rerun_then_report(tmp_path, tiny_preset, capsys):

@@ -20,6 +20,9 @@ import torch
 
 from cdgrad.experiments.config import RunConfig, run_key
 from cdgrad.experiments.train import train
+from helpers import register_fixtures
+
+register_fixtures()
 
 # batch 25 splits 13/12 over 2 ranks and the last batch (256 = 10*25 + 6) 3/3: uneven shards are exercised
 CONFIG = RunConfig(
@@ -58,6 +61,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
+    register_fixtures()  # a spawned process registers the test fixtures itself
     from cdgrad.experiments import train as train_mod
     from cdgrad.experiments.presets import run_all
     from cdgrad.experiments.store import ResultStore

@@ -132,3 +132,63 @@ def test_summary_table_groups_settings_and_uses_published_numbers():
     text = report.markdown(settings_)
     assert text.count("| method |") == 2 and "93.57" in text and "| paper |" in text
     assert "| h0 lam=1 (paper) | 3 | 93.63 ± 0.15 |" in text
+
+
+def _stored(method, seed, acc, status="completed", env=None, **kw):
+    run = _run(method, seed, acc, **kw)
+    return Run(run.key, run.seed, run.config, run.version, env or {}, run.curves, run.final, 1.0, "", status=status)
+
+
+def test_diverged_runs_are_counted_not_averaged():
+    runs = [_stored("none", s, a) for s, a in enumerate([93.0, 93.4, 92.9])]
+    runs += [_stored("h0", s, a, lam=1.0) for s, a in enumerate([93.6, 93.5])]
+    runs += [_stored("h0", 2, math.nan, status="diverged", lam=1.0), _stored("h0", 3, 10.0, "diverged", lam=1.0)]
+    (st,) = report.summarize(runs)
+    base, h0 = st.rows
+    assert (base.diverged, h0.diverged) == (0, 2)
+    assert h0.accs == [93.6, 93.5] and h0.mean == pytest.approx(93.55)
+    assert h0.p_value == pytest.approx(report.welch_test([93.6, 93.5], base.accs)[2])
+    text = report.markdown([st])
+    assert "| method | seeds | diverged | test acc" in text
+    assert "| h0 lam=1 | 2 | 2 | 93.55 ± 0.07 |" in text and "| none | 3 | 0 |" in text
+    assert "2 runs diverged" in text
+    # no diverged run: the table keeps its usual columns
+    assert "diverged" not in report.markdown(report.summarize(runs[:5]))
+
+
+def test_a_method_whose_runs_all_diverged():
+    runs = [_stored("none", s, a) for s, a in enumerate([93.0, 93.4])]
+    runs += [_stored("sobolev", s, math.nan, status="diverged", lam=1.0) for s in range(3)]
+    (st,) = report.summarize(runs)
+    row = st.rows[1]
+    assert row.accs == [] and row.diverged == 3 and math.isnan(row.mean)
+    text = report.markdown([st])
+    assert "| sobolev lam=1 | 0 | 3 | - ± - | [-, -] | - | - |" in text
+
+
+def test_mixed_kernel_paths_and_thread_counts_are_noted():
+    same = {"kernel": "native", "threads": 2}
+    runs = [_stored("none", s, 93.0 + s / 10, env=same) for s in range(3)]
+    assert report.summarize(runs)[0].notes == []
+    assert "Note:" not in report.markdown(report.summarize(runs))
+    runs.append(_stored("h0", 0, 93.1, env={"kernel": "reference", "threads": 2}, lam=1.0))
+    runs.append(_stored("h0", 1, 93.2, env={"kernel": "native", "threads": 1}, lam=1.0))
+    (st,) = report.summarize(runs)
+    assert len(st.notes) == 2
+    text = report.markdown([st])
+    assert "mix kernel paths (native: 4 runs, reference: 1 run)" in text
+    assert "mix thread counts (1: 1 run, 2: 4 runs)" in text
+    # runs stored before the kernel path was recorded: no note unless a recorded one differs
+    old = [_stored("none", s, 93.0, env={}) for s in range(2)]
+    assert report.summarize(old)[0].notes == []
+    (st,) = report.summarize(old + [_stored("none", 2, 93.0, env=same)])
+    assert any("not recorded: 2 runs" in n for n in st.notes)
+
+
+def test_rows_follow_the_method_registry():
+    from cdgrad.experiments.methods import METHODS
+
+    methods = list(METHODS)
+    runs = [_stored(m, 0, 90.0 + i) for i, m in enumerate(reversed(methods))]
+    (st,) = report.summarize(runs)
+    assert [r.config.method for r in st.rows] == methods

@@ -1,6 +1,7 @@
 """Results store and sweep runner: one transaction per run, failed runs not counted, completed runs skipped."""
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from cdgrad.experiments import train as train_mod
 from cdgrad.experiments.config import RunConfig, run_key, to_dict
 from cdgrad.experiments.presets import Preset, grid, run_all
 from cdgrad.experiments.store import ResultStore
+from helpers import register_fixtures
+
+register_fixtures()
 
 TINY = RunConfig(dataset="synthetic", model="tiny", epochs=2, batch_size=64, lr=0.1, threads=1)
 
@@ -153,3 +157,55 @@ def test_every_shipped_preset_is_valid_and_reduced_ones_say_what_they_cut():
     fig6 = presets_mod.PRESETS["fig6"].runs()
     assert all(c.swap_train_test and c.batch_size == 100 and c.epochs == 100 and c.model == "cnn2" for c, _ in fig6)
     assert {c.dataset for c, _ in fig6} == {"mnist", "fashion-mnist"} and max(s for _, s in fig6) == 4
+
+
+def test_environment_records_threads_kernel_path_and_source_revision(tmp_path, monkeypatch):
+    import torch
+
+    from cdgrad import _native
+    from cdgrad.experiments import store as store_mod
+
+    threads = torch.get_num_threads()
+    store = ResultStore(str(tmp_path))
+    store.save(TINY.replace(threads=threads + 2), 0, _metrics())  # saved after training restored the thread count
+    store.save(TINY.replace(threads=0), 1, _metrics())
+    by_seed = {run.seed: run.env for run in store.runs()}
+    assert by_seed[0]["threads"] == threads + 2 and by_seed[1]["threads"] == threads
+    expected = "native" if _native.library() is not None else "reference"
+    assert by_seed[0]["kernel"] == expected
+    assert {"git_commit", "git_dirty"} <= set(by_seed[0])
+    monkeypatch.setattr(_native, "library", lambda: None)
+    assert store_mod.kernel_path("cpu") == "reference"
+    monkeypatch.setattr(_native, "library", lambda: object())
+    assert store_mod.kernel_path("cpu") == "native" and store_mod.kernel_path("cuda:0") == "reference"
+
+
+def test_git_revision_of_a_checkout(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    pkg = tmp_path / "repo" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    from cdgrad.experiments.store import git_revision
+
+    assert git_revision(pkg) == (None, None)  # not a checkout
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", str(pkg.parent), *args], check=True, capture_output=True, text=True, env={**os.environ, **env}
+        ).stdout.strip()
+
+    git("init", "-q")
+    assert git_revision(pkg) == (None, None)  # a checkout that does not track the package
+    git("add", "pkg/__init__.py")
+    git("commit", "-q", "-m", "c")
+    assert git_revision(pkg) == (git("rev-parse", "HEAD"), False)
+    (pkg / "__init__.py").write_text("x = 2\n")
+    assert git_revision(pkg) == (git("rev-parse", "HEAD"), True)
+    git("commit", "-q", "-am", "d")
+    (pkg.parent / "new.py").write_text("")
+    assert git_revision(pkg) == (git("rev-parse", "HEAD"), True)  # untracked files count

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from cdgrad.experiments.config import RunConfig
-from cdgrad.experiments.train import Progress, evaluate, load_data, make_scheduler, synthetic_dataset, train
-from helpers import SHARED_DATA
+from cdgrad.experiments.train import Progress, evaluate, load_data, make_scheduler, train
+from helpers import SHARED_DATA, register_fixtures, synthetic_dataset
+
+register_fixtures()
 
 TINY = RunConfig(dataset="synthetic", model="tiny", epochs=4, batch_size=32, lr=0.1, eval_every=2, threads=1)
 METRICS = ("epoch", "train_loss", "train_acc", "test_epoch", "test_loss", "test_acc")
@@ -92,7 +94,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     with pytest.raises(ValueError, match="different run"):
         train(TINY.replace(epochs=1, lr=0.2), 0, checkpoint=ckpt)
     # paths, threads and device do not change a run: its checkpoint is accepted
-    assert train(TINY.replace(epochs=1, threads=2, data_root="/elsewhere"), 0, checkpoint=ckpt)["curves"]
+    assert train(TINY.replace(epochs=1, threads=2, data_root=str(tmp_path)), 0, checkpoint=ckpt)["curves"]
 
 
 def test_bad_seed_and_config_fail_before_training():

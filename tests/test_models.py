@@ -10,12 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdgrad.experiments.models import (
+    MODEL_REGISTRY,
     MODELS,
     VGG16_CFG,
     CifarResNet,
     ShortcutA,
     build_model,
     count_parameters,
+    model_names,
+    register_model,
 )
 
 RESNETS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
@@ -287,3 +290,32 @@ def test_bad_arguments():
         build_model("vgg16", image_size=1)
     with pytest.raises(ValueError, match="depth must be 6n"):
         CifarResNet(21)
+
+
+def test_register_model_makes_a_network_buildable_by_name():
+    calls = []
+
+    def builder(num_classes, in_channels, image_size):
+        calls.append((num_classes, in_channels, image_size))
+        return nn.Linear(in_channels * image_size * image_size, num_classes)
+
+    assert "regtest-linear" not in model_names()
+    register_model("regtest-linear", builder)
+    try:
+        assert model_names()[: len(MODELS)] == MODELS and "regtest-linear" in model_names()
+        model = build_model("regtest-linear", num_classes=3, in_channels=2, image_size=4)
+        assert calls == [(3, 2, 4)] and count_parameters(model) == 2 * 16 * 3 + 3
+        with pytest.raises(TypeError, match=r"unexpected keyword.*shortcut"):
+            build_model("regtest-linear", shortcut="A")
+        register_model("regtest-linear", lambda num_classes, in_channels, image_size: "not a module")
+        with pytest.raises(TypeError, match="builder of model 'regtest-linear' must return a torch.nn.Module"):
+            build_model("regtest-linear")
+    finally:
+        MODEL_REGISTRY.unregister("regtest-linear")
+    with pytest.raises(ValueError, match="name must be one of"):
+        build_model("regtest-linear")
+    for name in MODELS:
+        with pytest.raises(ValueError, match="built in"):
+            register_model(name, builder)
+    with pytest.raises(TypeError, match="builder must be callable"):
+        register_model("x", None)

@@ -419,3 +419,32 @@ def test_clipper_float32_weights_in_place():
     assert conv.weight.data_ptr() == ptr and conv.weight.dtype == torch.float32
     assert c.operator_norms()[""] <= 1.0 + 1e-4
     assert math.isfinite(c.operator_norms()[""])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_diverged_weights_give_a_clear_error_naming_the_layer(bad):
+    """A diverged model: a ValueError naming the layer (not a LinAlgError), and no weight changes."""
+    net = Net().double()
+    clipper = OperatorNormClipper(net, 8, max_norm=0.5)
+    with torch.no_grad():
+        net.c2.weight[0, 0, 0, 0] = bad
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match="layer 'c2'.*non-finite"):
+        clipper.clip_()
+    for p, b in zip(net.parameters(), before, strict=True):
+        assert torch.equal(p, b) or (torch.isnan(b).any() and torch.equal(p.isnan(), b.isnan()))
+    with pytest.raises(ValueError, match="layer 'c2'"):
+        clipper.operator_norms()
+    for fn in (conv_singular_values, conv_operator_norm):
+        with pytest.raises(ValueError, match="weight .*non-finite"):
+            fn(net.c2.weight, 8)
+    with pytest.raises(ValueError, match="non-finite"):
+        clip_operator_norm(net.c2.weight, 8, 1.0)
+
+
+def test_numpy_scalars_for_the_clipper():
+    net = Net().double()
+    clipper = OperatorNormClipper(net, np.int64(8), max_norm=np.float64(0.5), every=np.int32(2))
+    assert clipper.max_norm == 0.5 and clipper.every == 2 and type(clipper.every) is int
+    with pytest.raises(TypeError, match="every"):
+        OperatorNormClipper(net, 8, max_norm=1.0, every=1.5)

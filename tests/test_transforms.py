@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import cdgrad
-from cdgrad import functional as F
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -150,10 +149,77 @@ def test_bad_hyper_parameters_fail_at_construction(make, exc, name):
         assert "one of" in str(info.value)
 
 
-def test_functional_fast_path_is_used_for_lists():
-    """channel_directed_ transforms a list in place: every tensor equals its own out-of-place result."""
-    grads = [torch.randn(s) for s in [(16, 3, 3, 3), (16, 16, 3, 3), (32, 16, 1, 1), (7,)]]
-    expected = [F.channel_directed(g, "sobolev", 1.5, 0.1, 0) for g in grads]
-    F.channel_directed_(grads, "sobolev", 1.5, 0.1, 0)
-    for g, e in zip(grads, expected, strict=True):
-        assert torch.equal(g, e)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: cdgrad.ChannelDirected("sobolev", 1.0, scope="all"),
+        lambda: cdgrad.ChannelDirected("h0", 2.0, direction="flat", scope="all"),
+        lambda: cdgrad.LaplacianSmoothing(1.0, direction="output", scope="all"),
+        lambda: cdgrad.LaplacianSmoothing(1.0),
+        lambda: cdgrad.Centralize("all"),
+    ],
+)
+def test_scalar_parameters_are_left_alone(make):
+    """A 0-d parameter has no axis to smooth: it is not selected, and a step with it works."""
+    model = torch.nn.Linear(3, 2)
+    model.temperature = torch.nn.Parameter(torch.tensor(2.0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = make()
+    cdgrad.attach(opt, t)
+    (model(torch.randn(4, 3)).sum() * model.temperature).backward()
+    grad = model.temperature.grad.clone()
+    assert not t.select(model.temperature)
+    opt.step()  # ZeroDivisionError / ValueError before scalars were left out
+    assert torch.equal(model.temperature.detach(), torch.tensor(2.0) - 0.1 * grad)
+
+
+def test_paper_convention_has_one_type_and_states_load_across_settings():
+    one, two = cdgrad.paper_convention("sobolev", 1.0), cdgrad.paper_convention("sobolev", 2.0, beta=0.1)
+    assert type(one) is type(two) is cdgrad.Scaled
+    f = torch.randn(8, 3, 3, 3)
+    torch.testing.assert_close(one(f), cdgrad.sobolev(f, 1.0), rtol=0, atol=0)  # factor 1: not multiplied
+    one.load_state_dict(two.state_dict())
+    torch.testing.assert_close(one(f), two(f), rtol=0, atol=0)
+    h0 = cdgrad.paper_convention("h0", 0.0)
+    h0.load_state_dict(cdgrad.paper_convention("h0", 3.0).state_dict())
+    torch.testing.assert_close(h0(f), f + 3.0 * f.mean(0, keepdim=True))
+    # a state saved from a bare ChannelDirected (what lam = 1 used to return) loads with factor 1
+    fresh = cdgrad.paper_convention("sobolev", 5.0)
+    fresh.load_state_dict(cdgrad.ChannelDirected("sobolev", 1.0, 0.1).state_dict())
+    assert fresh.factor == 1.0 and fresh.transform.beta == 0.1
+
+
+def test_numpy_scalars_are_accepted_as_hyper_parameters():
+    np = pytest.importorskip("numpy")
+    f = torch.randn(8, 3, 3, 3)
+    t = cdgrad.ChannelDirected("sobolev", lam=np.float64(2.0), beta=np.float32(0.5))
+    torch.testing.assert_close(t(f), cdgrad.ChannelDirected("sobolev", 2.0, 0.5)(f), rtol=0, atol=0)
+    assert type(t.lam) is float
+    assert cdgrad.LaplacianSmoothing(np.int64(2)).sigma == 2.0
+    assert cdgrad.paper_convention("h0", np.float64(2.0)).factor == 3.0
+    assert cdgrad.Scaled(cdgrad.Centralize(), np.float16(0.5)).factor == 0.5
+    with pytest.raises(TypeError, match="lam"):
+        cdgrad.ChannelDirected("sobolev", lam=np.bool_(True))
+
+
+def test_failed_load_leaves_a_chain_exactly_as_it_was():
+    chain = cdgrad.Chain(cdgrad.Centralize(), cdgrad.ChannelDirected("sobolev", 0.5))
+    state = cdgrad.Chain(cdgrad.Centralize("all"), cdgrad.ChannelDirected("h0", 2.0)).state_dict()
+    state["transforms"][1]["config"]["lam"] = -1.0  # the first child's state is fine, the second's is not
+    before = repr(chain)
+    with pytest.raises(ValueError, match="lam"):
+        chain.load_state_dict(state)
+    assert repr(chain) == before  # the Centralize child was not loaded either
+
+
+def test_masked_selects_by_predicate_or_parameters():
+    a, b = torch.zeros(4, 3, 3, 3), torch.zeros(5, 3, 3, 3)
+    by_list = cdgrad.masked(cdgrad.ChannelDirected(), [a])
+    by_predicate = cdgrad.masked(cdgrad.ChannelDirected(), lambda p: p.shape[0] == 5)
+    assert by_list.select(a) and not by_list.select(b)
+    assert by_predicate.select(b) and not by_predicate.select(a)
+    assert not cdgrad.masked(cdgrad.ChannelDirected(), [torch.zeros(3)]).select(torch.zeros(3))  # inner says no
+    with pytest.raises(TypeError, match="mask"):
+        cdgrad.masked(cdgrad.ChannelDirected(), 3)
+    with pytest.raises(TypeError, match="transform"):
+        cdgrad.masked("sobolev", [a])

@@ -19,7 +19,9 @@ from .transforms import (
     Chain,
     ChannelDirected,
     LaplacianSmoothing,
+    Masked,
     Scaled,
+    masked,
     paper_convention,
 )
 from .transforms_base import GradientTransform
@@ -38,6 +40,8 @@ __all__ = [
     "Centralize",
     "Scaled",
     "Chain",
+    "Masked",
+    "masked",
     "paper_convention",
     "GradientTransform",
     "conv_singular_values",

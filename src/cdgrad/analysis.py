@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .spectral import _check_weight, _input_size, conv_operator_norm, conv_singular_values
+from .spectral import _check_finite, _check_weight, _input_size, conv_operator_norm, conv_singular_values
+from .validation import check_int
 
 __all__ = [
     "axis_correlation",
@@ -32,21 +33,15 @@ _AXES = {0: "output", 1: "input"}
 
 
 def _check_dim(dim: Any) -> int:
-    if isinstance(dim, bool) or dim not in (0, 1):
-        raise ValueError(f"dim must be 0 (output channels) or 1 (input channels), got {dim!r}")
-    return int(dim)
+    return check_int(dim, "dim (0: output channels, 1: input channels)", minimum=0, maximum=1)
 
 
 def _check_distance(distance: Any, name: str = "distance") -> int:
-    if isinstance(distance, bool) or not isinstance(distance, int) or distance < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {distance!r}")
-    return distance
+    return check_int(distance, name, minimum=1)
 
 
 def _check_bins(bins: Any) -> int:
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be a positive int, got {bins!r}")
-    return bins
+    return check_int(bins, "bins", minimum=1)
 
 
 def _pearson(x: Tensor, y: Tensor) -> float:
@@ -80,7 +75,7 @@ def axis_correlation(weight: Tensor, distance: int, dim: int) -> float:
     return _pearson(w.narrow(dim, 0, n - d).reshape(-1), w.narrow(dim, d, n - d).reshape(-1))
 
 
-def correlation_profile(weight: Tensor, max_distance: int) -> dict[str, list[float]]:
+def correlation_profile(weight: Tensor, max_distance: int) -> dict[str, list[Any]]:
     """``axis_correlation`` at distances ``1 .. max_distance`` along both axes.
 
     Returns ``{"distance": [1, ..., D], "output": [r_out(d)], "input": [r_in(d)]}``; entries with no
@@ -126,7 +121,8 @@ def channel_correlation_matrix(weight: Tensor, dim: int = 0) -> Tensor:
     rows = _channels(weight, _check_dim(dim))
     rows = rows - rows.mean(dim=1, keepdim=True)
     norms = rows.norm(dim=1)
-    return (rows @ rows.T) / (norms[:, None] * norms[None, :])
+    out: Tensor = (rows @ rows.T) / (norms[:, None] * norms[None, :])
+    return out
 
 
 def channel_correlation_histogram(weight: Tensor, dim: int = 0, bins: int = 20) -> tuple[Tensor, Tensor]:
@@ -192,6 +188,7 @@ def summarize_state_dict(
             continue
         if not include_pointwise and w.shape[-2] * w.shape[-1] == 1:
             continue
+        _check_finite(w, f"state_dict[{name!r}]")
         size = _lookup_size(input_sizes, name)
         op_norm = None
         if size is not None:

@@ -7,7 +7,10 @@
 The transform runs in a step pre-hook, i.e. inside `optimizer.step()` and before the optimizer's own
 weight decay, momentum or adaptive moments.  `torch.amp.GradScaler.step` unscales the gradients before it
 calls `optimizer.step()` and skips that call on overflow, so the transform sees unscaled gradients and a
-skipped step skips it.  Gradients are replaced in place.
+skipped step skips it.  Fused optimizers (`SGD/Adam/AdamW(fused=True)`) are instead stepped with scaled
+gradients and `grad_scale`/`found_inf` set on them: the hook then skips on overflow too, runs homogeneous
+(linear) transforms on the scaled gradients (they commute with the scale) and unscales around any other.
+Gradients are replaced in place.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import functional as F
+from .transforms import Masked
 from .transforms_base import GradientTransform
 
 __all__ = ["attach", "AttachHandle"]
@@ -26,15 +31,21 @@ _FLOATING = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float
 
 
 class AttachHandle:
-    """Returned by `attach`; `remove()` detaches the transform (also usable as a context manager)."""
+    """Returned by `attach`; `remove()` detaches the transform (also usable as a context manager).
+
+    Each parameter's selection is decided once and cached until the transform's `state_version` changes
+    (a `load_state_dict`, a hyper-parameter assignment), then decided afresh.
+    """
 
     def __init__(
         self, optimizer: torch.optim.Optimizer, transform: GradientTransform, params: list[Tensor] | None
     ) -> None:
         self.optimizer = optimizer
         self.transform = transform
-        self._only = None if params is None else {id(p) for p in params}
+        # attach(..., params=) is `masked(transform, params)`: one selection mechanism
+        self._effective: GradientTransform = transform if params is None else Masked(transform, params)
         self._select_cache: dict[int, bool] = {}
+        self._cache_version = self._effective.state_version
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
 
     def selected(self) -> list[Tensor]:
@@ -42,7 +53,11 @@ class AttachHandle:
         return self._selection()[0]
 
     def _selection(self) -> tuple[list[Tensor], list[Tensor]]:
-        cache, only, select = self._select_cache, self._only, self.transform.select
+        version = self._effective.state_version
+        if version != self._cache_version:  # the transform's state changed: decide afresh
+            self._select_cache.clear()
+            self._cache_version = version
+        cache, select = self._select_cache, self._effective.select
         params, grads = [], []
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -51,8 +66,8 @@ class AttachHandle:
                     continue
                 key = id(p)
                 chosen = cache.get(key)
-                if chosen is None:  # a parameter's shape does not change: decide once
-                    chosen = cache[key] = (only is None or key in only) and bool(select(p))
+                if chosen is None:  # a parameter's shape does not change: decide once per state
+                    chosen = cache[key] = bool(select(p))
                 if chosen:
                     if g.layout is not torch.strided or g.dtype not in _FLOATING:
                         raise TypeError(
@@ -65,10 +80,25 @@ class AttachHandle:
         return params, grads
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Fused optimizers under GradScaler (`_step_supports_amp_scaling`) are stepped with the gradients still
+        # scaled, `grad_scale` and `found_inf` set on the optimizer: skip with the step on overflow (no transform
+        # state advances), and unscale around a transform that does not commute with the scale.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, Tensor) and bool(found_inf.any()):
+            return
         params, grads = self._selection()  # validates every gradient before any is touched
-        if params:
-            with torch.no_grad():
-                self.transform.transform_(grads, params)
+        if not params:
+            return
+        scale = getattr(optimizer, "grad_scale", None)
+        with torch.no_grad():
+            if not isinstance(scale, Tensor) or self._effective.homogeneous:
+                self._effective.transform_(grads, params)  # checks all, then transforms
+                return
+            self._effective.check(grads, params)
+            factor = float(scale.item())
+            F.scale_(grads, 1.0 / factor)
+            self._effective.apply_(grads, params)
+            F.scale_(grads, factor)
 
     def remove(self) -> None:
         self._hook.remove()

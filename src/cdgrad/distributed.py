@@ -21,23 +21,23 @@ written into the gradient's local shard in place.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .functional import (
-    _check_metric,
-    _check_positive,
-    _check_real,
-    channel_directed,
-    channel_directed_,
-)
-from .transforms import DIRECTIONS, _check_choice
-from .transforms_base import _check_grad
+from . import _kernels as K
+from ._kernels import DIRECTIONS, METRICS
+from .validation import check_bool, check_choice, check_grad, check_int, check_positive, check_real
 
 __all__ = [
+    "centralize_dtensor_",
     "channel_directed_dtensor_",
+    "laplacian_smooth_dtensor_",
+    "multiply_dtensor_",
+    "scale_dtensor_",
     "sharded_reweighted_h0",
     "sharded_sobolev",
 ]
@@ -51,12 +51,12 @@ _ACC = torch.float64  # dtype of the shard statistics and of everything computed
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _all_reduce_sum(payload: Tensor, group) -> None:
+def _all_reduce_sum(payload: Tensor, group: Any) -> None:
     """In-place sum of `payload` over `group` (the only all-reduce this module issues)."""
     dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
 
 
-def _all_gather(payload: Tensor, group, world: int) -> Tensor:
+def _all_gather(payload: Tensor, group: Any, world: int) -> Tensor:
     """(world, numel) tensor of every rank's 1-D `payload`, in rank order (the only all-gather issued here)."""
     out = payload.new_empty(world * payload.numel())  # flat: gloo splits the output along dim 0
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -64,7 +64,7 @@ def _all_gather(payload: Tensor, group, world: int) -> Tensor:
     return out.view(world, -1)
 
 
-def _group_size_rank(group) -> tuple[int, int]:
+def _group_size_rank(group: Any) -> tuple[int, int]:
     """(world size, rank) of `group`; a process without any process group is a world of one."""
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return 1, 0
@@ -77,7 +77,7 @@ def _group_size_rank(group) -> tuple[int, int]:
 
 
 def _check_local(local: Tensor) -> None:
-    _check_grad(local, "local")
+    check_grad(local, "local")
     if local.dim() < 1:
         raise ValueError("local must have at least one dimension (the sharded rows along dim 0), got a scalar")
 
@@ -87,7 +87,7 @@ def _check_local(local: Tensor) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def sharded_reweighted_h0(local: Tensor, lam: float, group=None) -> Tensor:
+def sharded_reweighted_h0(local: Tensor, lam: float, group: Any = None) -> Tensor:
     """Re-weighted H0 gradient `g = fbar + (f - fbar) / lam` along dim 0 of a tensor sharded by rows.
 
     `local` holds this rank's rows (`O_local` may be 0); the trailing shape must agree on every rank of `group`
@@ -96,14 +96,14 @@ def sharded_reweighted_h0(local: Tensor, lam: float, group=None) -> Tensor:
     with `local`'s shape and dtype.
     """
     _check_local(local)
-    lam = _check_positive(lam, "lam")
+    lam = check_positive(lam, "lam")
     world, _ = _group_size_rank(group)
     out = local.clone()
     _sharded_h0_(out, lam, 0.0, group, world)
     return out
 
 
-def _sharded_h0_(x: Tensor, lam: float, beta: float, group, world: int) -> None:
+def _sharded_h0_(x: Tensor, lam: float, beta: float, group: Any, world: int) -> None:
     """In place: `x <- fbar + (x - fbar)/lam + beta*x` along dim 0 of the sharded tensor whose rows `x` holds."""
     payload = _h0_stats(x)
     if world > 1:
@@ -136,7 +136,7 @@ def _h0_finish_(x: Tensor, total: Tensor, lam: float, beta: float) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def sharded_sobolev(local: Tensor, lam: float, O: int, group=None) -> Tensor:  # noqa: E741
+def sharded_sobolev(local: Tensor, lam: float, O: int, group: Any = None) -> Tensor:  # noqa: E741
     """Channel-directed Sobolev gradient along dim 0 of a tensor sharded by rows, without gathering it.
 
     Solves `f[o] = mean(g) - lam*O^2*(g[o+1] - 2 g[o] + g[o-1])` (periodic, o = 0..O-1), i.e. with
@@ -148,16 +148,15 @@ def sharded_sobolev(local: Tensor, lam: float, O: int, group=None) -> Tensor:  #
     Returns a new tensor with `local`'s shape and dtype.
     """
     _check_local(local)
-    lam = _check_positive(lam, "lam")
-    if isinstance(O, bool) or not isinstance(O, int) or O < 1:
-        raise ValueError(f"O must be a positive int (the global length of dim 0), got {O!r}")
+    lam = check_positive(lam, "lam")
+    O = check_int(O, "O (the global length of dim 0)", minimum=1)  # noqa: E741
     world, rank = _group_size_rank(group)
     out = local.clone()
     _sharded_sobolev_(out, lam, 0.0, O, group, world, rank)
     return out
 
 
-def _sharded_sobolev_(x: Tensor, lam: float, beta: float, n_total: int, group, world: int, position: int) -> None:
+def _sharded_sobolev_(x: Tensor, lam: float, beta: float, n_total: int, group: Any, world: int, position: int) -> None:
     """In place: `x <- g + beta*x` for the shard at `position` of the shard order of `group` (position = rank
     unless the shard order differs from the group's rank order, e.g. on a device mesh)."""
     payload = _sobolev_stats(x, position)
@@ -173,7 +172,16 @@ def _sobolev_stats(x: Tensor, position: int) -> Tensor:
     return torch.cat([moments.reshape(-1), moments.new_tensor([float(n), float(position)])])
 
 
-def _polynomial(m0: Tensor, d1: Tensor, d2: Tensor, n: int, kappa: float, s: float = 0.0, d0_pre=0.0, d1_pre=0.0):
+def _polynomial(
+    m0: Tensor,
+    d1: Tensor,
+    d2: Tensor,
+    n: int,
+    kappa: float,
+    s: float = 0.0,
+    d0_pre: Tensor | float = 0.0,
+    d1_pre: Tensor | float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Coefficients (a, b, c) with `g[s+j] = a + j b + j(j+1)/2 c - kappa E[j]`, `E[j] = sum_{i<j} (j-i) f[s+i]`.
 
     Inputs: the global column sum `m0` and centred moments `D_k = sum_p p^k d[p]` (k = 1, 2) of a problem of
@@ -238,7 +246,7 @@ def _sobolev_finish_(x: Tensor, gathered: Tensor, position: int, lam: float, bet
     alone = _polynomial(own[0], own_d1, own_d2, n, kappa)
     delta = torch.stack([p - q for p, q in zip(glob, alone, strict=True)]).to(x.dtype)  # (3, M)
 
-    channel_directed_([x], "sobolev", lam * n_total * n_total / (n * n), beta, 0)  # x <- g_alone + beta x
+    K.channel_directed_plain_([x], "sobolev", lam * n_total * n_total / (n * n), beta, 0)  # x <- g_alone + beta x
     j = torch.arange(n, dtype=x.dtype, device=x.device)
     basis = torch.stack([torch.ones_like(j), j, j * (j + 1) / 2], dim=1)  # (n, 3)
     if x.is_contiguous():
@@ -253,7 +261,7 @@ def _sobolev_finish_(x: Tensor, gathered: Tensor, position: int, lam: float, bet
 
 
 def channel_directed_dtensor_(
-    grad, metric: str, lam: float, beta: float, direction: str, *, gather: bool | None = None
+    grad: Any, metric: str, lam: float, beta: float, direction: str, *, gather: bool | None = None
 ) -> None:
     """Replace the local shard of the DTensor gradient `grad` by the channel-directed update `g + beta * f`.
 
@@ -273,18 +281,22 @@ def channel_directed_dtensor_(
     happens only for tiny shards (Sobolev: fewer than 7 float32 or 4 float64 rows per rank); `gather=False` forces the
     sharded algorithm where it applies, `gather=True` always gathers.
     """
+    dim = _check_dtensor_args(grad, metric, lam, beta, direction, gather)
+    _channel_directed_dtensor_(grad, metric, float(lam), float(beta), dim, gather)
+
+
+def _check_dtensor_args(grad: Any, metric: Any, lam: Any, beta: Any, direction: Any, gather: Any) -> int | None:
     from torch.distributed.tensor import DTensor
 
     if not isinstance(grad, DTensor):
         raise TypeError(f"grad must be a torch.distributed.tensor.DTensor, got {type(grad).__name__}")
-    _check_metric(metric)
-    _check_choice(direction, "direction", tuple(DIRECTIONS))
-    lam = _check_positive(lam, "lam")
-    beta = _check_real(beta, "beta")
-    if gather is not None and not isinstance(gather, bool):
-        raise TypeError(f"gather must be None (choose by bytes), True or False, got {gather!r}")
-    local = grad.to_local()
-    _check_grad(local, "grad")
+    check_choice(metric, "metric", METRICS)
+    check_choice(direction, "direction", tuple(DIRECTIONS))
+    check_positive(lam, "lam")
+    check_real(beta, "beta")
+    if gather is not None:
+        check_bool(gather, "gather (None: choose by bytes, True or False)")
+    check_grad(grad.to_local(), "grad")
     _check_placements(grad)
     dim = DIRECTIONS[direction]
     if dim is not None and grad.dim() <= dim:
@@ -293,14 +305,23 @@ def channel_directed_dtensor_(
             f"direction={direction!r} needs a gradient with {dim + 1}+ dims, got shape {tuple(grad.shape)}; "
             f"accepted for it: {accepted}"
         )
+    return dim
+
+
+def _channel_directed_dtensor_(
+    grad: Any, metric: str, lam: float, beta: float, dim: int | None, gather: bool | None
+) -> None:
+    """`channel_directed_dtensor_` on validated arguments, `dim` a non-negative axis or None (rasterised)."""
+    _check_placements(grad)
     if grad.numel() == 0:
         return
-    plan = ("gather",) if gather else _plan(grad, direction)
+    local = grad.to_local()
+    plan = ("gather",) if gather else _plan(grad, dim)
     if plan[0] == "sharded" and gather is None and not _sharded_is_cheaper(grad, metric, plan[1], plan[2]):
         plan = ("gather",)
 
     if plan[0] == "local":
-        channel_directed_([local], metric, lam, beta, plan[1])  # in place, no communication
+        K.channel_directed_plain_([local], metric, lam, beta, plan[1])  # in place, no communication
     elif plan[0] == "sharded":
         dim, mesh_dim = plan[1], plan[2]
         mesh = grad.device_mesh
@@ -319,21 +340,27 @@ def channel_directed_dtensor_(
         if dim is None and not local.is_contiguous():
             local.copy_(x.view(local.shape))
     else:
-        local.copy_(_gathered_update(grad, metric, lam, beta, direction))
+        local.copy_(_gathered(grad, lambda full: K.channel_directed_plain(full, metric, lam, beta, dim)))
 
 
-def _plan(grad, direction: str) -> tuple:
-    """("local", dim) | ("sharded", dim, mesh_dim) | ("gather",); dim None = rasterised."""
+def _sharded_dims(grad: Any) -> dict[int, list[int]] | None:
+    """{tensor dim: [mesh dims sharding it]} for plain `Shard` placements; None if any placement is other than
+    `Shard` or `Replicate` (`Partial`, strided shards, ...)."""
     from torch.distributed.tensor import Replicate, Shard
 
-    dim = DIRECTIONS[direction]
     sharded: dict[int, list[int]] = {}
     for mesh_dim, p in enumerate(grad.placements):
         if type(p) is Shard:  # exact type: strided shards are not contiguous row blocks
             sharded.setdefault(p.dim, []).append(mesh_dim)
         elif not isinstance(p, Replicate):
-            return ("gather",)  # Partial, strided shards, ...
-    if any(len(v) > 1 for v in sharded.values()):
+            return None
+    return sharded
+
+
+def _plan(grad: Any, dim: int | None) -> tuple[Any, ...]:
+    """("local", dim) | ("sharded", dim, mesh_dim) | ("gather",); dim None = rasterised."""
+    sharded = _sharded_dims(grad)
+    if sharded is None or any(len(v) > 1 for v in sharded.values()):
         return ("gather",)
     if dim is None:
         if not sharded:
@@ -346,7 +373,83 @@ def _plan(grad, direction: str) -> tuple:
     return ("local", dim)
 
 
-def _sharded_is_cheaper(grad, metric: str, dim: int | None, mesh_dim: int) -> bool:
+def _is_local(grad: Any, coupled: set[int] | None) -> bool:
+    """Whether a transform that couples the entries along the tensor dims `coupled` (None: every dim) and acts
+    independently along the others can run on each local shard alone: no dim it couples is sharded and no
+    placement is `Partial` (a non-linear map of a partial sum is not the partial sum of the map)."""
+    sharded = _sharded_dims(grad)
+    if sharded is None:
+        return False
+    if coupled is None:
+        return not sharded
+    return not (set(sharded) & coupled)
+
+
+def laplacian_smooth_dtensor_(grad: Any, sigma: float, dim: int | None) -> None:
+    """In place `g <- (I - sigma L)^-1 g` along `dim` (None: rasterised) of the DTensor `grad` (validated).
+
+    Local when the smoothed axis is not sharded (e.g. "input" on FSDP2's `Shard(0)`); otherwise the full tensor
+    is gathered, smoothed, and this rank keeps its part."""
+    if sigma == 0 or grad.numel() == 0:
+        return
+    local = grad.to_local()
+    if dim is not None and _is_local(grad, {dim}):
+        if local.numel():
+            local.copy_(K.laplacian_reference(local, sigma, dim))
+    elif dim is None and _is_local(grad, None):
+        local.copy_(K.laplacian_reference(local, sigma, None))
+    else:
+        local.copy_(_gathered(grad, lambda full: K.laplacian_reference(full, sigma, dim)))
+
+
+def centralize_dtensor_(grad: Any) -> None:
+    """In place `g <- g - mean over dims 1.. of g` per output row of the DTensor `grad` (2+ dims, validated).
+
+    Rows are independent: local when only dim 0 is sharded (FSDP2's `Shard(0)`); otherwise gathered."""
+    if grad.numel() == 0:
+        return
+    local = grad.to_local()
+    if _is_local(grad, set(range(1, grad.dim()))):
+        K.centralize_inplace_(local)
+    else:
+        local.copy_(_gathered(grad, K.centralize_reference))
+
+
+def _commutes(grad: Any, nonnegative: bool) -> bool:
+    """Whether multiplying each rank's share commutes with the `Partial` reductions of `grad` (always for
+    "sum" and "avg"; for "min" and "max" only with non-negative factors)."""
+    from torch.distributed.tensor import Partial
+
+    return nonnegative or all(not isinstance(p, Partial) or p.reduce_op in ("sum", "avg") for p in grad.placements)
+
+
+def scale_dtensor_(grad: Any, factor: float) -> None:
+    """In place `g <- factor * g` of the DTensor `grad`: on the local shard (linear), gathered only for a
+    negative factor on a `Partial` min/max placement."""
+    if _commutes(grad, factor >= 0):
+        grad.to_local().mul_(factor)
+    else:
+        grad.to_local().copy_(_gathered(grad, lambda full: full * factor))
+
+
+def multiply_dtensor_(grad: Any, factor: Tensor) -> None:
+    """In place `g <- factor * g`, `factor` a plain tensor broadcast over the trailing dims of `grad`'s global shape.
+
+    Local when none of the trailing `factor.dim()` dims is sharded; otherwise gathered."""
+    from torch.distributed.tensor import Shard
+
+    if grad.numel() == 0:
+        return
+    trailing = set(range(grad.dim() - factor.dim(), grad.dim()))
+    sharded = {p.dim for p in grad.placements if isinstance(p, Shard)}
+    local = grad.to_local()
+    if not (sharded & trailing) and _commutes(grad, bool((factor >= 0).all())):
+        local.mul_(factor.to(device=local.device, dtype=local.dtype))
+    else:
+        local.copy_(_gathered(grad, lambda full: full * factor.to(device=full.device, dtype=full.dtype)))
+
+
+def _sharded_is_cheaper(grad: Any, metric: str, dim: int | None, mesh_dim: int) -> bool:
     """Bytes received per rank (ring algorithms): the sharded statistics vs `full_tensor`'s all-gather of the
     padded shards (a lower bound when other dims are sharded too)."""
     world = grad.device_mesh.size(mesh_dim)
@@ -358,10 +461,10 @@ def _sharded_is_cheaper(grad, metric: str, dim: int | None, mesh_dim: int) -> bo
     all_gather_sobolev = (world - 1) * (3 * cols + 2) * acc
     sharded = all_reduce_h0 if metric == "h0" else all_gather_sobolev
     gathered = (world - 1) * -(-n // world) * cols * local.element_size()
-    return sharded <= gathered
+    return bool(sharded <= gathered)
 
 
-def _check_placements(grad) -> None:
+def _check_placements(grad: Any) -> None:
     from torch.distributed.tensor import Partial
 
     for p in grad.placements:
@@ -371,17 +474,17 @@ def _check_placements(grad) -> None:
             )
 
 
-def _gathered_update(grad, metric: str, lam: float, beta: float, direction: str) -> Tensor:
-    """Gather-then-transform: the full update on every rank, then this rank's part of it. Nothing beyond
+def _gathered(grad: Any, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Gather-then-transform: `fn` of the full tensor on every rank, then this rank's part of it. Nothing beyond
     `full_tensor` is communicated: cutting a replicated tensor into shards is local, and a `Partial` mesh dim
-    gets the share that reduces back to the update (1/n of it for "sum", all of it for "avg", "min", "max")."""
+    gets the share that reduces back to the result (1/n of it for "sum", all of it for "avg", "min", "max")."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
-    full = channel_directed(grad.full_tensor(), metric, lam, beta, DIRECTIONS[direction])
+    full = fn(grad.full_tensor())
     mesh = grad.device_mesh
     target = [Replicate() if isinstance(p, Partial) else p for p in grad.placements]
     replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    local = replicated.redistribute(mesh, target).to_local()
+    local: Tensor = replicated.redistribute(mesh, target).to_local()
     for mesh_dim, p in enumerate(grad.placements):
         if isinstance(p, Partial) and p.reduce_op == "sum":
             local = local / mesh.size(mesh_dim)

@@ -1,25 +1,31 @@
-"""Pure gradient transforms: each returns a new tensor and never modifies its input.
+"""Pure gradient transforms and their in-place list forms; the one place that decides how a tensor is computed.
 
 Axis convention: a convolution weight has PyTorch layout (O, I, kh, kw).  `dim` is the axis smoothed:
 0 = output channels, 1 = input channels, None = the whole tensor rasterised to 1-D in C order (the
 rasterised length then plays the role of O).  Half types (float16, bfloat16) are computed in float32 and
 returned in the input dtype.
 
-Every function has a plain-PyTorch reference (`*_reference`), which runs on any device.  On the CPU the
-channel-directed transforms use a compiled linear-time kernel (`cdgrad._native`) when one is available;
-tests check that both paths agree.
+Dispatch (`route`): a `torch.distributed.tensor.DTensor` goes to the sharded code of `cdgrad.distributed`;
+an exact `torch.Tensor` (never a subclass) on the CPU goes to the compiled linear-time kernel
+(`cdgrad._native`) when one is available; anything else to the plain-PyTorch reference (`*_reference`),
+which runs on any device.  Tests check that all routes agree.  The pure forms (`sobolev`, ...) return a new
+tensor and never modify their input; the in-place forms (`channel_directed_`, `laplacian_smooth_`,
+`centralize_`, `scale_`) rewrite a list of tensors and assume validated arguments (`check_*` validate).
 """
 
 from __future__ import annotations
 
-import math
+import sys
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from . import _kernels as K
 from . import _native
-from .transforms_base import _check_grad
+from . import distributed as D
+from .validation import check_choice, check_grad, check_nonnegative, check_positive, check_real
 
 __all__ = [
     "reweighted_h0",
@@ -28,183 +34,160 @@ __all__ = [
     "centralize",
     "channel_directed",
     "channel_directed_",
+    "laplacian_smooth_",
+    "centralize_",
+    "scale_",
+    "multiply_",
+    "route",
+    "is_dtensor",
+    "check_dim",
+    "check_metric",
     "reweighted_h0_reference",
     "sobolev_reference",
+    "METRICS",
+    "DIRECTIONS",
 ]
 
-METRICS = ("h0", "sobolev")
-_HALF = (torch.float16, torch.bfloat16)
+METRICS = K.METRICS
+DIRECTIONS = K.DIRECTIONS
+reweighted_h0_reference = K.reweighted_h0_reference
+sobolev_reference = K.sobolev_reference
+_REFERENCE = K.REFERENCE  # kept for callers of the former private name
+_compute_dtype = K.compute_dtype
+
+Route = Literal["dtensor", "native", "reference"]
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+def is_dtensor(t: object) -> bool:
+    """Whether `t` is a `torch.distributed.tensor.DTensor` (without importing that module when unused)."""
+    if type(t) is Tensor:
+        return False
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def route(grad: Tensor) -> Route:
+    """How `grad` is computed: "dtensor" (sharded code), "native" (compiled kernel) or "reference" (PyTorch).
+
+    "native" needs an exact `torch.Tensor` (a subclass may hold memory of another shape) on the CPU and the
+    compiled kernel; it applies to the channel-directed metrics (the other transforms are plain PyTorch).
+    """
+    if type(grad) is Tensor:
+        return "native" if grad.device.type == "cpu" and _native.library() is not None else "reference"
+    return "dtensor" if is_dtensor(grad) else "reference"
 
 
 # ----------------------------------------------------------------------------------------- validation
-def _check_positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number > 0, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+def check_metric(metric: Any) -> str:
+    """One of `METRICS`."""
+    return str(check_choice(metric, "metric", METRICS))
 
 
-def _check_nonnegative(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number >= 0, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_real(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _check_dim(dim: int | None, grad: Tensor) -> int | None:
+def check_dim(dim: Any, grad: Tensor) -> int | None:
+    """`dim` normalised to a non-negative axis of `grad`, or None (flattened)."""
     if dim is None:
         return None
+    accepted = "0 (output channels), 1 (input channels, tensors with 2+ dims) or None (flattened)"
     if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be 0 (output channels), 1 (input channels) or None (flattened), got {dim!r}")
+        if type(dim).__module__ != "numpy" or not hasattr(dim, "__index__") or type(dim).__name__ == "bool_":
+            raise TypeError(f"dim must be {accepted}, got {type(dim).__name__} {dim!r}")
+        dim = int(dim)
     if grad.dim() == 0 or not -grad.dim() <= dim < grad.dim():
+        raise ValueError(f"dim={dim} is out of range for a gradient of shape {tuple(grad.shape)}; accepted: {accepted}")
+    return int(dim) % grad.dim()
+
+
+def check_centralizable(grad: Tensor, name: str = "grad") -> Tensor:
+    """A gradient with 2 or more dims (conv and linear weights)."""
+    check_grad(grad, name)
+    if grad.dim() < 2:
         raise ValueError(
-            f"dim={dim} is out of range for a gradient of shape {tuple(grad.shape)}; accepted: 0 (output "
-            f"channels), 1 (input channels, tensors with 2+ dims) or None (flattened)"
+            f"centralize needs a gradient with 2 or more dims (conv or linear weight), got {name} of shape "
+            f"{tuple(grad.shape)}"
         )
-    return dim % grad.dim()
+    return grad
 
 
-def _check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return metric
-
-
-# ------------------------------------------------------------------------------------- reference path
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _HALF else dtype
-
-
-def reweighted_h0_reference(grad: Tensor, lam: float, dim: int | None = 0, beta: float = 0.0) -> Tensor:
-    """Plain-PyTorch H0_lambda gradient plus beta*f: `fbar + (f - fbar)/lam + beta*f` (method.md 1.1, eq. 8)."""
-    f = grad.to(_compute_dtype(grad.dtype))
-    if dim is None:
-        f = f.reshape(-1)
-    axis = 0 if dim is None else dim
-    fbar = f.mean(axis, keepdim=True)
-    g = fbar + (f - fbar) / lam
-    if beta:
-        g = g + beta * f
-    return g.reshape(grad.shape).to(grad.dtype)
-
-
-def sobolev_reference(grad: Tensor, lam: float, dim: int | None = 0, beta: float = 0.0) -> Tensor:
-    """Plain-PyTorch channel-directed Sobolev gradient plus beta*f (method.md 1.2).
-
-    Solves `f[o] = mean(g) - lam*O^2*(g[o+1] - 2g[o] + g[o-1])` (periodic) along `dim` with two cumulative
-    sums: `d = f - fbar`, `C = cumsum(d)/(lam O^2)`, `v[o] = mean(C) - C[o-1]` (C[-1] = 0),
-    `U = cumsum(v)`, `g = fbar + U - mean(U)`.
-    """
-    f = grad.to(_compute_dtype(grad.dtype))
-    if dim is None:
-        f = f.reshape(-1)
-    axis = 0 if dim is None else dim
-    n = f.shape[axis]
-    fbar = f.mean(axis, keepdim=True)
-    c = torch.cumsum(f - fbar, axis) / (lam * n * n)
-    shifted = torch.cat([torch.zeros_like(c.narrow(axis, 0, 1)), c.narrow(axis, 0, n - 1)], axis)
-    u = torch.cumsum(c.mean(axis, keepdim=True) - shifted, axis)
-    g = fbar + (u - u.mean(axis, keepdim=True))
-    if beta:
-        g = g + beta * f
-    return g.reshape(grad.shape).to(grad.dtype)
-
-
-_REFERENCE = {"h0": reweighted_h0_reference, "sobolev": sobolev_reference}
-
-
-# ------------------------------------------------------------------------------------------ fast path
-def _native_layout(x: Tensor, dim: int | None) -> tuple[int, int, int] | None:
-    """(B, N, M) such that x's memory is a C-ordered (B, N, M) array with the smoothed axis N, else None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
-        return None
-    if dim is None:
-        return (1, x.numel(), 1) if x.is_contiguous() else None
-    n = x.shape[dim]
-    if x.is_contiguous():
-        return (math.prod(x.shape[:dim]), n, math.prod(x.shape[dim + 1 :]))
-    if dim == 0 and (
-        (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-        or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
-    ):
-        # Output channels stay outermost in channels_last; the order of the other axes is irrelevant
-        # because every column is transformed independently.
-        return (1, n, x.numel() // n)
-    return None
-
-
-_PLANS: dict[tuple, tuple[int | None, tuple[int, int, int] | None, bool]] = {}
-
-
-def _plan(g: Tensor, dim: int | None) -> tuple[int | None, tuple[int, int, int] | None, bool]:
-    """(normalised dim, native layout or None, is float64), cached per shape, strides, dtype and device."""
-    key = (g.shape, g.stride(), g.dtype, g.device, dim)
-    plan = _PLANS.get(key)
-    if plan is None:
-        axis = None if dim is None else dim % g.dim()
-        plan = (axis, _native_layout(g, axis), g.dtype == torch.float64)
-        if len(_PLANS) < 4096:
-            _PLANS[key] = plan
-    return plan
-
-
+# ------------------------------------------------------------------------------------ in-place forms
 def channel_directed_(grads: Sequence[Tensor], metric: str, lam: float, beta: float = 0.0, dim: int | None = 0) -> None:
-    """In-place `g <- metric_gradient(g) + beta*g` for every tensor of `grads` (the fast path).
+    """In place `g <- metric_gradient(g) + beta*g` for every tensor of `grads` (arguments assumed validated).
 
-    CPU float32/float64 tensors whose memory maps onto a C-ordered (B, N, M) array, N the smoothed axis,
-    are rewritten in place by the native kernel, all in one call; other CPU tensors go through a
-    contiguous float copy; without the kernel (or on other devices) the reference is computed and copied
-    back.  Inputs are assumed validated.
+    Native-route tensors are rewritten by one call of the compiled kernel for the whole list; DTensors by the
+    sharded code; other tensors through the reference.
     """
-    native = _native.library() is not None
-    kernel = _native.H0 if metric == "h0" else _native.SOBOLEV
-    jobs, copies = _native.Jobs(), []
+    plain: list[Tensor] = []
     for g in grads:
-        axis, layout, is_double = _plan(g, dim)
-        if layout is None or not native:
-            if g.numel() == 0:
-                continue
-            if not native or g.device.type != "cpu":
-                g.copy_(_REFERENCE[metric](g, lam, axis, beta))
-                continue
-            work = g.to(dtype=_compute_dtype(g.dtype), memory_format=torch.contiguous_format, copy=True)
-            copies.append((g, work))
-            g, layout, is_double = work, _native_layout(work, axis), work.dtype == torch.float64
-        b, n, m = layout
-        ptr = g.data_ptr()
-        jobs.add(ptr, ptr, b, n, m, 1.0 / lam if metric == "h0" else 1.0 / (lam * n * n), beta, kernel, is_double)
-    if len(jobs):
-        jobs.run(torch.get_num_threads())
-    for g, work in copies:
-        g.copy_(work)
+        if type(g) is Tensor:
+            plain.append(g)
+        elif is_dtensor(g):
+            D._channel_directed_dtensor_(g, metric, lam, beta, None if dim is None else dim % g.dim(), None)
+        elif g.numel():
+            g.copy_(K.REFERENCE[metric](g, lam, None if dim is None else dim % g.dim(), beta))
+    if plain:
+        K.channel_directed_plain_(plain, metric, lam, beta, dim)
 
 
+def laplacian_smooth_(grads: Sequence[Tensor], sigma: float, dim: int | None = None) -> None:
+    """In place `g <- (I - sigma L)^-1 g` along `dim` for every tensor of `grads` (arguments assumed validated)."""
+    for g in grads:
+        axis = None if dim is None else dim % g.dim()
+        if is_dtensor(g):
+            D.laplacian_smooth_dtensor_(g, sigma, axis)
+        elif sigma != 0:
+            g.copy_(K.laplacian_reference(g, sigma, axis))
+
+
+def centralize_(grads: Sequence[Tensor]) -> None:
+    """In place `g <- g - mean over dims 1.. of g` for every tensor of `grads` (2+ dims, assumed validated)."""
+    for g in grads:
+        if is_dtensor(g):
+            D.centralize_dtensor_(g)
+        else:
+            K.centralize_inplace_(g)
+
+
+def scale_(grads: Sequence[Tensor], factor: float) -> None:
+    """In place `g <- factor * g`; factor 1 leaves every tensor untouched (bit for bit)."""
+    if factor == 1.0 or not grads:
+        return
+    plain = [g for g in grads if not is_dtensor(g)]
+    if plain:
+        torch._foreach_mul_(plain, factor)
+    for g in grads:
+        if is_dtensor(g):
+            D.scale_dtensor_(g, factor)
+
+
+def multiply_(grad: Tensor, factor: Tensor) -> None:
+    """In place `grad <- factor * grad`, `factor` a plain tensor broadcast over the trailing dims of `grad`."""
+    if is_dtensor(grad):
+        D.multiply_dtensor_(grad, factor)
+    else:
+        grad.mul_(factor)
+
+
+# -------------------------------------------------------------------------------------- public API
 def channel_directed(grad: Tensor, metric: str, lam: float, beta: float = 0.0, dim: int | None = 0) -> Tensor:
     """Metric gradient plus `beta` times the ordinary gradient, out of place, validated."""
-    _check_grad(grad)
-    _check_metric(metric)
-    lam = _check_positive(lam, "lam")
-    beta = _check_real(beta, "beta")
-    dim = _check_dim(dim, grad)
-    if _native.library() is None or grad.device.type != "cpu" or grad.numel() == 0:
-        return _REFERENCE[metric](grad, lam, dim, beta)
-    # A sequential copy, then the in-place kernel: faster than writing a fresh buffer column-chunk-wise.
-    out = grad.to(dtype=_compute_dtype(grad.dtype), copy=True)
-    channel_directed_([out], metric, lam, beta, dim)
-    return out.to(grad.dtype)
+    check_grad(grad)
+    metric = check_metric(metric)
+    lam = check_positive(lam, "lam")
+    beta = check_real(beta, "beta")
+    return channel_directed_checked(grad, metric, lam, beta, check_dim(dim, grad))
 
 
-# ---------------------------------------------------------------------------------------- public API
+def channel_directed_checked(grad: Tensor, metric: str, lam: float, beta: float, dim: int | None) -> Tensor:
+    """`channel_directed` on validated arguments (`dim` a non-negative axis or None): dispatch only."""
+    if type(grad) is Tensor:
+        return K.channel_directed_plain(grad, metric, lam, beta, dim)
+    if is_dtensor(grad):
+        out = grad.detach().clone()
+        D._channel_directed_dtensor_(out, metric, lam, beta, dim, None)
+        return out
+    return K.REFERENCE[metric](grad, lam, dim, beta)
+
+
 def reweighted_h0(grad: Tensor, lam: float, dim: int | None = 0) -> Tensor:
     """Gradient under the re-weighted H0 metric (method.md 1.1, paper eq. 8).
 
@@ -222,8 +205,8 @@ def sobolev(grad: Tensor, lam: float, dim: int | None = 0) -> Tensor:
 
         f[o] = mean(g) - lam * O^2 * (g[o+1] - 2 g[o] + g[o-1]),
 
-    computed in time linear in O with cumulative sums.  mean(g) = mean(f); O = 1 returns f.  It is the
-    Riemannian gradient: for every k,
+    computed in time linear in O with cumulative sums.  mean(g) = mean(f); O = 1 returns f; O = 0 (an empty
+    axis) returns an empty tensor.  It is the Riemannian gradient: for every k,
     sum(f*k) = O*sum(mean(g)*mean(k)) + lam*O^2*sum(Dg*Dk), with D the periodic forward difference.
     """
     return channel_directed(grad, "sobolev", lam, 0.0, dim)
@@ -236,22 +219,18 @@ def laplacian_smooth(grad: Tensor, sigma: float, dim: int | None = None) -> Tens
     published code does).  Computed with the Fourier multiplier `1 / (1 + 2 sigma (1 - cos(2 pi k / n)))`.
     sigma = 0 returns f.
     """
-    _check_grad(grad)
-    sigma = _check_nonnegative(sigma, "sigma")
-    dim = _check_dim(dim, grad)
-    f = grad.to(_compute_dtype(grad.dtype))
-    if dim is None:
-        f = f.reshape(-1)
-    axis = 0 if dim is None else dim
-    n = f.shape[axis]
-    if sigma == 0 or n <= 1:
-        return grad.clone()
-    k = torch.arange(n // 2 + 1, device=f.device, dtype=f.dtype)
-    multiplier = 1.0 / (1.0 + 2.0 * sigma * (1.0 - torch.cos(2.0 * math.pi * k / n)))
-    shape = [1] * f.dim()
-    shape[axis] = n // 2 + 1
-    g = torch.fft.irfft(torch.fft.rfft(f, dim=axis) * multiplier.view(shape), n=n, dim=axis)
-    return g.reshape(grad.shape).to(grad.dtype)
+    check_grad(grad)
+    sigma = check_nonnegative(sigma, "sigma")
+    return laplacian_smooth_checked(grad, sigma, check_dim(dim, grad))
+
+
+def laplacian_smooth_checked(grad: Tensor, sigma: float, dim: int | None) -> Tensor:
+    """`laplacian_smooth` on validated arguments (`dim` a non-negative axis or None): dispatch only."""
+    if is_dtensor(grad):
+        out = grad.detach().clone()
+        D.laplacian_smooth_dtensor_(out, sigma, dim)
+        return out
+    return K.laplacian_reference(grad, sigma, dim)
 
 
 def centralize(grad: Tensor) -> Tensor:
@@ -259,11 +238,13 @@ def centralize(grad: Tensor) -> Tensor:
 
     Needs a tensor with 2 or more dims (conv and linear weights); dim 0 is the output axis.
     """
-    _check_grad(grad)
-    if grad.dim() < 2:
-        raise ValueError(
-            f"centralize needs a gradient with 2 or more dims (conv or linear weight), got shape {tuple(grad.shape)}"
-        )
-    f = grad.to(_compute_dtype(grad.dtype))
-    g = f - f.mean(dim=tuple(range(1, f.dim())), keepdim=True)
-    return g.to(grad.dtype)
+    return centralize_checked(check_centralizable(grad))
+
+
+def centralize_checked(grad: Tensor) -> Tensor:
+    """`centralize` on a validated gradient: dispatch only."""
+    if is_dtensor(grad):
+        out = grad.detach().clone()
+        D.centralize_dtensor_(out)
+        return out
+    return K.centralize_reference(grad)

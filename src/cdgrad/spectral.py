@@ -19,14 +19,15 @@ zero padding, stride and the dependence on the input size.
 
 from __future__ import annotations
 
-import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from .validation import check_int, check_positive, check_tensor
 
 __all__ = [
     "OperatorNormClipper",
@@ -44,14 +45,22 @@ Size = int | tuple[int, int]
 
 
 def _check_weight(weight: Any, name: str = "weight") -> None:
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (O, I, kh, kw), got {type(weight).__name__}")
-    if not weight.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {weight.dtype}")
+    """A non-empty 4-D floating conv weight (O, I, kh, kw) with finite entries."""
+    check_tensor(weight, name)
     if weight.dim() != 4:
         raise ValueError(f"{name} must be a 4-D conv weight of shape (O, I, kh, kw), got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(weight.shape)}")
+    _check_finite(weight, name)
+
+
+def _check_finite(weight: Tensor, name: str) -> None:
+    """NaN or infinite entries (a diverged model) have no singular values: a clear error instead of LinAlgError."""
+    if not bool(torch.isfinite(weight.detach()).all()):
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        raise ValueError(
+            f"{name} has {bad} non-finite entries (NaN or inf; has training diverged?); accepted: finite weights"
+        )
 
 
 def _is_int(x: Any) -> bool:
@@ -78,11 +87,7 @@ def _input_size(input_size: Any, weight: Tensor, name: str = "input_size") -> tu
 
 
 def _max_norm(max_norm: Any) -> float:
-    if isinstance(max_norm, bool) or not isinstance(max_norm, int | float):
-        raise TypeError(f"max_norm must be a positive finite number, got {max_norm!r}")
-    if not (math.isfinite(max_norm) and max_norm > 0):
-        raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-    return float(max_norm)
+    return check_positive(max_norm, "max_norm")
 
 
 def _work_dtype(weight: Tensor) -> torch.dtype:
@@ -96,7 +101,8 @@ def _work_dtype(weight: Tensor) -> torch.dtype:
 def _half_spectrum(weight: Tensor, size: tuple[int, int]) -> Tensor:
     """``P[u, v]`` for ``v = 0 .. n_w // 2`` as a batch of O x I matrices, shape (n_h, n_w//2+1, O, I)."""
     w = weight.to(_work_dtype(weight))
-    return torch.fft.rfft2(w, s=size).permute(2, 3, 0, 1)
+    out: Tensor = torch.fft.rfft2(w, s=size).permute(2, 3, 0, 1)
+    return out
 
 
 def _mirror(half: Tensor, n_w: int) -> Tensor:
@@ -140,7 +146,8 @@ def conv_operator_norm(weight: Tensor, input_size: Size) -> Tensor:
     """
     _check_weight(weight)
     size = _input_size(input_size, weight)
-    return torch.linalg.svdvals(_half_spectrum(weight, size)).amax()
+    out: Tensor = torch.linalg.svdvals(_half_spectrum(weight, size)).amax()
+    return out
 
 
 def clip_operator_norm(weight: Tensor, input_size: Size, max_norm: float) -> Tensor:
@@ -165,7 +172,8 @@ def clip_operator_norm(weight: Tensor, input_size: Size, max_norm: float) -> Ten
         excess = (s - s.clamp(max=c)).to(p.dtype)
         d = (u * excess.unsqueeze(-2)) @ vh  # (n_h, n_w//2+1, O, I), Hermitian-symmetric as a full spectrum
         delta = torch.fft.irfft2(d.permute(2, 3, 0, 1), s=size)[..., :kh, :kw]
-        return (w - delta).to(weight.dtype)
+        out: Tensor = (w - delta).to(weight.dtype)
+        return out
 
 
 def conv_dense_matrix(weight: Tensor, input_size: Size) -> Tensor:
@@ -215,7 +223,7 @@ def record_input_sizes(model: nn.Module, batch: Tensor | Sequence[Any]) -> dict[
     sizes: dict[str, tuple[int, int]] = {}
     handles: list[RemovableHandle] = []
 
-    def make_hook(name: str):
+    def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
             size = (int(inputs[0].shape[-2]), int(inputs[0].shape[-1]))
             if sizes.setdefault(name, size) != size:
@@ -280,9 +288,7 @@ class OperatorNormClipper:
     # -- construction helpers
     @staticmethod
     def _check_every(every: Any) -> int:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int (clip after every `every` steps), got {every!r}")
-        return every
+        return check_int(every, "every (clip after every `every` steps)", minimum=1)
 
     @staticmethod
     def _collect(layers: Any) -> dict[str, nn.Conv2d | Tensor]:
@@ -305,7 +311,7 @@ class OperatorNormClipper:
             if isinstance(layer, nn.Module):
                 if not _is_supported_conv(layer):
                     raise TypeError(f"layers[{k}] must be an nn.Conv2d or a 4-D tensor, got {type(layer).__name__}")
-                _check_conv(name, layer)
+                _check_conv(name, layer)  # type: ignore[arg-type]  # an nn.Conv2d, checked above
             else:
                 _check_weight(layer, f"layers[{k}]")
             found[name] = layer
@@ -347,6 +353,8 @@ class OperatorNormClipper:
     def clip_(self) -> None:
         """Apply one projection step to every layer now (in place, under ``torch.no_grad()``)."""
         with torch.no_grad():
+            for name in self._layers:  # a diverged layer stops everything before any weight changes
+                _check_finite(self._weight(name), f"layer {name!r}")
             for name in self._layers:
                 w = self._weight(name)
                 w.copy_(clip_operator_norm(w, self.input_sizes[name], self.max_norm))
@@ -354,6 +362,8 @@ class OperatorNormClipper:
     def operator_norms(self) -> dict[str, float]:
         """Current operator norm of each layer at its input size."""
         with torch.no_grad():
+            for name in self._layers:
+                _check_finite(self._weight(name), f"layer {name!r}")
             return {n: float(conv_operator_norm(self._weight(n), self.input_sizes[n])) for n in self._layers}
 
     def step(self) -> bool:
@@ -368,7 +378,11 @@ class OperatorNormClipper:
         """Call ``self.step()`` after every ``optimizer.step()``; ``handle.remove()`` detaches."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.step()
+
+        return optimizer.register_step_post_hook(hook)
 
     # -- persistence
     def state_dict(self) -> dict[str, Any]:
@@ -388,9 +402,7 @@ class OperatorNormClipper:
         missing = {"step_count", "max_norm", "every", "input_sizes"} - set(state)
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)}")
-        step = state["step_count"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"state['step_count'] must be a non-negative int, got {step!r}")
+        step = check_int(state["step_count"], "state['step_count']", minimum=0)
         max_norm = _max_norm(state["max_norm"])
         every = self._check_every(state["every"])
         sizes = state["input_sizes"]

@@ -1,18 +1,19 @@
-"""Gradient transforms: hyper-parameters plus a call into the pure kernels of `cdgrad.functional`.
+"""Gradient transforms: hyper-parameters plus calls into `cdgrad.functional`, which decides how each tensor
+(plain, DTensor, other) is computed.
 
 Use them with `cdgrad.attach(optimizer, transform)`, or call `transform(grad)` on a single tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from . import functional as F
-from .transforms_base import GradientTransform
+from .transforms_base import Commit, GradientTransform, config_fields, state_fields
+from .validation import check_choice, check_nonnegative, check_positive, check_real
 
 __all__ = [
     "ChannelDirected",
@@ -20,25 +21,35 @@ __all__ = [
     "Centralize",
     "Scaled",
     "Chain",
+    "Masked",
+    "masked",
     "paper_convention",
     "DIRECTIONS",
     "SCOPES",
 ]
 
-DIRECTIONS = {"output": 0, "input": 1, "flat": None}
+DIRECTIONS = F.DIRECTIONS
 SCOPES = ("conv", "all")
 
 
-def _check_choice(value: str, name: str, accepted: Sequence[str]) -> str:
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {tuple(accepted)}, got {value!r}")
-    return value
-
-
 def _in_scope(param: Tensor, scope: str, direction: str) -> bool:
-    if scope == "conv" and param.dim() < 3:
+    """scope "conv": 3+ dims; "all": every tensor with an axis to smooth (1+ dims; 2+ for "input")."""
+    if param.dim() == 0 or (scope == "conv" and param.dim() < 3):
         return False
     return not (direction == "input" and param.dim() < 2)
+
+
+def _check_direction_dims(grads: Sequence[Tensor], direction: str) -> None:
+    dim = DIRECTIONS[direction]
+    need = 1 if dim is None else dim + 1
+    if need == 1 and all(g.dim() for g in grads):
+        return
+    for i, g in enumerate(grads):
+        if g.dim() < need:
+            raise ValueError(
+                f"grads[{i}] of shape {tuple(g.shape)} has no axis for direction={direction!r} (it needs {need}+ "
+                f"dims); scalars are never selected, and 1-D tensors accept the directions ('output', 'flat')"
+            )
 
 
 class ChannelDirected(GradientTransform):
@@ -48,9 +59,12 @@ class ChannelDirected(GradientTransform):
 
     smoothed along `direction`: "output" (dim 0), "input" (dim 1) or "flat" (the tensor rasterised in C
     order).  `scope` "conv" acts on tensors with 3+ dims (Conv1d/2d/3d weights), "all" on every parameter
-    (1-D tensors along their only axis; "input" skips 1-D tensors).  `lam` is the metric's own lambda as in
-    method.md; `paper_convention` converts the paper's settings.
+    with an axis (1-D tensors along their only axis; "input" skips 1-D tensors; scalars are never selected).
+    `lam` is the metric's own lambda as in method.md; `paper_convention` converts the paper's settings.
     """
+
+    _KEYS = ("metric", "lam", "beta", "direction", "scope")
+    homogeneous = True  # linear in the gradient
 
     def __init__(
         self,
@@ -60,62 +74,104 @@ class ChannelDirected(GradientTransform):
         direction: str = "output",
         scope: str = "conv",
     ) -> None:
-        self.metric = F._check_metric(metric)
-        self.lam = F._check_positive(lam, "lam")
-        self.beta = F._check_real(beta, "beta")
-        self.direction = _check_choice(direction, "direction", tuple(DIRECTIONS))
-        self.scope = _check_choice(scope, "scope", SCOPES)
+        cfg = self._validate(dict(metric=metric, lam=lam, beta=beta, direction=direction, scope=scope))
+        self.metric, self.lam, self.beta = cfg["metric"], cfg["lam"], cfg["beta"]
+        self.direction, self.scope = cfg["direction"], cfg["scope"]
+
+    @staticmethod
+    def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "metric": F.check_metric(cfg["metric"]),
+            "lam": check_positive(cfg["lam"], "lam"),
+            "beta": check_real(cfg["beta"], "beta"),
+            "direction": check_choice(cfg["direction"], "direction", tuple(DIRECTIONS)),
+            "scope": check_choice(cfg["scope"], "scope", SCOPES),
+        }
 
     def config(self) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "lam": self.lam,
-            "beta": self.beta,
-            "direction": self.direction,
-            "scope": self.scope,
-        }
+        return {k: getattr(self, k) for k in self._KEYS}
 
     def select(self, param: Tensor) -> bool:
         return _in_scope(param, self.scope, self.direction)
 
-    def transform_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-        local = [g for g in grads if type(g) is Tensor or not _is_dtensor(g)]
-        if len(local) != len(grads):  # FSDP2: sharded gradients, see cdgrad.distributed
-            from .distributed import channel_directed_dtensor_
+    def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        super().check(grads, params)
+        _check_direction_dims(grads, self.direction)
 
-            for g in grads:
-                if _is_dtensor(g):
-                    channel_directed_dtensor_(g, self.metric, self.lam, self.beta, self.direction)
-        F.channel_directed_(local, self.metric, self.lam, self.beta, DIRECTIONS[self.direction])
+    def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        F.channel_directed_(grads, self.metric, self.lam, self.beta, DIRECTIONS[self.direction])
 
     def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
-        return F.channel_directed(grad, self.metric, self.lam, self.beta, DIRECTIONS[self.direction])
+        self.check([grad], [grad if param is None else param])
+        return F.channel_directed_checked(grad, self.metric, self.lam, self.beta, DIRECTIONS[self.direction])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "ChannelDirected", "config": self.config()}
+
+    def _loader(self, state: Any) -> Commit:
+        raw = config_fields(
+            state_fields(state, "ChannelDirected", ("config",))["config"], "ChannelDirected", self._KEYS
+        )
+        cfg = self._validate(raw)
+
+        def commit() -> None:
+            for k in self._KEYS:
+                setattr(self, k, cfg[k])
+
+        return commit
 
 
 class LaplacianSmoothing(GradientTransform):
     """Laplacian smoothing (Osher et al.): `(I - sigma L)^-1 f` along `direction`.
 
     "flat" with scope "all" is the published method (every parameter rasterised); "output" is
-    LS-ChanDir, the classic H1 Sobolev gradient along the output channels.
+    LS-ChanDir, the classic H1 Sobolev gradient along the output channels.  Scalars are never selected.
     """
 
+    _KEYS = ("sigma", "direction", "scope")
+    homogeneous = True  # linear in the gradient
+
     def __init__(self, sigma: float = 1.0, direction: str = "flat", scope: str = "all") -> None:
-        self.sigma = F._check_nonnegative(sigma, "sigma")
-        self.direction = _check_choice(direction, "direction", tuple(DIRECTIONS))
-        self.scope = _check_choice(scope, "scope", SCOPES)
+        cfg = self._validate(dict(sigma=sigma, direction=direction, scope=scope))
+        self.sigma, self.direction, self.scope = cfg["sigma"], cfg["direction"], cfg["scope"]
+
+    @staticmethod
+    def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "sigma": check_nonnegative(cfg["sigma"], "sigma"),
+            "direction": check_choice(cfg["direction"], "direction", tuple(DIRECTIONS)),
+            "scope": check_choice(cfg["scope"], "scope", SCOPES),
+        }
 
     def config(self) -> dict[str, Any]:
-        return {"sigma": self.sigma, "direction": self.direction, "scope": self.scope}
+        return {k: getattr(self, k) for k in self._KEYS}
 
     def select(self, param: Tensor) -> bool:
         return _in_scope(param, self.scope, self.direction)
 
-    def transform_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-        for g in grads:
-            g.copy_(F.laplacian_smooth(g, self.sigma, DIRECTIONS[self.direction]))
+    def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        super().check(grads, params)
+        _check_direction_dims(grads, self.direction)
+
+    def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        F.laplacian_smooth_(grads, self.sigma, DIRECTIONS[self.direction])
 
     def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
-        return F.laplacian_smooth(grad, self.sigma, DIRECTIONS[self.direction])
+        self.check([grad], [grad if param is None else param])
+        return F.laplacian_smooth_checked(grad, self.sigma, DIRECTIONS[self.direction])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "LaplacianSmoothing", "config": self.config()}
+
+    def _loader(self, state: Any) -> Commit:
+        raw = state_fields(state, "LaplacianSmoothing", ("config",))["config"]
+        cfg = self._validate(config_fields(raw, "LaplacianSmoothing", self._KEYS))
+
+        def commit() -> None:
+            for k in self._KEYS:
+                setattr(self, k, cfg[k])
+
+        return commit
 
 
 class Centralize(GradientTransform):
@@ -124,8 +180,10 @@ class Centralize(GradientTransform):
     scope "conv": tensors with 3+ dims; "all": every tensor with 2+ dims (conv and linear weights).
     """
 
+    homogeneous = True  # linear in the gradient
+
     def __init__(self, scope: str = "conv") -> None:
-        self.scope = _check_choice(scope, "scope", SCOPES)
+        self.scope = check_choice(scope, "scope", SCOPES)
 
     def config(self) -> dict[str, Any]:
         return {"scope": self.scope}
@@ -133,82 +191,247 @@ class Centralize(GradientTransform):
     def select(self, param: Tensor) -> bool:
         return param.dim() >= (3 if self.scope == "conv" else 2)
 
-    def transform_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-        for g in grads:
-            g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True, dtype=F._compute_dtype(g.dtype)))
+    def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        super().check(grads, params)
+        for i, g in enumerate(grads):
+            F.check_centralizable(g, f"grads[{i}]")
+
+    def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        F.centralize_(grads)
 
     def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
-        return F.centralize(grad)
+        self.check([grad], [grad if param is None else param])
+        return F.centralize_checked(grad)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "Centralize", "config": self.config()}
+
+    def _loader(self, state: Any) -> Commit:
+        raw = config_fields(state_fields(state, "Centralize", ("config",))["config"], "Centralize", ("scope",))
+        scope = check_choice(raw["scope"], "scope", SCOPES)
+
+        def commit() -> None:
+            self.scope = scope
+
+        return commit
+
+
+def _check_transform(transform: Any, name: str) -> GradientTransform:
+    if not isinstance(transform, GradientTransform):
+        raise TypeError(
+            f"{name} must be a cdgrad GradientTransform (e.g. cdgrad.ChannelDirected(...)), got "
+            f"{type(transform).__name__}"
+        )
+    return transform
 
 
 class Scaled(GradientTransform):
-    """`factor` times another transform's update, on the parameters that transform selects."""
+    """`factor` times another transform's update, on the parameters that transform selects.
+
+    factor = 1 skips the multiplication (the wrapped transform's numbers, bit for bit).
+    """
 
     def __init__(self, transform: GradientTransform, factor: float) -> None:
-        if not isinstance(transform, GradientTransform):
-            raise TypeError(f"transform must be a cdgrad GradientTransform, got {type(transform).__name__}")
-        self.transform = transform
-        self.factor = F._check_real(factor, "factor")
+        self.transform = _check_transform(transform, "transform")
+        self.factor = check_real(factor, "factor")
+
+    @property
+    def state_version(self) -> int:
+        return self._version + self.transform.state_version
+
+    @property
+    def homogeneous(self) -> bool:  # type: ignore[override]
+        return self.transform.homogeneous
 
     def select(self, param: Tensor) -> bool:
         return self.transform.select(param)
 
-    def transform_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-        self.transform.transform_(grads, params)
-        if grads and self.factor != 1.0:
-            torch._foreach_mul_(list(grads), self.factor)
+    def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        self.transform.check(grads, params)
+
+    def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        self.transform.apply_(grads, params)
+        F.scale_(grads, self.factor)
 
     def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
-        return self.transform(grad, param) * self.factor
+        out = self.transform(grad, param)
+        if self.factor != 1.0:
+            F.scale_([out], self.factor)
+        return out
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.transform.begin_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "Scaled", "factor": self.factor, "transform": self.transform.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("type") != "Scaled":
-            raise ValueError(f"state_dict is for {state.get('type')!r}, cannot load it into Scaled")
-        self.factor = F._check_real(state["factor"], "factor")
-        self.transform.load_state_dict(state["transform"])
+    def _loader(self, state: Any) -> Commit:
+        """A `Scaled` state; also the bare state of the wrapped transform's type (loaded with factor 1)."""
+        if (
+            isinstance(state, Mapping)
+            and state.get("type") != "Scaled"
+            and state.get("type") == type(self.transform).__name__
+        ):
+            inner = self.transform._loader(state)
+            factor = 1.0
+        else:
+            fields = state_fields(state, "Scaled", ("factor", "transform"))
+            factor = check_real(fields["factor"], "factor")
+            inner = self.transform._loader(fields["transform"])
+
+        def commit() -> None:
+            inner()
+            self.factor = factor
+
+        return commit
 
     def __repr__(self) -> str:
         return f"Scaled({self.transform!r}, factor={self.factor!r})"
 
 
 class Chain(GradientTransform):
-    """Apply transforms in order; each acts on the parameters it selects."""
+    """Apply transforms in order; each acts on the parameters it selects.  Every gradient is checked by every
+    transform before any is modified."""
 
     def __init__(self, *transforms: GradientTransform) -> None:
-        for i, t in enumerate(transforms):
-            if not isinstance(t, GradientTransform):
-                raise TypeError(f"transforms[{i}] must be a cdgrad GradientTransform, got {type(t).__name__}")
-        self.transforms = tuple(transforms)
+        self.transforms = tuple(_check_transform(t, f"transforms[{i}]") for i, t in enumerate(transforms))
+
+    @property
+    def state_version(self) -> int:
+        return self._version + sum(t.state_version for t in self.transforms)
+
+    @property
+    def homogeneous(self) -> bool:  # type: ignore[override]
+        return all(t.homogeneous for t in self.transforms)
 
     def select(self, param: Tensor) -> bool:
         return any(t.select(param) for t in self.transforms)
 
-    def transform_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+    def _parts(
+        self, grads: Sequence[Tensor], params: Sequence[Tensor]
+    ) -> list[tuple[GradientTransform, list[Tensor], list[Tensor]]]:
+        if len(grads) != len(params):
+            raise ValueError(f"grads and params must have equal lengths, got {len(grads)} and {len(params)}")
+        parts = []
         for t in self.transforms:
             chosen = [(g, p) for g, p in zip(grads, params, strict=True) if t.select(p)]
             if chosen:
-                t.transform_([g for g, _ in chosen], [p for _, p in chosen])
+                parts.append((t, [g for g, _ in chosen], [p for _, p in chosen]))
+        return parts
+
+    def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        for t, g, p in self._parts(grads, params):
+            t.check(g, p)
+
+    def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        for t, g, p in self._parts(grads, params):
+            t.apply_(g, p)
+
+    def transform_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        parts = self._parts(grads, params)
+        for t, g, p in parts:
+            t.check(g, p)
+        for t, g, p in parts:
+            t.apply_(g, p)
+
+    def begin_epoch(self, epoch: int) -> None:
+        super().begin_epoch(epoch)
+        for t in self.transforms:
+            t.begin_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "Chain", "transforms": [t.state_dict() for t in self.transforms]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        children = state.get("transforms") if state.get("type") == "Chain" else None
-        if children is None or len(children) != len(self.transforms):
-            raise ValueError(f"state_dict does not match this Chain of {len(self.transforms)} transforms")
-        for t, s in zip(self.transforms, children, strict=True):
-            t.load_state_dict(s)
+    def _loader(self, state: Any) -> Commit:
+        children = state_fields(state, "Chain", ("transforms",))["transforms"]
+        if not isinstance(children, Sequence) or len(children) != len(self.transforms):
+            got = len(children) if isinstance(children, Sequence) else type(children).__name__
+            raise ValueError(f"state_dict['transforms'] must hold {len(self.transforms)} states, got {got}")
+        commits = [t._loader(s) for t, s in zip(self.transforms, children, strict=True)]
+
+        def commit() -> None:
+            for c in commits:
+                c()
+
+        return commit
 
     def __repr__(self) -> str:
         return "Chain(" + ", ".join(repr(t) for t in self.transforms) + ")"
 
 
+class Masked(GradientTransform):
+    """Another transform restricted to the parameters `mask` accepts (and the transform itself selects).
+
+    `mask`: a predicate `param -> bool`, or an iterable of parameters (matched by identity).  The state is the
+    wrapped transform's; the mask is part of the set-up, not of the state.
+    """
+
+    def __init__(self, transform: GradientTransform, mask: Callable[[Tensor], bool] | Iterable[Tensor]) -> None:
+        self.transform = _check_transform(transform, "transform")
+        if callable(mask) and not isinstance(mask, Tensor):
+            self._predicate: Callable[[Tensor], bool] | None = mask
+            self._params: tuple[Tensor, ...] = ()
+        elif isinstance(mask, Iterable) and not isinstance(mask, (str, Tensor)):
+            params = tuple(mask)
+            for i, p in enumerate(params):
+                if not isinstance(p, Tensor):
+                    raise TypeError(f"mask[{i}] must be a tensor (a parameter), got {type(p).__name__}")
+            self._predicate, self._params = None, params
+        else:
+            raise TypeError(
+                f"mask must be a predicate param -> bool or an iterable of parameters, got {type(mask).__name__}"
+            )
+        self._ids = frozenset(id(p) for p in self._params)
+
+    @property
+    def state_version(self) -> int:
+        return self._version + self.transform.state_version
+
+    @property
+    def homogeneous(self) -> bool:  # type: ignore[override]
+        return self.transform.homogeneous
+
+    @property
+    def mask_params(self) -> tuple[Tensor, ...]:
+        """The parameters of an iterable mask (empty for a predicate)."""
+        return self._params
+
+    def select(self, param: Tensor) -> bool:
+        keep = bool(self._predicate(param)) if self._predicate is not None else id(param) in self._ids
+        return keep and self.transform.select(param)
+
+    def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        self.transform.check(grads, params)
+
+    def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        self.transform.apply_(grads, params)
+
+    def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
+        return self.transform(grad, param)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.transform.begin_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "Masked", "transform": self.transform.state_dict()}
+
+    def _loader(self, state: Any) -> Commit:
+        return self.transform._loader(state_fields(state, "Masked", ("transform",))["transform"])
+
+    def __repr__(self) -> str:
+        mask = getattr(self._predicate, "__name__", "predicate") if self._predicate else f"{len(self._params)} params"
+        return f"Masked({self.transform!r}, mask={mask})"
+
+
+def masked(transform: GradientTransform, mask: Callable[[Tensor], bool] | Iterable[Tensor]) -> Masked:
+    """`transform` restricted to the parameters `mask` accepts (a predicate, or an iterable of parameters),
+    optax-style: `cdgrad.attach(opt, cdgrad.masked(cdgrad.ChannelDirected(), lambda p: p.dim() == 4))`."""
+    return Masked(transform, mask)
+
+
 def paper_convention(
     metric: str, lam: float, beta: float = 0.0, direction: str = "output", scope: str = "conv"
-) -> GradientTransform:
+) -> Scaled:
     """The transform that reproduces the paper's published convention for `lam` (docs/guide.md table).
 
     - "h0": the paper's code (its Figure 3) uses `f + lam * fbar`, lam >= 0 (lam = 0 is SGD), which is
@@ -216,19 +439,18 @@ def paper_convention(
     - "sobolev": the published code multiplies the Sobolev gradient by lam, and the training adds
       `beta * f`: `lam * sobolev(f, lam) + beta * f`, lam > 0.  (The published code's per-fiber constant
       offset, method.md 1.2, is a bug and is not reproduced.)  At the paper's lam = 1 both conventions agree.
+
+    Always a `Scaled(ChannelDirected(...), factor)` (factor 1 multiplies nothing), so the states of any two
+    settings load into each other.
     """
-    F._check_metric(metric)
-    beta = F._check_real(beta, "beta")
+    metric = F.check_metric(metric)
+    beta = check_real(beta, "beta")
     if metric == "h0":
-        lam = F._check_nonnegative(lam, "lam")
+        lam = check_nonnegative(lam, "lam")
         factor = 1.0 + lam
     else:
-        lam = F._check_positive(lam, "lam")
+        lam = check_positive(lam, "lam")
         factor = lam
     metric_lam = factor if metric == "h0" else lam
     core = ChannelDirected(metric, lam=metric_lam, beta=beta / factor, direction=direction, scope=scope)
-    return core if factor == 1.0 else Scaled(core, factor)
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
+    return Scaled(core, factor)

@@ -30,6 +30,7 @@ __all__ = [
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_NAMES = "float16, bfloat16, float32, float64"
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
 
 T = TypeVar("T")
 
@@ -39,22 +40,30 @@ def _type_name(value: Any) -> str:
 
 
 def _is_real(value: Any) -> bool:
+    t = type(value)
+    if t is float or t is int:  # the common case, without the ABC check
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_integral(value: Any) -> bool:
+    if type(value) is int:
+        return True
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_real(value: Any, name: str, *, minimum: float | None = None, strict: bool = False) -> float:
     """A finite real number (>= `minimum`, or > it when `strict`), as a Python float."""
+    if _is_real(value):
+        out = float(value)
+        if math.isfinite(out) and (minimum is None or (out > minimum if strict else out >= minimum)):
+            return out
+        error: type[Exception] = ValueError
+    else:
+        error = TypeError
     bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-    if not _is_real(value):
-        raise TypeError(f"{name} must be a finite real number{bound}, got {_type_name(value)} {value!r}")
-    out = float(value)
-    if not math.isfinite(out) or (minimum is not None and (out <= minimum if strict else out < minimum)):
-        raise ValueError(f"{name} must be a finite real number{bound}, got {value!r}")
-    return out
+    got = f"{_type_name(value)} {value!r}" if error is TypeError else repr(value)
+    raise error(f"{name} must be a finite real number{bound}, got {got}")
 
 
 def check_positive(value: Any, name: str) -> float:
@@ -69,6 +78,11 @@ def check_nonnegative(value: Any, name: str) -> float:
 
 def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
     """An integer in [`minimum`, `maximum`] (either bound optional), as a Python int."""
+    integral = _is_integral(value)
+    if integral:
+        out = int(value)
+        if (minimum is None or out >= minimum) and (maximum is None or out <= maximum):
+            return out
     if minimum is not None and maximum is not None:
         accepted = f"an int in [{minimum}, {maximum}]"
     elif minimum is not None:
@@ -77,12 +91,9 @@ def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
         accepted = f"an int <= {maximum}"
     else:
         accepted = "an int"
-    if not _is_integral(value):
+    if not integral:
         raise TypeError(f"{name} must be {accepted}, got {_type_name(value)} {value!r}")
-    out = int(value)
-    if (minimum is not None and out < minimum) or (maximum is not None and out > maximum):
-        raise ValueError(f"{name} must be {accepted}, got {out}")
-    return out
+    raise ValueError(f"{name} must be {accepted}, got {int(value)}")
 
 
 def check_bool(value: Any, name: str) -> bool:
@@ -94,7 +105,9 @@ def check_bool(value: Any, name: str) -> bool:
 
 def check_choice(value: T, name: str, accepted: Iterable[T]) -> T:
     """One of `accepted` (compared with ==; a string is never matched by a non-string)."""
-    options = tuple(accepted)
+    options = accepted if isinstance(accepted, tuple) else tuple(accepted)
+    if type(value) is str and value in options:  # the common case
+        return value
     if isinstance(value, str) != any(isinstance(o, str) for o in options) and options:
         raise TypeError(f"{name} must be one of {options}, got {_type_name(value)} {value!r}")
     if value not in options:
@@ -121,6 +134,13 @@ def check_pair(value: Any, name: str, minimum: int = 1) -> tuple[int, int]:
 
 def check_tensor(value: Any, name: str, *, floating: bool = True, dims: Sequence[int] | None = None) -> Tensor:
     """A dense (strided) tensor, of a floating dtype when `floating`, with a dimension count in `dims`."""
+    if (
+        type(value) is Tensor
+        and value.layout is torch.strided
+        and (not floating or value.dtype in _FLOAT_SET)
+        and (dims is None or value.dim() in dims)
+    ):
+        return value  # the common case, checked in one go
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(value)}")
     if value.layout != torch.strided:
@@ -136,3 +156,38 @@ def check_tensor(value: Any, name: str, *, floating: bool = True, dims: Sequence
 def check_grad(value: Any, name: str = "grad") -> Tensor:
     """A dense floating-point gradient tensor (any number of dims)."""
     return check_tensor(value, name)
+
+
+def check_interval(
+    value: Any,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    exclusive_maximum: bool = False,
+) -> float:
+    """A finite real number in the interval from `minimum` to `maximum` (either optional), as a Python float.
+
+    Each bound is inclusive unless its `exclusive_*` flag is set; the message writes the interval as
+    `> 0`, `>= 0`, `in [0, 1)` and so on.
+    """
+    if minimum is not None and maximum is not None:
+        bound = f" in {'(' if exclusive_minimum else '['}{minimum:g}, {maximum:g}{')' if exclusive_maximum else ']'}"
+    elif minimum is not None:
+        bound = f" {'>' if exclusive_minimum else '>='} {minimum:g}"
+    elif maximum is not None:
+        bound = f" {'<' if exclusive_maximum else '<='} {maximum:g}"
+    else:
+        bound = ""
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a finite real number{bound}, got {_type_name(value)} {value!r}")
+    try:
+        out = float(value)
+    except OverflowError:  # an int too large for a float
+        out = math.inf
+    below = minimum is not None and (out <= minimum if exclusive_minimum else out < minimum)
+    above = maximum is not None and (out >= maximum if exclusive_maximum else out > maximum)
+    if not math.isfinite(out) or below or above:
+        raise ValueError(f"{name} must be a finite real number{bound}, got {value!r}")
+    return out

@@ -1,29 +1,53 @@
 """Loader for the small C kernels in `kernels.c` (the CPU fast path).
 
-On first use the kernel is compiled with the system C compiler (`$CC`, else `cc`) into a per-user cache
-(`$CDGRAD_CACHE`, else `~/.cache/cdgrad`) keyed by the source, the compiler and this CPU, and loaded with
-ctypes.  No compiler, a failed build, or `CDGRAD_NATIVE=0` leaves `library()` returning None, and every
-caller falls back to the plain-PyTorch reference path, which computes the same result.
+On first use the kernel is compiled with the system C compiler (`$CC`, else `cc`, else `gcc`) into a per-user
+cache (`$CDGRAD_CACHE`, else `~/.cache/cdgrad`; subfolder `native/`) keyed by the source, the compiler and this
+CPU, and loaded with ctypes.
+
+What is loaded is checked first.  A build writes `kernels-<key>.so`, then the manifest `kernels-<key>.json` (its
+size and SHA-256); each is written to a temporary file, fsynced and renamed into place.  Before `ctypes.CDLL`
+the library must match its manifest: a missing or unreadable manifest, or a library of another size or hash
+(a build cut short by a power cut, a tampered file), is rebuilt once.  Builds hold a lock file, so processes
+starting together build once and all load a complete library; temporary folders left by killed builds are
+removed.  A cache folder that cannot be written gives a warning and a build in a private temporary folder.
+
+No compiler, or `CDGRAD_NATIVE=0`, leaves `library()` returning None silently; a failed build returns None with a
+warning naming the file.  Every caller then falls back to the plain-PyTorch reference path, which solves the
+same equations (the two sum in different orders, so results agree to round-off, not bit for bit).
+`status()` says which path runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
+
+if sys.platform != "win32":
+    import fcntl
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_reason = ""  # why the reference path runs, when it does
+_BUILD_PREFIX = ".build-"
+
+
+class BuildError(RuntimeError):
+    """The C compiler could not build the kernel library."""
 
 
 def _cpu_signature() -> str:
@@ -37,52 +61,249 @@ def _cpu_signature() -> str:
     return platform.processor() + platform.machine()
 
 
-def _build(compiler: str, target: Path) -> None:
+def _disabled() -> bool:
+    return os.environ.get("CDGRAD_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CDGRAD_CACHE", Path.home() / ".cache" / "cdgrad")).expanduser() / "native"
+
+
+def _key(compiler: str) -> str:
+    source = _SOURCE.read_bytes()
+    return hashlib.sha256(
+        source + compiler.encode() + _cpu_signature().encode() + platform.platform().encode()
+    ).hexdigest()[:20]
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+# ---------------------------------------------------------------------------------------------- files on disk
+def _digest(path: Path) -> tuple[int, str]:
+    """(size in bytes, SHA-256 hex digest) of a file."""
+    data = path.read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames in `path` durable (a no-op where folders cannot be opened or fsynced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check(so: Path, manifest: Path) -> str | None:
+    """None when `so` has the size and SHA-256 its manifest records, else what is wrong."""
+    try:
+        raw = manifest.read_bytes()
+    except FileNotFoundError:
+        return f"no manifest {manifest}"
+    except OSError as exc:
+        return f"unreadable manifest {manifest} ({exc})"
+    try:
+        record = json.loads(raw)
+        size, sha256, name = record["size"], record["sha256"], record["library"]
+    except (ValueError, KeyError, TypeError):
+        return f"malformed manifest {manifest}"
+    if type(size) is not int or not isinstance(sha256, str) or name != so.name:
+        return f"malformed manifest {manifest}"
+    try:
+        actual = so.stat().st_size
+    except FileNotFoundError:
+        return f"no library {so}"
+    except OSError as exc:
+        return f"unreadable library {so} ({exc})"
+    if actual != size:
+        return f"{so} has {actual} bytes, its manifest records {size}"
+    try:
+        if _digest(so)[1] != sha256:
+            return f"{so} does not match the SHA-256 in its manifest"
+    except OSError as exc:
+        return f"unreadable library {so} ({exc})"
+    return None
+
+
+def _open(so: Path, manifest: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None) when `so` matches its manifest and loads, else (None, what is wrong)."""
+    problem = _check(so, manifest)
+    if problem is not None:
+        return None, problem
+    try:
+        lib = ctypes.CDLL(str(so))
+        lib.cdg_run.restype = ctypes.c_int
+        lib.cdg_run.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
+    except (OSError, AttributeError) as exc:
+        return None, f"{so} could not be loaded ({exc})"
+    return lib, None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if needed); the system releases it if the process dies.
+
+    Where the file system has no locks (some network mounts), go on unlocked: the renames alone still keep the
+    library and its manifest complete, at worst built twice.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if sys.platform != "win32":
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- building
+def _compile(compiler: str, out: Path) -> None:
     base = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-std=c99", str(_SOURCE)]
     errors = []
     for extra in (["-fopenmp"], []):
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            out = Path(tmp) / target.name
+        try:
             proc = subprocess.run(base + extra + ["-o", str(out)], capture_output=True, text=True, timeout=120)
-            if proc.returncode == 0:
-                os.replace(out, target)  # atomic: concurrent builders never see a half-written library
-                return
-            errors.append(proc.stderr.strip()[-500:])
-    raise RuntimeError("; ".join(errors))
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(str(exc))
+            continue
+        if proc.returncode == 0 and out.is_file():
+            return
+        errors.append(proc.stderr.strip()[-500:] or f"{compiler} exited with status {proc.returncode}")
+    raise BuildError("; ".join(errors))
+
+
+def _build(compiler: str, so: Path, manifest: Path) -> None:
+    """Compile into a temporary folder beside `so`, then publish the library and then its manifest.
+
+    Each file is fsynced before an atomic rename, and the folder after it, so a power cut leaves either the
+    old files or complete new ones (a new library beside an old manifest fails the check and is rebuilt).
+    Raises BuildError if the compiler fails, OSError if the folder cannot be written.
+    """
+    folder = so.parent
+    for orphan in folder.glob(f"{_BUILD_PREFIX}{so.stem}-*"):  # left by killed builds; the caller holds the lock
+        shutil.rmtree(orphan, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{_BUILD_PREFIX}{so.stem}-", dir=folder) as tmp:
+        out, record = Path(tmp) / so.name, Path(tmp) / manifest.name
+        _compile(compiler, out)
+        _fsync_file(out)
+        size, sha256 = _digest(out)
+        with open(record, "w") as fh:
+            json.dump({"library": so.name, "size": size, "sha256": sha256}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(out, so)
+        _fsync_dir(folder)
+        os.replace(record, manifest)
+        _fsync_dir(folder)
+
+
+def _private_build(compiler: str, name: str) -> tuple[ctypes.CDLL | None, str]:
+    """Build and load in a private temporary folder, removed once loaded (the loaded mapping outlives it)."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="cdgrad-native-") as tmp:
+            so = Path(tmp) / name
+            manifest = so.with_suffix(".json")
+            _build(compiler, so, manifest)
+            lib, problem = _open(so, manifest)
+    except (BuildError, OSError) as exc:
+        _warn(
+            f"cdgrad: native CPU kernels unavailable (the build in a temporary folder failed: {exc}); "
+            "using the PyTorch path"
+        )
+        return None, f"build failed: {exc}"
+    if lib is None:
+        _warn(f"cdgrad: native CPU kernels unavailable ({problem}); using the PyTorch path")
+        return None, f"{problem}"
+    return lib, ""
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(library, "") or (None, why the reference path runs)."""
+    if _disabled():
+        return None, f"disabled by CDGRAD_NATIVE={os.environ.get('CDGRAD_NATIVE', '')}"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found"
+    folder = _cache_dir()
+    try:
+        key = _key(compiler)
+    except OSError as exc:
+        _warn(f"cdgrad: native CPU kernels unavailable ({exc}); using the PyTorch path")
+        return None, f"cannot read {_SOURCE}"
+    so, manifest = folder / f"kernels-{key}.so", folder / f"kernels-{key}.json"
+    lib, problem = _open(so, manifest)
+    if lib is not None:
+        return lib, ""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder / f"kernels-{key}.lock"):
+            lib, problem = _open(so, manifest)  # another process may have built it meanwhile
+            if lib is not None:
+                return lib, ""
+            damaged = manifest.exists() or problem is not None and "could not be loaded" in problem
+            _build(compiler, so, manifest)
+            lib, after = _open(so, manifest)
+    except BuildError as exc:
+        _warn(f"cdgrad: native CPU kernels unavailable (could not build {so}: {exc}); using the PyTorch path")
+        return None, f"build of {so} failed"
+    except OSError as exc:
+        _warn(
+            f"cdgrad: cannot write the native kernel cache {folder} ({exc}); building in a private temporary "
+            "folder (set CDGRAD_CACHE to a writable folder to keep the build)"
+        )
+        return _private_build(compiler, so.name)
+    if lib is None:
+        _warn(f"cdgrad: native CPU kernels unavailable (rebuilt, but {after}); using the PyTorch path")
+        return None, f"{after}"
+    if damaged:
+        _warn(f"cdgrad: the native kernel library did not pass its check ({problem}); rebuilt {so}")
+    return lib, ""
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, or None when the native path is unavailable or disabled."""
-    global _lib, _tried
+    global _lib, _tried, _reason
     if _tried:
         return _lib
     with _lock:
         if _tried:
             return _lib
         _tried = True
-        if os.environ.get("CDGRAD_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-            return None
-        compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-        if compiler is None:
-            return None
         try:
-            source = _SOURCE.read_bytes()
-            key = hashlib.sha256(
-                source + compiler.encode() + _cpu_signature().encode() + platform.platform().encode()
-            ).hexdigest()[:20]
-            cache = Path(os.environ.get("CDGRAD_CACHE", Path.home() / ".cache" / "cdgrad")) / "native"
-            cache.mkdir(parents=True, exist_ok=True)
-            target = cache / f"kernels-{key}.so"
-            if not target.exists():
-                _build(compiler, target)
-            lib = ctypes.CDLL(str(target))
-            lib.cdg_run.restype = ctypes.c_int
-            lib.cdg_run.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
-            _lib = lib
-        except Exception as exc:  # noqa: BLE001 - any failure means: use the reference path
-            warnings.warn(f"cdgrad: native CPU kernels unavailable ({exc}); using the PyTorch path", stacklevel=2)
-            _lib = None
+            _lib, _reason = _load()
+        except Exception as exc:  # noqa: BLE001 - any other failure also means: use the reference path
+            _warn(f"cdgrad: native CPU kernels unavailable ({exc}); using the PyTorch path")
+            _lib, _reason = None, f"{type(exc).__name__}: {exc}"
         return _lib
+
+
+def status() -> str:
+    """Which path CPU tensors take: "native" (the compiled kernel) or "reference (<why>)" (plain PyTorch).
+
+    Builds or loads the kernel on first call, as `library()` does.
+    """
+    if library() is not None:
+        return "native"
+    return f"reference ({_reason or 'native kernels unavailable'})"
 
 
 H0, SOBOLEV = 0, 1

@@ -70,7 +70,7 @@ def _size_label(input_size: Any) -> str:
     return f"@ {n_h}x{n_w}"
 
 
-def _figure(**kw: Any):
+def _figure(**kw: Any) -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -143,7 +143,7 @@ def analyze_state_dict(
 def _plot_correlation(weights: dict[str, Tensor], max_distance: int, path: Path) -> None:
     fig = _figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
-    curves = {"output": [], "input": []}
+    curves: dict[str, list[list[float]]] = {"output": [], "input": []}
     for w in weights.values():
         prof = correlation_profile(w, max_distance)
         for axis, color in (("output", "C0"), ("input", "C1")):
@@ -163,8 +163,8 @@ def _plot_histogram(weights: dict[str, Tensor], bins: int, path: Path) -> None:
     fig = _figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
     for dim, axis, color in ((0, "output", "C0"), (1, "input", "C1")):
-        total, edges = torch.zeros(bins, dtype=torch.long), None
-        for w in weights.values():
+        total, edges = torch.zeros(bins, dtype=torch.long), torch.zeros(bins + 1, dtype=torch.float64)
+        for w in weights.values():  # never empty: analyze_state_dict refuses a state dict without conv weights
             counts, edges = channel_correlation_histogram(w, dim, bins)
             total += counts
         density = total.double() / max(int(total.sum()), 1)

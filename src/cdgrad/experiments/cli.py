@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shlex
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -144,27 +145,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cdgrad.experiments.launch import is_main_process
     from cdgrad.experiments.presets import prepare
     from cdgrad.experiments.store import ResultStore
-    from cdgrad.experiments.train import train
+    from cdgrad.experiments.train import check_seed, train
 
+    check_seed(args.seed, "--seed")
     config = config_from_args(args)
     store = None if args.no_store else ResultStore(args.results)
-    datasets = prepare([(config, args.seed)], store)
+    datasets = prepare([(config, args.seed)], store)  # creates the results folder only once all is checked
     key = run_key(config, args.seed)
+    main = is_main_process()
     if store is not None and key in store.done_keys():
         run = store.runs([key])[0]
-        print(f"run {key} is already complete: test acc {run.final['test_acc']:.2f}% (results: {store.path})")
+        what = f"test acc {run.final['test_acc']:.2f}%" if run.status == "completed" else run.status
+        print(
+            f"run {key} is already {'complete' if run.status == 'completed' else 'stored'}: {what} "
+            f"(results: {store.path})"
+        )
         return 0
-    metrics = train(
-        config,
-        args.seed,
-        dataset=next(iter(datasets.values())),
-        progress=args.progress,
-        checkpoint=None if store is None else store.checkpoint_path(key),
-    )
-    if not is_main_process():  # under torchrun rank 0 alone stores and prints the run
+    claimed = store.claim(key) if store is not None and main else True
+    if _has_process_group():  # under torchrun every rank follows rank 0's claim
+        shared = [claimed]
+        sys.modules["torch.distributed"].broadcast_object_list(shared, src=0)
+        claimed = shared[0]
+    if not claimed:
+        holder = store.claims().get(key) if store is not None else None
+        who = f"process {holder.pid} on {holder.host}" if holder is not None else "another process"
+        raise ValueError(f"run {key} is being trained by {who} on the same results folder; wait for it to finish")
+    try:
+        metrics = train(
+            config,
+            args.seed,
+            dataset=next(iter(datasets.values())),
+            progress=args.progress,
+            checkpoint=None if store is None else store.checkpoint_path(key),
+            callback=(lambda epoch, curves: store.heartbeat(key)) if store is not None and main else None,
+        )
+        if store is not None and main:
+            store.save(config, args.seed, metrics)
+    except BaseException:
+        if store is not None and main:
+            store.release(key)
+        raise
+    if not main:  # under torchrun rank 0 alone stores and prints the run
         return 0
-    if store is not None:
-        store.save(config, args.seed, metrics)
     c = metrics["curves"]
     for i, e in enumerate(c["epoch"]):
         test = (
@@ -174,7 +196,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             else ""
         )
         print(f"epoch {e:3d}  train loss {c['train_loss'][i]:.4f} acc {c['train_acc'][i]:.2f}%{test}")
-    print(json.dumps({"key": key, **metrics["final"], "wall_s": round(metrics["wall_s"], 2)}))
+    if metrics["status"] == "diverged":
+        print(f"run {key} diverged at epoch {c['epoch'][-1]}: the training loss is not finite", file=sys.stderr)
+    print(
+        json.dumps({"key": key, **metrics["final"], "wall_s": round(metrics["wall_s"], 2), "status": metrics["status"]})
+    )
     return 0
 
 
@@ -199,7 +225,9 @@ def _report(
     text = [f"## {preset.name}: {preset.title}\n"]
     if preset.cuts:
         text.append(f"Reduced protocol: {preset.cuts}.\n")
-    text.append(f"{len(found)} of {len(runs)} runs complete. Metric: final test accuracy. Produced by `{command}`.\n")
+    diverged = sum(run.status == "diverged" for run in found)
+    stored = f"{len(found)} of {len(runs)} runs complete" + (f" ({diverged} diverged)" if diverged else "")
+    text.append(f"{stored}. Metric: final test accuracy. Produced by `{command}`.\n")
     settings = summarize(found)
     text.append(markdown(settings) if found else "(no completed runs yet)\n")
     if out_dir is not None and found:
@@ -207,9 +235,25 @@ def _report(
         paths = [] if args.no_plots else make_plots(settings, out_dir, name, preset.plots)
         if paths:
             text.append("Plots: " + ", ".join(f"`{p}`" for p in paths) + "\n")
-        with open(os.path.join(out_dir, f"{name}.md"), "w") as fh:
-            fh.write("\n".join(text))
+        _write_durably(os.path.join(out_dir, f"{name}.md"), "\n".join(text))
     return "\n".join(text)
+
+
+def _write_durably(path: str, text: str) -> None:
+    """Write `text` to `path` through a fsynced temporary file renamed over it."""
+    from cdgrad.experiments.checkpoint import replace_durably
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        replace_durably(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def cmd_run(args: argparse.Namespace, command: str) -> int:
@@ -224,8 +268,10 @@ def cmd_run(args: argparse.Namespace, command: str) -> int:
     store = ResultStore(args.results)
     if args.dry_run:
         done = store.done_keys()
+        busy = store.held_elsewhere(run_key(c, s) for c, s in runs) if os.path.exists(store.path) else {}
         for config, seed in runs:
-            flag = "done" if run_key(config, seed) in done else "todo"
+            key = run_key(config, seed)
+            flag = "done" if key in done else ("busy" if key in busy else "todo")
             print(f"{flag}  {run_key(config, seed)}  {config.dataset} {config.model} {describe(config)} seed {seed}")
         return 0
     run_all(runs, store, progress=args.progress)
@@ -256,11 +302,9 @@ def cmd_report(args: argparse.Namespace, command: str) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.methods:
-        from cdgrad.experiments.methods import METHODS
+        from cdgrad.experiments.methods import method_listing
 
-        for m in METHODS.values():
-            dirs = f"  directions: {', '.join(m.directions)}" if m.directions else ""
-            print(f"{m.name:11s} {m.summary}\n{'':11s} hyper-parameters: {', '.join(m.params) or '-'}{dirs}")
+        print(method_listing())
         return 0
     from cdgrad.experiments.presets import PRESETS, describe_preset
 
@@ -306,9 +350,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, DatasetFormatError) as exc:
         print(f"cdgrad {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except sqlite3.DatabaseError as exc:
+        print(
+            f"cdgrad {args.command}: error: the results store in {getattr(args, 'results', '?')!r} cannot be used "
+            f"({exc}); move results.sqlite aside or pass another folder with --results",
+            file=sys.stderr,
+        )
+        return 2
     except BrokenPipeError:  # output piped into a command that stopped reading (`| head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # a folder that cannot be written, a full disk, ...
+        print(f"cdgrad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -1,98 +1,135 @@
 """The run configuration: one dataclass, the single source of every experiment option.
 
-Each field carries its help text and, where the values are a closed set, its choices. The command
-line (`cdgrad train --help`) is generated from these fields; the saved results store the config as
-JSON (`to_dict`) and rebuild it with `from_dict`. A run is identified by `run_key(config, seed)`, a
-hash of the fields that change the numbers (paths, device and thread count are left out).
+Each field carries an `Option` (help text, and the accepted choices or numeric range). The method's
+parameters are declared once in `cdgrad.experiments.methods.PARAMS` and their fields take help, choices and
+range from there (`method_param`); the accepted data sets, models, tasks and methods are read from their
+registries when a config is checked, so an entry registered later is accepted. The command line
+(`cdgrad train --help`) is generated from these fields; the saved results store the config as JSON
+(`to_dict`) and rebuild it with `from_dict`. A run is identified by `run_key(config, seed)`, a hash of the
+fields that change the numbers and differ from their defaults (paths, device and thread count are left out).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdgrad.experiments.data import DATASETS
-from cdgrad.experiments.methods import METHODS, validate_method
-from cdgrad.experiments.models import MODELS
+import numpy as np
 
-DATASET_CHOICES = (*DATASETS, "synthetic")
-MODEL_CHOICES = (*MODELS, "tiny")
+from cdgrad.experiments.data import DATASET_REGISTRY
+from cdgrad.experiments.methods import METHODS, PARAMS, defaults_text, validate_method
+from cdgrad.experiments.models import MODEL_REGISTRY
+from cdgrad.experiments.registry import Option
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, identity: bool = True, method: bool = False):
-    meta = {"help": help, "choices": choices, "identity": identity, "method": method}
-    return field(default=default, metadata=meta)
+def _task_names() -> tuple[str, ...]:
+    from cdgrad.experiments.tasks import TASKS  # imported when a config is checked: tasks import the toolkit
+
+    return tuple(TASKS)
+
+
+def _f(
+    default: Any,
+    help: str,
+    choices: Any = None,
+    *,
+    identity: bool = True,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    exclusive_maximum: bool = False,
+) -> Any:
+    """A config field: its default and its `Option` (help, choices or range); `identity`: part of the run key."""
+    option = Option(
+        help=help,
+        choices=choices,
+        minimum=minimum,
+        maximum=maximum,
+        exclusive_minimum=exclusive_minimum,
+        exclusive_maximum=exclusive_maximum,
+    )
+    return field(default=default, metadata={"option": option, "help": help, "identity": identity, "method": False})
+
+
+def method_param(name: str) -> Any:
+    """The config field of method parameter `name`: None (the method's default), declared in `methods.PARAMS`."""
+    param = PARAMS[name]
+    return field(default=None, metadata={"option": param, "help": param.help, "identity": True, "method": True})
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One training configuration (everything except the seed)."""
+    """One training configuration (everything except the seed).
 
-    # data
-    dataset: str = _f("fashion-mnist", "data set ('synthetic' is a tiny generated set for tests only)", DATASET_CHOICES)
+    Numbers given as NumPy scalars, and ints given for float fields, are stored as Python floats / ints, so
+    one configuration has one run key. `validate` checks the values.
+    """
+
+    # task and data
+    task: str = _f("classification", "what is learnt and how it is scored (cdgrad.experiments.tasks)", _task_names)
+    dataset: str = _f("fashion-mnist", "data set", DATASET_REGISTRY.names)
     data_root: str | None = _f(
         None,
-        "folder holding the data set's files (unset: $CDGRAD_DATA, ~/.cache/cdgrad/data, /usr/share/datasets)",
+        "folder holding the data set's files; it must exist "
+        "(unset: $CDGRAD_DATA, ~/.cache/cdgrad/data, /usr/share/datasets)",
         identity=False,
     )
     download: bool = _f(False, "download the official files when the data set is not found", identity=False)
     swap_train_test: bool = _f(False, "Fig. 6 protocol: train on the test split, evaluate on the training split")
-    train_subset: int = _f(0, "train on the first N training images only (0 = all)")
-    test_subset: int = _f(0, "evaluate on the first N test images only (0 = all)")
+    train_subset: int = _f(0, "train on the first N training images only (0 = all)", minimum=0)
+    test_subset: int = _f(0, "evaluate on the first N test images only (0 = all)", minimum=0)
     augment: bool = _f(False, "random crop (pad 4) and horizontal flip on every batch (CIFAR protocol)")
     # model and optimisation
-    model: str = _f("cnn2", "network ('tiny' is a small test network)", MODEL_CHOICES)
-    epochs: int = _f(10, "number of training epochs")
-    batch_size: int = _f(100, "training batch size")
+    model: str = _f("cnn2", "network", MODEL_REGISTRY.names)
+    epochs: int = _f(10, "number of training epochs", minimum=1)
+    batch_size: int = _f(100, "training batch size", minimum=1)
     optimizer: str = _f("sgd", "optimizer", ("sgd", "adam"))
-    lr: float = _f(0.01, "initial learning rate")
-    momentum: float = _f(0.9, "SGD momentum (sgd only)")
-    weight_decay: float = _f(5e-4, "L2 weight decay (coupled, as in torch.optim)")
+    lr: float = _f(0.01, "initial learning rate", minimum=0.0, exclusive_minimum=True)
+    momentum: float = _f(0.9, "SGD momentum (sgd only)", minimum=0.0, maximum=1.0, exclusive_maximum=True)
+    weight_decay: float = _f(5e-4, "L2 weight decay (coupled, as in torch.optim)", minimum=0.0)
     schedule: str = _f(
         "step",
         "learning-rate schedule: 'step' divides lr by 10 every step_every epochs "
         "(the paper's), 'cosine' anneals to 0 over the run, 'constant' keeps it",
         ("step", "cosine", "constant"),
     )
-    step_every: int = _f(40, "epochs between lr divisions by 10 (schedule 'step')")
-    # gradient method
-    method: str = _f("none", "gradient method (see `cdgrad list --methods`)", tuple(METHODS))
-    lam: float | None = _f(None, "lambda of h0 / sobolev", method=True)
-    beta: float | None = _f(None, "h0 / sobolev: add beta times the ordinary gradient", method=True)
-    sigma: float | None = _f(None, "sigma of Laplacian smoothing (ls)", method=True)
-    direction: str | None = _f(
-        None,
-        "axis to smooth along: output, input or flat (h0/sobolev); flat or output (ls)",
-        ("output", "input", "flat"),
-        method=True,
-    )
-    scope: str | None = _f(None, "which weights: conv (3+ dims) or all", ("conv", "all"), method=True)
-    convention: str | None = _f(
-        None,
-        "lambda convention of h0 / sobolev: 'exact' (method.md eq. 8, the default) "
-        "or 'paper' (the published code, via cdgrad.paper_convention)",
-        ("exact", "paper"),
-        method=True,
-    )
-    sgs_k: float | None = _f(None, "spatial gradient scaling: strength k (default 5)", method=True)
-    sgs_batches: int | None = _f(None, "spatial gradient scaling: batches per estimate (default 2)", method=True)
-    sgs_every: int | None = _f(None, "spatial gradient scaling: epochs between estimates (default 5)", method=True)
-    clip_norm: float | None = _f(None, "opnorm: operator-norm bound of each conv layer", method=True)
-    clip_every: int | None = _f(None, "opnorm: optimizer steps between projections", method=True)
+    step_every: int = _f(40, "epochs between lr divisions by 10 (schedule 'step')", minimum=1)
+    # gradient method: one field per parameter of cdgrad.experiments.methods.PARAMS
+    method: str = _f("none", "gradient method (see `cdgrad list --methods`)", METHODS.names)
+    lam: float | None = method_param("lam")
+    beta: float | None = method_param("beta")
+    sigma: float | None = method_param("sigma")
+    direction: str | None = method_param("direction")
+    scope: str | None = method_param("scope")
+    convention: str | None = method_param("convention")
+    sgs_k: float | None = method_param("sgs_k")
+    sgs_batches: int | None = method_param("sgs_batches")
+    sgs_every: int | None = method_param("sgs_every")
+    clip_norm: float | None = method_param("clip_norm")
+    clip_every: int | None = method_param("clip_every")
     # evaluation and execution
-    eval_every: int = _f(1, "evaluate on the test split every N epochs (the last epoch always is)")
-    eval_batch_size: int = _f(250, "batch size of the (no-grad) evaluation", identity=False)
+    eval_every: int = _f(1, "evaluate on the test split every N epochs (the last epoch always is)", minimum=1)
+    eval_batch_size: int = _f(250, "batch size of the (no-grad) evaluation", identity=False, minimum=1)
     device: str = _f("cpu", "torch device to train on, e.g. cpu, cuda, cuda:1", identity=False)
-    threads: int = _f(0, "torch CPU threads (0 = leave torch's default)", identity=False)
+    threads: int = _f(0, "torch CPU threads (0 = leave torch's default)", identity=False, minimum=0)
     save_model: bool = _f(
         False, "keep the final checkpoint as <results>/models/<run key>.pt (for `cdgrad analyze`)", identity=False
     )
+
+    def __post_init__(self) -> None:
+        for name, kind in FIELD_TYPES.items():
+            value = getattr(self, name)
+            normal = _normalise(value, kind)
+            if normal is not value:
+                object.__setattr__(self, name, normal)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -102,12 +139,32 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 METHOD_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["method"])
 
 
+def _normalise(value: Any, kind: type) -> Any:
+    """NumPy scalars as Python numbers, ints of float fields as floats; anything else unchanged."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if kind is bool and isinstance(value, np.bool_):
+        return bool(value)
+    if kind is float and isinstance(value, numbers.Real) and not _exactly(value, float):
+        try:
+            return float(value)
+        except OverflowError:
+            return value
+    if kind is int and isinstance(value, numbers.Integral) and not _exactly(value, int):
+        return int(value)
+    return value
+
+
+def _exactly(value: object, kind: type) -> bool:
+    return type(value) is kind
+
+
 def _field_type(name: str) -> type:
     """The base type (int, float, str, bool) of a field, Optional unwrapped."""
     hint = typing.get_type_hints(RunConfig)[name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+    return typing.cast(type, hint)
 
 
 FIELD_TYPES = {name: _field_type(name) for name in FIELDS}
@@ -133,7 +190,11 @@ def parse_value(name: str, text: str) -> Any:
 
 
 def check_types(config: RunConfig) -> None:
-    """Raise TypeError / ValueError when a field has the wrong type or a value outside its choices."""
+    """Raise TypeError / ValueError when a field has the wrong type or a value outside its choices or range.
+
+    Every field is checked against its `Option`: numbers must be finite and within range, strings among the
+    choices (data sets, models, tasks and methods as registered now).
+    """
     for name, f in FIELDS.items():
         value = getattr(config, name)
         kind = FIELD_TYPES[name]
@@ -141,14 +202,7 @@ def check_types(config: RunConfig) -> None:
             if f.default is not None:
                 raise TypeError(f"{name} must be a {kind.__name__}, got None")
             continue
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
-            raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__} {value!r}")
-        choices = f.metadata["choices"]
-        if choices is not None and value not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        f.metadata["option"].check(value, name, kind)
 
 
 def validate(config: RunConfig) -> None:
@@ -158,16 +212,6 @@ def validate(config: RunConfig) -> None:
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
     check_types(config)
-    for name in ("epochs", "batch_size", "step_every", "eval_every", "eval_batch_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1; got {getattr(config, name)!r}")
-    for name in ("train_subset", "test_subset", "threads", "weight_decay"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0; got {getattr(config, name)!r}")
-    if not (config.lr > 0 and config.lr < float("inf")):
-        raise ValueError(f"lr must be a finite number > 0; got {config.lr!r}")
-    if not 0 <= config.momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1); got {config.momentum!r}")
     validate_method(config)
     try:
         device = torch.device(config.device)
@@ -186,7 +230,7 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; accepted: {', '.join(FIELDS)}")
-    values = {
+    values: dict[str, Any] = {
         k: (float(v) if FIELD_TYPES[k] is float and isinstance(v, int) and not isinstance(v, bool) else v)
         for k, v in data.items()
     }
@@ -211,35 +255,64 @@ def run_key(config: RunConfig, seed: int) -> str:
     return f"{config_hash(config)}-s{seed}"
 
 
+def option_help(name: str) -> str:
+    """The help of field `name`: its text, accepted values and default, as `cdgrad train --help` shows it."""
+    f = FIELDS[name]
+    option: Option = f.metadata["option"]
+    text = option.help
+    bounds = option.range_text()
+    if bounds:
+        text += f"; {bounds}"
+    if f.metadata["method"]:
+        text += f"; unset: {defaults_text(name)} (default: the method's)"
+    else:
+        text += f" (default: {f.default if f.default is not None else 'unset'})"
+    return text
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: RunConfig | None = None) -> None:
-    """Add one `--field-name` option per config field, with the field's type, default, choices and help."""
+    """Add one `--field-name` option per config field, with the field's type, default, choices and help.
+
+    Choices read from a registry (data sets, models, tasks, methods) are listed as registered when the parser
+    is built and checked when the option is parsed.
+    """
     defaults = defaults or RunConfig()
     group = parser.add_argument_group("run configuration")
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         kind = FIELD_TYPES[name]
         default = getattr(defaults, name)
-        shown = default if default is not None else ("the method's" if f.metadata["method"] else "unset")
-        help_text = f"{f.metadata['help']} (default: {shown})"
+        help_text = option_help(name)
+        if default != f.default:
+            help_text = help_text.rsplit(" (default: ", 1)[0] + f" (default: {default})"
         if kind is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
+        option: Option = f.metadata["option"]
+        choices = option.accepted_choices()
+        dynamic = callable(option.choices)
         group.add_argument(
             flag,
             dest=name,
-            type=lambda s, n=name: _argparse_value(n, s),
+            type=functools.partial(_argparse_value, name),
             default=default,
-            choices=f.metadata["choices"],
-            metavar=kind.__name__.upper() if f.metadata["choices"] is None else None,
+            choices=None if dynamic else choices,
+            metavar=kind.__name__.upper() if choices is None else ("{" + ",".join(choices) + "}" if dynamic else None),
             help=help_text,
         )
 
 
 def _argparse_value(name: str, text: str) -> Any:
     try:
-        return parse_value(name, text)
+        value = parse_value(name, text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    option: Option = FIELDS[name].metadata["option"]
+    if callable(option.choices) and value is not None:
+        accepted = option.accepted_choices() or ()
+        if value not in accepted:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(accepted)})")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -258,8 +331,8 @@ def config_to_argv(config: RunConfig) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if FIELD_TYPES[name] is bool:
             argv.append(flag if value else "--no-" + name.replace("_", "-"))
-        else:
-            argv += [flag, "none" if value is None else str(value)]
+        else:  # `--flag=value`: argparse would take a value such as -1e-05 for an option
+            argv.append(f"{flag}={'none' if value is None else value}")
     return argv
 
 

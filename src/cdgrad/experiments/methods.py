@@ -1,161 +1,386 @@
-"""Gradient methods selectable by name: from a config to a transform attached to an optimizer.
+"""The gradient methods, each declared once: its parameters and its builder (config -> what the optimizer uses).
 
-    method      hyper-parameters (config fields)             what the optimizer receives
+    method      parameters (config fields)                   what the optimizer receives
     none        -                                            f (plain SGD / Adam)
     h0          lam, beta, direction, scope, convention      fbar + (f - fbar)/lam  (+ beta f)      (eq. 8)
     sobolev     lam, beta, direction, scope, convention      periodic H1~ solve along the axis (+ beta f)
     ls          sigma, direction, scope                      (I - sigma L)^-1 f                  (Osher et al.)
     centralize  scope                                        f - mean over (I, H, W)               (Yong et al.)
     sgs         sgs_k, sgs_batches, sgs_every                G * f, G from input-feature MI       (SGS)
-    opnorm      clip_norm, clip_every                        f; every clip_every steps (default 100) each
-                                                             conv is projected to ||conv|| <= clip_norm
-                                                             (default 1.0) at its input size
+    opnorm      clip_norm, clip_every                        f; every clip_every steps each conv is projected
+                                                             to ||conv|| <= clip_norm at its input size
 
-`convention='paper'` builds h0 / sobolev through `cdgrad.paper_convention`, the published code's
-lambda. A hyper-parameter left at None takes the library's default; one given to a method that does
-not use it is an error (`validate`).
+Every parameter is declared once in `PARAMS` (type, help, accepted range or choices, default); a method lists
+the ones it takes, narrowing choices or changing the default where it differs (`Param.but`). `RunConfig` has
+one field per parameter (None = the method's default), and its help, validation, `describe` labels and the
+report order all read this registry. `convention='paper'` builds h0 / sobolev through
+`cdgrad.paper_convention`, the published code's lambda. A parameter given to a method that does not take it
+is an error (`validate_method`).
+
+Adding a method is one `register_method(Method(...))` call, plus one `RunConfig` field line per new parameter.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from cdgrad.experiments.registry import Param, Registry
+
 if TYPE_CHECKING:
     from cdgrad.experiments.config import RunConfig
+    from cdgrad.spectral import OperatorNormClipper
     from cdgrad.transforms_base import GradientTransform
 
+__all__ = [
+    "METHODS",
+    "PARAMS",
+    "AttachedMethod",
+    "Built",
+    "Method",
+    "attach_method",
+    "build_method",
+    "build_transform",
+    "describe",
+    "method_listing",
+    "method_values",
+    "register_method",
+    "validate_method",
+]
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    summary: str
-    params: tuple[str, ...]
-    directions: tuple[str, ...] = ()
+# ------------------------------------------------------------------------------------------------ parameters
 
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("none", "the ordinary gradient (baseline)", ()),
-        Method(
-            "h0",
-            "re-weighted H0 channel-directed gradient",
-            ("lam", "beta", "direction", "scope", "convention"),
-            ("output", "input", "flat"),
+PARAMS: dict[str, Param] = {
+    p.name: p
+    for p in (
+        Param(
+            name="lam",
+            type=float,
+            default=1.0,
+            minimum=0.0,
+            help="lambda of h0 / sobolev (> 0 in the exact convention)",
         ),
-        Method(
-            "sobolev",
-            "channel-directed Sobolev (H1~) gradient",
-            ("lam", "beta", "direction", "scope", "convention"),
-            ("output", "input", "flat"),
+        Param(name="beta", type=float, default=0.0, help="h0 / sobolev: add beta times the ordinary gradient"),
+        Param(name="sigma", type=float, default=1.0, minimum=0.0, help="sigma of Laplacian smoothing (ls)"),
+        Param(
+            name="direction",
+            type=str,
+            choices=("output", "input", "flat"),
+            help="axis to smooth along: output, input or flat (h0/sobolev); flat or output (ls)",
         ),
-        Method(
-            "ls",
-            "Laplacian smoothing, rasterised (flat) or along the output axis",
-            ("sigma", "direction", "scope"),
-            ("flat", "output"),
+        Param(name="scope", type=str, choices=("conv", "all"), help="which weights: conv (3+ dims) or all"),
+        Param(
+            name="convention",
+            type=str,
+            default="exact",
+            choices=("exact", "paper"),
+            help="lambda convention of h0 / sobolev: 'exact' (method.md eq. 8, the default) "
+            "or 'paper' (the published code, via cdgrad.paper_convention)",
         ),
-        Method("centralize", "gradient centralisation", ("scope",)),
-        Method("sgs", "spatial gradient scaling", ("sgs_k", "sgs_batches", "sgs_every")),
-        Method("opnorm", "operator-norm clipping of conv layers", ("clip_norm", "clip_every")),
+        Param(
+            name="sgs_k",
+            type=float,
+            default=5.0,
+            minimum=0.0,
+            exclusive_minimum=True,
+            help="spatial gradient scaling: strength k",
+        ),
+        Param(
+            name="sgs_batches", type=int, default=2, minimum=1, help="spatial gradient scaling: batches per estimate"
+        ),
+        Param(
+            name="sgs_every", type=int, default=5, minimum=1, help="spatial gradient scaling: epochs between estimates"
+        ),
+        Param(
+            name="clip_norm",
+            type=float,
+            default=1.0,
+            minimum=0.0,
+            exclusive_minimum=True,
+            help="opnorm: operator-norm bound of each conv layer",
+        ),
+        Param(name="clip_every", type=int, default=100, minimum=1, help="opnorm: optimizer steps between projections"),
     )
 }
 
 
-def validate_method(config: RunConfig) -> None:
-    """Raise ValueError when a hyper-parameter does not belong to the method or is out of range."""
-    from cdgrad.experiments.config import METHOD_FIELDS
+# ---------------------------------------------------------------------------------------------------- methods
 
-    if config.method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {config.method!r}")
-    m = METHODS[config.method]
-    for name in METHOD_FIELDS:
-        if getattr(config, name) is not None and name not in m.params:
-            takes = ", ".join(m.params) if m.params else "no hyper-parameters"
+
+@dataclass(frozen=True)
+class Built:
+    """What a method puts into training: a gradient transform (`cdgrad.attach`ed to the optimizer) and/or a
+    clipper (attached with its own `attach(optimizer)`), either may be None."""
+
+    transform: GradientTransform | None = None
+    clipper: OperatorNormClipper | None = None
+
+
+# build(values, model, sample) -> Built; `values` maps each of the method's parameters to its resolved value
+# (the config's, or the declared default when unset). `sample` is a small normalised input batch or None.
+Builder = Callable[[dict[str, Any], nn.Module, "torch.Tensor | None"], Built]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A gradient method: its name, a one-line summary, the update in words, its parameters and its builder.
+
+    `order`: the parameters whose values order a method's rows in reports (after the method itself); the
+    declared parameters by default. `check`: extra validation of the resolved values (the library's own
+    argument checks), run by `validate_method`.
+    """
+
+    name: str
+    summary: str
+    update: str
+    params: tuple[Param, ...]
+    build: Builder
+    order: tuple[str, ...] | None = None
+    check: Callable[[dict[str, Any]], None] | None = None
+    param_names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "param_names", tuple(p.name for p in self.params))
+        for p in self.params:
+            shared = PARAMS.get(p.name)
+            if shared is not None and shared.type is not p.type:
+                raise ValueError(
+                    f"method {self.name!r}: parameter {p.name!r} must have the type declared in PARAMS "
+                    f"({shared.type.__name__}), got {p.type.__name__}"
+                )
+        if self.order is not None and not set(self.order) <= set(self.param_names):
+            raise ValueError(f"method {self.name!r}: order {self.order} names parameters it does not take")
+
+    @property
+    def sort_params(self) -> tuple[str, ...]:
+        return self.order if self.order is not None else self.param_names
+
+    def param(self, name: str) -> Param:
+        return next(p for p in self.params if p.name == name)
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def register_method(method: Method, *, builtin: bool = False) -> Method:
+    """Declare a gradient method; `RunConfig(method=method.name)` accepts it from then on.
+
+    A parameter not yet in `PARAMS` is declared by the method that brings it, and needs its own `RunConfig`
+    field (`lam: float | None = method_param("lam")`); the toolkit's own methods are registered before
+    `RunConfig` is defined, a later method must only use parameters that have a field.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a Method, got {type(method).__name__}")
+    if not builtin:
+        from cdgrad.experiments.config import FIELDS
+
+        missing = [p.name for p in method.params if p.name not in FIELDS or not FIELDS[p.name].metadata["method"]]
+        if missing:
+            raise ValueError(f"method {method.name!r}: parameter(s) {missing} have no RunConfig field")
+    for p in method.params:
+        PARAMS.setdefault(p.name, p)
+    return METHODS.register(method.name, method, builtin=builtin)
+
+
+def _channel_directed(metric: str) -> Builder:
+    def build(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
+        import cdgrad
+
+        kw = {"beta": v["beta"], "direction": v["direction"], "scope": v["scope"]}
+        if v["convention"] == "paper":
+            return Built(transform=cdgrad.paper_convention(metric, v["lam"], **kw))
+        return Built(transform=cdgrad.ChannelDirected(metric=metric, lam=v["lam"], **kw))
+
+    return build
+
+
+def _laplacian(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
+    import cdgrad
+
+    return Built(transform=cdgrad.LaplacianSmoothing(sigma=v["sigma"], direction=v["direction"], scope=v["scope"]))
+
+
+def _centralize(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
+    import cdgrad
+
+    return Built(transform=cdgrad.Centralize(scope=v["scope"]))
+
+
+def _sgs(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
+    from cdgrad.sgs import SpatialGradientScaling
+
+    return Built(
+        transform=SpatialGradientScaling(model, k=v["sgs_k"], num_batches=v["sgs_batches"], every=v["sgs_every"])
+    )
+
+
+def _opnorm(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
+    from cdgrad.spectral import OperatorNormClipper, record_input_sizes
+
+    if sample is None:
+        raise ValueError("method 'opnorm' needs a sample input batch to record the conv input sizes")
+    was_training = model.training
+    model.eval()  # a forward pass in eval mode leaves BatchNorm statistics alone
+    sizes = record_input_sizes(model, sample)
+    model.train(was_training)
+    return Built(clipper=OperatorNormClipper(model, sizes, max_norm=v["clip_norm"], every=v["clip_every"]))
+
+
+def _none(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
+    return Built()
+
+
+def _library_check(build: Builder) -> Callable[[dict[str, Any]], None]:
+    """Validation by the library itself: build the transform for a parameterless model."""
+
+    def check(v: dict[str, Any]) -> None:
+        build(v, nn.Identity(), None)
+
+    return check
+
+
+_CD_PARAMS = (
+    PARAMS["lam"],
+    PARAMS["beta"],
+    PARAMS["direction"].but(default="output"),
+    PARAMS["scope"].but(default="conv"),
+    PARAMS["convention"],
+)
+_CD_ORDER = ("direction", "convention", "beta", "lam")
+
+for _method in (
+    Method("none", "the ordinary gradient (baseline)", "f", (), _none),
+    Method(
+        "h0",
+        "re-weighted H0 channel-directed gradient",
+        "fbar + (f - fbar)/lam (+ beta f); paper convention f + lam fbar",
+        _CD_PARAMS,
+        _channel_directed("h0"),
+        order=_CD_ORDER,
+        check=_library_check(_channel_directed("h0")),
+    ),
+    Method(
+        "sobolev",
+        "channel-directed Sobolev (H1~) gradient",
+        "the periodic H1~ solve along the axis (+ beta f)",
+        _CD_PARAMS,
+        _channel_directed("sobolev"),
+        order=_CD_ORDER,
+        check=_library_check(_channel_directed("sobolev")),
+    ),
+    Method(
+        "ls",
+        "Laplacian smoothing, rasterised (flat) or along the output axis",
+        "(I - sigma L)^-1 f",
+        (
+            PARAMS["sigma"],
+            PARAMS["direction"].but(choices=("flat", "output"), default="flat"),
+            PARAMS["scope"].but(default="all"),
+        ),
+        _laplacian,
+        order=("direction", "sigma"),
+        check=_library_check(_laplacian),
+    ),
+    Method(
+        "centralize",
+        "gradient centralisation",
+        "f - mean over (I, kh, kw)",
+        (PARAMS["scope"].but(default="conv"),),
+        _centralize,
+        order=(),
+        check=_library_check(_centralize),
+    ),
+    Method(
+        "sgs",
+        "spatial gradient scaling",
+        "G * f, G from the mutual information of input features",
+        (PARAMS["sgs_k"], PARAMS["sgs_batches"], PARAMS["sgs_every"]),
+        _sgs,
+        order=(),
+    ),
+    Method(
+        "opnorm",
+        "operator-norm clipping of conv layers",
+        "f; every clip_every steps each conv is projected to operator norm <= clip_norm",
+        (PARAMS["clip_norm"], PARAMS["clip_every"]),
+        _opnorm,
+        order=(),
+    ),
+):
+    register_method(_method, builtin=True)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def method_values(config: RunConfig) -> dict[str, Any]:
+    """The method's parameters with their values: the config's, or the declared default where unset."""
+    m = METHODS.get(config.method)
+    return {p.name: p.resolve(getattr(config, p.name)) for p in m.params}
+
+
+def validate_method(config: RunConfig) -> None:
+    """Raise ValueError when a parameter does not belong to the method or is outside the method's range."""
+    m = METHODS.get(config.method)
+    for name in PARAMS:
+        if getattr(config, name) is not None and name not in m.param_names:
+            takes = ", ".join(m.param_names) if m.params else "no hyper-parameters"
             raise ValueError(
                 f"{name}={getattr(config, name)!r} is not a hyper-parameter of method {m.name!r} (it takes: {takes})"
             )
-    if config.direction is not None and config.direction not in m.directions:
-        raise ValueError(
-            f"direction for method {m.name!r} must be one of {', '.join(m.directions)}; got {config.direction!r}"
-        )
-    positive = {
-        "sigma": False,
-        "sgs_k": True,
-        "sgs_batches": True,
-        "sgs_every": True,
-        "clip_norm": True,
-        "clip_every": True,
-    }
-    for name, strict in positive.items():
-        value = getattr(config, name)
-        if value is not None and (value <= 0 if strict else value < 0):
-            raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}; got {value!r}")
-    if config.method in ("h0", "sobolev", "ls", "centralize"):
-        build_transform(config, nn.Identity())  # the library's own checks (lam, beta, sigma ranges)
+    for p in m.params:
+        value = getattr(config, p.name)
+        if value is not None:
+            p.check(value, p.name if p.choices == PARAMS[p.name].choices else f"{p.name} for method {m.name!r}", p.type)
+    if m.check is not None:
+        m.check(method_values(config))
 
 
-def _kwargs(config: RunConfig, names: tuple[str, ...]) -> dict[str, Any]:
-    return {n: getattr(config, n) for n in names if getattr(config, n) is not None}
+# -------------------------------------------------------------------------------------------------- building
+
+
+def build_method(config: RunConfig, model: nn.Module, sample: torch.Tensor | None = None) -> Built:
+    """The transform and/or clipper of `config.method` for `model` (not yet attached)."""
+    return METHODS.get(config.method).build(method_values(config), model, sample)
 
 
 def build_transform(config: RunConfig, model: nn.Module) -> GradientTransform | None:
     """The gradient transform of `config.method` (None for methods that leave gradients alone)."""
-    m = config.method
-    if m in ("h0", "sobolev"):
-        import cdgrad
-
-        kw = _kwargs(config, ("lam", "beta", "direction", "scope"))
-        if config.convention == "paper":
-            return cdgrad.paper_convention(m, kw.pop("lam", 1.0), **kw)
-        return cdgrad.ChannelDirected(metric=m, **kw)
-    if m == "ls":
-        import cdgrad
-
-        return cdgrad.LaplacianSmoothing(**_kwargs(config, ("sigma", "direction", "scope")))
-    if m == "centralize":
-        import cdgrad
-
-        return cdgrad.Centralize(**_kwargs(config, ("scope",)))
-    if m == "sgs":
-        from cdgrad.sgs import SpatialGradientScaling
-
-        names = {"sgs_k": "k", "sgs_batches": "num_batches", "sgs_every": "every"}
-        return SpatialGradientScaling(model, **{names[k]: v for k, v in _kwargs(config, tuple(names)).items()})
-    return None
+    m = METHODS.get(config.method)
+    if m.name == "opnorm":
+        return None
+    return m.build(method_values(config), model, None).transform
 
 
 @dataclass
 class AttachedMethod:
     """A method wired into an optimizer: per-epoch hook, checkpointable state, and removal."""
 
-    transform: Any = None
-    clipper: Any = None
-    handles: list = dataclasses.field(default_factory=list)
+    transform: GradientTransform | None = None
+    clipper: OperatorNormClipper | None = None
+    handles: list[Any] = field(default_factory=list)
 
     def begin_epoch(self, epoch: int) -> None:
-        for obj in (self.transform, self.clipper):
-            hook: Callable[[int], None] | None = getattr(obj, "begin_epoch", None)
-            if hook is not None:
-                hook(epoch)
+        if self.transform is not None:
+            self.transform.begin_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            name: obj.state_dict()
-            for name, obj in (("transform", self.transform), ("clipper", self.clipper))
-            if obj is not None and hasattr(obj, "state_dict")
-        }
+        out: dict[str, Any] = {}
+        if self.transform is not None:
+            out["transform"] = self.transform.state_dict()
+        if self.clipper is not None:
+            out["clipper"] = self.clipper.state_dict()
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, obj in (("transform", self.transform), ("clipper", self.clipper)):
-            if name in state:
-                obj.load_state_dict(state[name])
+        if "transform" in state and self.transform is not None:
+            self.transform.load_state_dict(state["transform"])
+        if "clipper" in state and self.clipper is not None:
+            self.clipper.load_state_dict(state["clipper"])
 
     def remove(self) -> None:
         for h in self.handles:
@@ -170,35 +395,68 @@ def attach_method(
 
     `sample` is a small input batch: opnorm records each conv layer's input size from it.
     """
-    transform = build_transform(config, model)
-    out = AttachedMethod(transform=transform)
-    if transform is not None:
+    built = build_method(config, model, sample)
+    out = AttachedMethod(transform=built.transform, clipper=built.clipper)
+    if built.transform is not None:
         import cdgrad
 
-        out.handles.append(cdgrad.attach(optimizer, transform))
-    if config.method == "opnorm":
-        from cdgrad.spectral import OperatorNormClipper, record_input_sizes
-
-        if sample is None:
-            raise ValueError("method 'opnorm' needs a sample input batch to record the conv input sizes")
-        was_training = model.training
-        model.eval()  # a forward pass in eval mode leaves BatchNorm statistics alone
-        sizes = record_input_sizes(model, sample)
-        model.train(was_training)
-        out.clipper = OperatorNormClipper(
-            model, sizes, max_norm=config.clip_norm or 1.0, every=config.clip_every or 100
-        )
-        out.handles.append(out.clipper.attach(optimizer))
+        out.handles.append(cdgrad.attach(optimizer, built.transform))
+    if built.clipper is not None:
+        out.handles.append(built.clipper.attach(optimizer))
     return out
 
 
-def describe(config: RunConfig) -> str:
-    """A short label of the method and its hyper-parameters, e.g. `h0 lam=2 (paper)`."""
+# ---------------------------------------------------------------------------------------------------- labels
+
+
+def describe(config: RunConfig, omit: tuple[str, ...] = ()) -> str:
+    """A short label of the method and the parameters set in `config`, e.g. `h0 lam=2 (paper)`.
+
+    Parameters left unset are not shown; `convention='paper'` is written `(paper)`. `omit` leaves out the
+    named parameters (a plot against lambda labels its lines without `lam`).
+    """
     parts = [config.method]
-    for name in METHODS[config.method].params:
+    for name in METHODS.get(config.method).param_names:
         value = getattr(config, name)
-        if value is not None and name != "convention":
+        if value is not None and name != "convention" and name not in omit:
             parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
-    if config.convention == "paper":
+    if getattr(config, "convention", None) == "paper" and "convention" not in omit:
         parts.append("(paper)")
     return " ".join(parts)
+
+
+def sort_key(config: RunConfig) -> tuple[Any, ...]:
+    """Report order: methods in registration order, then each method's `order` parameters (unset first)."""
+    m = METHODS.get(config.method)
+    key: list[Any] = [METHODS.index(m.name)]
+    for name in m.sort_params:
+        value = getattr(config, name)
+        key.append((0, 0.0 if m.param(name).type is not str else "") if value is None else (1, value))
+    return tuple(key)
+
+
+def defaults_text(name: str) -> str:
+    """The defaults of parameter `name` across the methods that take it, e.g. `output (h0, sobolev), flat (ls)`."""
+    by_default: dict[str, list[str]] = {}
+    for m in METHODS.values():
+        if name in m.param_names:
+            d = m.param(name).default
+            by_default.setdefault(f"{d:g}" if isinstance(d, float) else str(d), []).append(m.name)
+    return ", ".join(f"{d} ({', '.join(ms)})" for d, ms in by_default.items())
+
+
+def param_text(p: Param) -> str:
+    """A parameter in one line: type, accepted values, default and help."""
+    accepted = "|".join(p.accepted_choices() or ()) or f"{p.type.__name__} {p.range_text()}".strip()
+    default = f"{p.default:g}" if isinstance(p.default, float) else str(p.default)
+    return f"{p.name:12s} {accepted}, default {default}: {p.help}"
+
+
+def method_listing() -> str:
+    """Every registered method with its update and parameters (`cdgrad list --methods`)."""
+    lines = []
+    for m in METHODS.values():
+        lines.append(f"{m.name:11s} {m.summary}")
+        lines.append(f"{'':11s} update: {m.update}")
+        lines += [f"{'':11s} {param_text(p)}" for p in m.params]
+    return "\n".join(lines)

@@ -6,19 +6,26 @@ gradient transforms assume. Initialisation (`init_weights`) follows the referenc
 convolution and linear biases 0, batch-norm scale 1 and shift 0, linear weights PyTorch's default
 ``U(-1/sqrt(in), 1/sqrt(in))``. No forward pass has data-dependent Python control flow, so every model
 traces with ``torch.compile(fullgraph=True)``.
+
+`register_model(name, builder)` adds a network by name, ``builder(num_classes, in_channels, image_size)``:
+`build_model` and ``RunConfig(model=name)`` accept it from then on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cdgrad.experiments.registry import Registry
+
 __all__ = [
     "CNN2",
     "MODELS",
+    "MODEL_REGISTRY",
     "VGG",
     "VGG16_CFG",
     "BasicBlock",
@@ -27,9 +34,11 @@ __all__ = [
     "build_model",
     "count_parameters",
     "init_weights",
+    "model_names",
+    "register_model",
 ]
 
-MODELS = ("cnn2", "resnet20", "resnet32", "resnet56", "vgg16")
+MODELS = ("cnn2", "resnet20", "resnet32", "resnet56", "vgg16")  # the built-in networks; see also `model_names`
 
 VGG16_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
@@ -94,7 +103,8 @@ class CNN2(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc(torch.flatten(x, 1))
+        out: Tensor = self.fc(torch.flatten(x, 1))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,7 +199,8 @@ class CifarResNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return self.fc(x)
+        out: Tensor = self.fc(x)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +253,61 @@ class VGG(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        out: Tensor = self.classifier(torch.flatten(self.features(x), 1))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------
+
+# builder(num_classes, in_channels, image_size) -> nn.Module
+ModelBuilder = Callable[[int, int, int], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered network: its builder and the extra keywords `build_model` passes on to it."""
+
+    builder: Callable[..., nn.Module]
+    keywords: tuple[str, ...] = ()
+
+
+MODEL_REGISTRY: Registry[ModelEntry] = Registry("model")
+
+
+def register_model(name: str, builder: ModelBuilder) -> None:
+    """Make network ``name`` buildable: ``builder(num_classes, in_channels, image_size) -> nn.Module``.
+
+    From then on `build_model(name, ...)` calls the builder and ``RunConfig(model=name)`` validates. The
+    built-in names cannot be replaced; registering another name again replaces its builder.
+    """
+    if not callable(builder):
+        raise TypeError(f"builder must be callable as builder(num_classes, in_channels, image_size), got {builder!r}")
+    MODEL_REGISTRY.register(name, ModelEntry(builder))
+
+
+def model_names() -> tuple[str, ...]:
+    """The names `build_model` accepts now, the built-in ones first."""
+    return MODEL_REGISTRY.names()
+
+
+def _resnet(depth: int) -> Callable[..., nn.Module]:
+    def build(num_classes: int, in_channels: int, image_size: int, shortcut: str = "A") -> nn.Module:
+        _positive_int(image_size, "image_size")
+        return CifarResNet(depth, num_classes, in_channels, shortcut=shortcut)
+
+    return build
+
+
+MODEL_REGISTRY.register("cnn2", ModelEntry(CNN2), builtin=True)
+for _depth in (20, 32, 56):
+    MODEL_REGISTRY.register(f"resnet{_depth}", ModelEntry(_resnet(_depth), ("shortcut",)), builtin=True)
+MODEL_REGISTRY.register(
+    "vgg16",
+    ModelEntry(lambda num_classes, in_channels, image_size: VGG(VGG16_CFG, num_classes, in_channels, image_size)),
+    builtin=True,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,24 +318,22 @@ class VGG(nn.Module):
 def build_model(
     name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs: object
 ) -> nn.Module:
-    """Build model ``name`` (one of `MODELS`) for ``in_channels x image_size x image_size`` inputs.
+    """Build model ``name`` (one of `MODELS`, or registered with `register_model`) for
+    ``in_channels x image_size x image_size`` inputs.
 
     ``cnn2`` -> `CNN2`; ``resnet20/32/56`` -> `CifarResNet` of that depth (keyword ``shortcut="A"|"B"``);
     ``vgg16`` -> `VGG` with `VGG16_CFG`. Parameters are drawn from torch's global generator, so a seed
     fixes them.
     """
-    if name not in MODELS:
-        raise ValueError(f"name must be one of {MODELS}, got {name!r}")
-    allowed = ("shortcut",) if name.startswith("resnet") else ()
-    unknown = sorted(set(kwargs) - set(allowed))
+    if not isinstance(name, str) or name not in MODEL_REGISTRY:
+        raise ValueError(f"name must be one of {MODEL_REGISTRY.names()}, got {name!r}")
+    entry = MODEL_REGISTRY.get(name)
+    unknown = sorted(set(kwargs) - set(entry.keywords))
     if unknown:
         raise TypeError(
-            f"build_model({name!r}) got unexpected keyword(s) {unknown}; accepted: {list(allowed) or 'none'}"
+            f"build_model({name!r}) got unexpected keyword(s) {unknown}; accepted: {list(entry.keywords) or 'none'}"
         )
-    if name == "cnn2":
-        return CNN2(num_classes, in_channels, image_size)
-    if name == "vgg16":
-        return VGG(VGG16_CFG, num_classes, in_channels, image_size)
-    _positive_int(image_size, "image_size")
-    depth = int(name.removeprefix("resnet"))
-    return CifarResNet(depth, num_classes, in_channels, **kwargs)  # type: ignore[arg-type]
+    model = entry.builder(num_classes, in_channels, image_size, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the builder of model {name!r} must return a torch.nn.Module, got {type(model).__name__}")
+    return model

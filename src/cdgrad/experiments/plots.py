@@ -2,22 +2,26 @@
 
 curves   test accuracy per epoch, mean over seeds with a +-1 std band            (paper Fig. 4)
 hist     histogram of final test accuracies per method                        (paper Fig. 5 left)
-lambda   final test accuracy vs lambda for h0 and sobolev, SGD as a band        (paper Fig. 6)
+lambda   final test accuracy vs lambda for every method with a `lam`, SGD as a band  (paper Fig. 6)
+
+Line labels are the method registry's (`cdgrad.experiments.methods.describe`); diverged runs are left out.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from cdgrad.experiments.report import Setting, setting_title
+from cdgrad.experiments.methods import METHODS, describe
+from cdgrad.experiments.report import Row, Setting, completed, setting_title
 
 KINDS = ("curves", "hist", "lambda")
 
 
-def _figure(n: int, width: float = 5.5, height: float = 4.0):
+def _figure(n: int, width: float = 5.5, height: float = 4.0) -> tuple[Any, Any, list[Any]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +35,7 @@ def _figure(n: int, width: float = 5.5, height: float = 4.0):
     return plt, fig, list(axes.flat[:n])
 
 
-def _title(ax, st: Setting) -> None:
+def _title(ax: Any, st: Setting) -> None:
     ax.set_title(setting_title(st.setting), fontsize=8, wrap=True)
 
 
@@ -39,7 +43,9 @@ def plot_curves(settings: Sequence[Setting], path: str) -> str:
     plt, fig, axes = _figure(len(settings))
     for ax, st in zip(axes, settings, strict=True):
         for row in st.rows:
-            runs = st.runs[row.label]
+            runs = completed(st.runs[row.label])
+            if not runs:
+                continue
             epochs = runs[0].curves["test_epoch"]
             accs = np.array([r.curves["test_acc"] for r in runs if r.curves["test_epoch"] == epochs])
             m = accs.mean(0)
@@ -83,19 +89,12 @@ def plot_lambda(settings: Sequence[Setting], path: str) -> str:
     plt, fig, axes = _figure(len(settings))
     for ax, st in zip(axes, settings, strict=True):
         base = st.baseline
-        lines: dict[str, list] = {}
+        lines: dict[str, list[Row]] = {}
         for r in st.rows:
-            if r.config.method in ("h0", "sobolev") and r.config.lam is not None:
-                c = r.config
-                label = (
-                    c.method
-                    + (f" beta={c.beta:g}" if c.beta else "")
-                    + (f" {c.direction}" if c.direction not in (None, "output") else "")
-                    + (" (paper lambda)" if c.convention == "paper" else "")
-                )
-                lines.setdefault(label, []).append(r)
+            if "lam" in METHODS.get(r.config.method).param_names and r.config.lam is not None and r.accs:
+                lines.setdefault(describe(r.config, omit=("lam",)), []).append(r)
         for label, rows in lines.items():
-            rows.sort(key=lambda r: r.config.lam)
+            rows.sort(key=lambda r: r.config.lam or 0.0)
             ax.errorbar(
                 [r.config.lam for r in rows],
                 [r.mean for r in rows],
@@ -116,7 +115,7 @@ def plot_lambda(settings: Sequence[Setting], path: str) -> str:
     return _save(plt, fig, path)
 
 
-def _save(plt, fig, path: str) -> str:
+def _save(plt: Any, fig: Any, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -16,6 +16,7 @@ from typing import Any
 
 from cdgrad.experiments.config import FIELDS, RunConfig, from_dict, run_key, to_dict, validate
 from cdgrad.experiments.methods import describe
+from cdgrad.experiments.registry import Registry
 from cdgrad.experiments.store import ResultStore
 
 
@@ -42,7 +43,9 @@ class Preset:
 
 
 def grid(
-    settings: Iterable[dict[str, Any]], methods: Iterable[dict[str, Any]], seeds: int | Callable[[dict], int]
+    settings: Iterable[dict[str, Any]],
+    methods: Iterable[dict[str, Any]],
+    seeds: int | Callable[[dict[str, Any]], int],
 ) -> tuple[tuple[dict[str, Any], int], ...]:
     """All (setting, method) combinations; `seeds` may depend on the setting."""
     return tuple(
@@ -95,12 +98,12 @@ CIFAR_SGD = {
 CIFAR_ADAM = {**CIFAR_SGD, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "epochs": 200}
 # Table 2's methods. The paper states lambda = 1 for H1~ and publishes neither beta nor H0's lambda;
 # these two are our choices, in the paper's convention.
-TABLE2_METHODS = (
+TABLE2_METHODS: tuple[dict[str, Any], ...] = (
     {"method": "none"},
     {"method": "sobolev", "lam": 1.0, "beta": 1.0, "convention": "paper"},
     {"method": "h0", "lam": 1.0, "convention": "paper"},
 )
-ABLATION_METHODS = (
+ABLATION_METHODS: tuple[dict[str, Any], ...] = (
     {"method": "none"},
     *(
         {"method": m, "lam": 1.0, "direction": d, "convention": "paper", **({"beta": 1.0} if m == "sobolev" else {})}
@@ -186,37 +189,42 @@ _PRESETS = (
         "3 seeds instead of 10, evaluation on 20,000 of the 60,000 held-out images",
     ),
 )
-PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
+PRESETS: Registry[Preset] = Registry("preset")
+for _preset in _PRESETS:
+    PRESETS.register(_preset.name, _preset, builtin=True)
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; accepted: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return PRESETS.get(name)
 
 
-def data_key(config: RunConfig) -> tuple:
+def data_key(config: RunConfig) -> tuple[Any, ...]:
     return (config.dataset, config.data_root, config.swap_train_test, config.train_subset, config.test_subset)
 
 
-def prepare(runs: list[tuple[RunConfig, int]], store: ResultStore | None) -> dict[tuple, Any]:
-    """Check everything that can fail before training: configs, results folder, data. Returns the data sets."""
+def prepare(runs: list[tuple[RunConfig, int]], store: ResultStore | None) -> dict[tuple[Any, ...], Any]:
+    """Check everything that can fail before training: configs, seeds, data, then the results folder (the first
+    thing created on disk, with the temporary files of killed writers removed). Returns the data sets."""
     from cdgrad.experiments.launch import init_from_env, is_main_process
-    from cdgrad.experiments.train import load_data
+    from cdgrad.experiments.train import check_seed, load_data
 
-    for config, _ in runs:
+    for config, seed in runs:
         validate(config)
+        check_seed(seed)
+    datasets: dict[tuple[Any, ...], Any] = {}
+    for config, _ in runs:
+        if data_key(config) not in datasets:
+            datasets[data_key(config)] = load_data(config)
     distributed = init_from_env() is not None
     if store is not None and is_main_process():  # under torchrun only rank 0 writes the results folder
         store.check_writable()
+        store.remove_orphans()
     if distributed:
         import torch.distributed as dist
 
         dist.barrier()  # the other ranks read the store only once rank 0 has created it
-    datasets: dict[tuple, Any] = {}
-    for config, _ in runs:
-        if data_key(config) not in datasets:
-            datasets[data_key(config)] = load_data(config)
     return datasets
 
 
@@ -226,35 +234,105 @@ def run_all(
     *,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
+    wait: bool = True,
+    poll_s: float = 2.0,
 ) -> list[str]:
-    """Train every run not yet in `store` (resuming from its checkpoint if one exists); returns all keys."""
-    from cdgrad.experiments.launch import is_main_process
+    """Train every run not yet in `store` (resuming from its checkpoint if one exists); returns all keys.
+
+    Each run is claimed in the store before it is trained, so several processes on one store share the work:
+    runs another live process holds are skipped, and once nothing is left to claim this process waits (polling
+    every `poll_s` seconds) until those are stored too, taking over any whose owner died; with `wait=False` it
+    returns instead and logs which runs another process still holds.
+    """
+    from cdgrad.experiments.launch import init_from_env, is_main_process
     from cdgrad.experiments.train import train
 
     datasets = prepare(runs, store)
-    main = is_main_process()  # under torchrun every rank trains, rank 0 alone stores and logs
+    main = is_main_process()  # under torchrun every rank trains, rank 0 alone claims, stores and logs
+    distributed = init_from_env() is not None
     if not main:
         log = _quiet
     done = store.done_keys()
+    if main:  # a process killed between storing a run and removing its checkpoint left the checkpoint behind
+        for config, seed in runs:
+            if run_key(config, seed) in done:
+                store.finish_checkpoint(config, run_key(config, seed))
     # seed-major order: an interrupted sweep leaves every configuration with about as many seeds
     todo = sorted(((c, s) for c, s in runs if run_key(c, s) not in done), key=lambda run: run[1])
     log(f"{len(runs)} runs, {len(runs) - len(todo)} already complete, {len(todo)} to train (results: {store.path})")
-    t_all = time.perf_counter()
-    for i, (config, seed) in enumerate(todo, 1):
-        key = run_key(config, seed)
+    by_key = {run_key(c, s): (c, s) for c, s in todo}
+    pending = list(by_key)
+    t_all, trained, waiting_for = time.perf_counter(), 0, None
+
+    def next_run() -> str | None:
+        """Rank 0: the key of the next run this process claimed, "" to wait for others, None when all are stored."""
+        stored = store.done_keys()
+        pending[:] = [k for k in pending if k not in stored]
+        for k in pending:
+            if store.claim(k):
+                return k
+        return "" if pending else None
+
+    while True:
+        choice = next_run() if main else None
+        if distributed:
+            import torch.distributed as dist
+
+            shared: list[Any] = [choice]
+            dist.broadcast_object_list(shared, src=0)
+            choice = shared[0]
+        if choice is None:
+            break
+        if choice == "":
+            held = store.held_elsewhere(pending) if main else {}
+            holders = ", ".join(sorted({f"pid {c.pid} on {c.host}" for c in held.values()})) or "another process"
+            if not wait:
+                log(f"{len(pending)} runs are still being trained by {holders}: {', '.join(pending)}")
+                break
+            if waiting_for != len(pending):
+                log(f"waiting for {len(pending)} runs being trained by {holders}")
+                waiting_for = len(pending)
+            time.sleep(poll_s)
+            continue
+        key = choice
+        config, seed = by_key[key]
+        pending.remove(key)
         t0 = time.perf_counter()
-        metrics = train(
-            config, seed, dataset=datasets[data_key(config)], checkpoint=store.checkpoint_path(key), progress=progress
-        )
-        if main:
-            store.save(config, seed, metrics)
+        try:
+            metrics = train(
+                config,
+                seed,
+                dataset=datasets[data_key(config)],
+                checkpoint=store.checkpoint_path(key),
+                progress=progress,
+                callback=_heartbeat(store, key) if main else None,
+            )
+            if main:
+                store.save(config, seed, metrics)
+        except BaseException:
+            if main:
+                store.release(key)
+            raise
+        trained += 1
+        result = f"test acc {metrics['final']['test_acc']:.2f}%"
+        if metrics.get("status") == "diverged":
+            result = f"diverged at epoch {metrics['curves']['epoch'][-1]} (loss not finite)"
         log(
-            f"[{i}/{len(todo)}] {config.dataset} {config.model} {describe(config)} seed {seed}: "
-            f"test acc {metrics['final']['test_acc']:.2f}% ({time.perf_counter() - t0:.0f} s)"
+            f"[{trained}/{len(todo)}] {config.dataset} {config.model} {describe(config)} seed {seed}: "
+            f"{result} ({time.perf_counter() - t0:.0f} s)"
         )
-    if todo:
-        log(f"trained {len(todo)} runs in {time.perf_counter() - t_all:.0f} s")
+    if trained:
+        log(f"trained {trained} runs in {time.perf_counter() - t_all:.0f} s")
     return [run_key(c, s) for c, s in runs]
+
+
+def _heartbeat(store: ResultStore, key: str) -> Callable[[int, dict[str, list[Any]]], None]:
+    """The `train` callback that refreshes this process's claim on run `key` after every epoch."""
+
+    def beat(epoch: int, curves: dict[str, list[Any]]) -> None:
+        store.heartbeat(key)
+
+    return beat
 
 
 def _quiet(message: str) -> None:

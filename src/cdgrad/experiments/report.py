@@ -10,7 +10,12 @@ Statistics are implemented here (no scipy). For final test accuracies `x_1..x_n`
 
 The Student t CDF uses the regularised incomplete beta function `I_x(a, b)`, evaluated by its continued
 fraction (modified Lentz). Runs are grouped into settings (everything but the method and its
-hyper-parameters); each setting's baseline is its `method=none` group.
+hyper-parameters); each setting's baseline is its `method=none` group. Rows follow the method registry's
+order and labels (`cdgrad.experiments.methods`).
+
+Runs stored as diverged (a non-finite loss) are counted in their row's "diverged" column and left out of
+every statistic. When the runs of a setting ran on different kernel paths (the native C kernel or the
+PyTorch reference) or with different thread counts, whose numbers may differ at round-off, the table says so.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from cdgrad.experiments.config import FIELDS, METHOD_FIELDS, RunConfig, identity_dict
-from cdgrad.experiments.methods import METHODS, describe
+from cdgrad.experiments.methods import describe, sort_key
 from cdgrad.experiments.store import Run
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -100,8 +106,10 @@ def t_ppf(p: float, df: float) -> float:
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; nan for one value)."""
+    """Mean and sample standard deviation (ddof 1; nan for one value, both nan for none)."""
     n = len(xs)
+    if n == 0:
+        return math.nan, math.nan
     m = sum(xs) / n
     s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
     return m, s
@@ -160,14 +168,17 @@ def published(config: RunConfig) -> float | None:
 # ----------------------------------------------------------------------------------------------- grouping
 
 
-def setting_of(config: RunConfig) -> dict:
+def setting_of(config: RunConfig) -> dict[str, Any]:
     """The identity fields that are not the method or its hyper-parameters."""
     return {k: v for k, v in identity_dict(config).items() if k not in METHOD_FIELDS and k != "method"}
 
 
 @dataclass
 class Row:
-    """One method's final test accuracies within one setting, with statistics against the baseline."""
+    """One method's final test accuracies within one setting, with statistics against the baseline.
+
+    `accs` holds the completed runs only; `diverged` counts the runs stored as diverged.
+    """
 
     label: str
     config: RunConfig
@@ -178,32 +189,52 @@ class Row:
     reduction: float | None = None
     p_value: float | None = None
     paper: float | None = None
+    diverged: int = 0
 
 
 @dataclass
 class Setting:
-    setting: dict
+    setting: dict[str, Any]
     rows: list[Row]
     runs: dict[str, list[Run]]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def baseline(self) -> Row | None:
         return next((r for r in self.rows if r.config.method == "none"), None)
 
 
-def _order(config: RunConfig) -> tuple:
-    return (
-        list(METHODS).index(config.method),
-        config.direction or "",
-        config.convention or "",
-        config.beta or 0.0,
-        config.lam if config.lam is not None else -1.0,
-        config.sigma or 0.0,
-    )
+def status(run: Run) -> str:
+    """'completed' or 'diverged' (runs stored before statuses existed are completed)."""
+    return str(getattr(run, "status", "completed"))
+
+
+def completed(runs: Sequence[Run]) -> list[Run]:
+    """The runs that completed (not diverged)."""
+    return [r for r in runs if status(r) != "diverged"]
+
+
+def _environment_notes(runs: Sequence[Run]) -> list[str]:
+    """Sentences saying which kernel paths and thread counts the runs of one setting mixed (if they do)."""
+    notes = []
+    for key, what in (("kernel", "kernel paths"), ("threads", "thread counts")):
+        counts: dict[str, int] = {}
+        for run in runs:
+            value = run.env.get(key) if isinstance(run.env, dict) else None
+            name = "not recorded" if value is None else str(value)
+            counts[name] = counts.get(name, 0) + 1
+        if len(counts) > 1 and any(k != "not recorded" for k in counts):
+            parts = ", ".join(f"{k}: {n} run{'s' if n != 1 else ''}" for k, n in sorted(counts.items()))
+            notes.append(f"the runs of this setting mix {what} ({parts}); their numbers may differ at round-off")
+    return notes
 
 
 def summarize(runs: Sequence[Run]) -> list[Setting]:
-    """Group runs by setting and method; compute each row's statistics against its setting's baseline."""
+    """Group runs by setting and method; compute each row's statistics against its setting's baseline.
+
+    Diverged runs are counted per row and left out of the statistics; a setting whose runs mix kernel paths
+    or thread counts gets a note.
+    """
     groups: dict[str, dict[str, list[Run]]] = {}
     for run in runs:
         skey = json.dumps(setting_of(run.config), sort_keys=True)
@@ -212,13 +243,23 @@ def summarize(runs: Sequence[Run]) -> list[Setting]:
     for skey, by_label in groups.items():
         rows = []
         for label, group in by_label.items():
-            accs = [r.final["test_acc"] for r in sorted(group, key=lambda r: r.seed)]
+            accs = [r.final["test_acc"] for r in sorted(completed(group), key=lambda r: r.seed)]
             m, s = mean_std(accs)
             rows.append(
-                Row(label, group[0].config, accs, m, s, confidence_interval(accs), paper=published(group[0].config))
+                Row(
+                    label,
+                    group[0].config,
+                    accs,
+                    m,
+                    s,
+                    confidence_interval(accs),
+                    paper=published(group[0].config),
+                    diverged=len(group) - len(completed(group)),
+                )
             )
-        rows.sort(key=lambda r: _order(r.config))
-        setting = Setting(json.loads(skey), rows, by_label)
+        rows.sort(key=lambda r: sort_key(r.config))
+        every = [r for group in by_label.values() for r in group]
+        setting = Setting(json.loads(skey), rows, by_label, _environment_notes(every))
         base = setting.baseline
         if base is not None:
             for r in rows:
@@ -236,7 +277,7 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def setting_title(setting: dict, varying: Sequence[str] = ()) -> str:
+def setting_title(setting: dict[str, Any], varying: Sequence[str] = ()) -> str:
     """A short description of a setting, e.g. `fashion-mnist, cnn2, sgd lr 0.01, batch 100, 8 epochs`."""
     s = setting
     parts = [
@@ -266,15 +307,23 @@ def setting_title(setting: dict, varying: Sequence[str] = ()) -> str:
 
 
 def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
-    """One Markdown table per setting: mean +- std, 95% CI, n, error reduction, Welch p, published number."""
+    """One Markdown table per setting: mean +- std, 95% CI, n, error reduction, Welch p, published number.
+
+    A "diverged" column appears where some run diverged; notes on mixed kernel paths or thread counts follow
+    the table.
+    """
     varying = [k for k in FIELDS if len({json.dumps(s.setting.get(k)) for s in settings}) > 1]
     out = []
     for st in settings:
         base = st.baseline
         has_paper = any(r.paper is not None for r in st.rows)
+        has_diverged = any(r.diverged for r in st.rows)
         out.append(f"{'#' * heading_level} {setting_title(st.setting, varying)}\n")
-        head = ["method", "seeds", "test acc % (mean ± std)", "95% CI", "error reduction vs SGD", "Welch p vs SGD"] + (
-            ["paper"] if has_paper else []
+        head = (
+            ["method", "seeds"]
+            + (["diverged"] if has_diverged else [])
+            + ["test acc % (mean ± std)", "95% CI", "error reduction vs SGD", "Welch p vs SGD"]
+            + (["paper"] if has_paper else [])
         )
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
@@ -291,7 +340,8 @@ def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
             cells = [
                 r.label,
                 str(len(r.accs)),
-                f"{r.mean:.2f} ± {_fmt(r.std)}",
+                *([str(r.diverged)] if has_diverged else []),
+                f"{_fmt(r.mean)} ± {_fmt(r.std)}",
                 f"[{_fmt(r.ci[0])}, {_fmt(r.ci[1])}]",
                 red,
                 "-" if r is base else _fmt(r.p_value, ".2g"),
@@ -299,5 +349,13 @@ def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
             out.append("| " + " | ".join(cells) + " |")
         if base is None:
             out.append("\n(no `method=none` run in this setting: no baseline to compare with)")
+        if has_diverged:
+            n = sum(r.diverged for r in st.rows)
+            out.append(
+                f"\n{n} run{'s' if n != 1 else ''} diverged (non-finite loss): counted in the diverged column, "
+                "left out of every statistic."
+            )
+        for note in st.notes:
+            out.append(f"\nNote: {note}.")
         out.append("")
     return "\n".join(out)

@@ -1,27 +1,39 @@
-"""The results store: one SQLite file (`<results>/results.sqlite`), one row per completed run.
+"""The results store: one SQLite file (`<results>/results.sqlite`), one row per finished run.
 
 A row holds the run's key (`config.run_key`), seed, full config (JSON), library version, environment
-(torch, python, platform, threads, device) and per-epoch curves. It is written in a single
+(torch, python, platform, thread count, kernel path, device, git commit of the source), per-epoch curves and its
+status: "completed", or "diverged" when its training loss became non-finite. It is written in a single
 transaction after the run has finished, so a run that crashes is never counted as done; checkpoints of
 unfinished runs live in `<results>/checkpoints/` and are removed once the row is committed (kept as
-`<results>/models/<key>.pt` for runs with `save_model`).
+`<results>/models/<key>.pt` for completed runs with `save_model`).
+
+Several processes may run one sweep on one store: a process trains a run only after claiming it in the
+`claims` table (key, owner pid, host and start time, heartbeat time). A claim is taken over when its owner is
+no longer running on this host (its process id gone, or now another process's) or its heartbeat is older than
+`claim_timeout_s`; the owner refreshes the heartbeat after every epoch and releases the claim in the transaction
+that stores the run.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import socket
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from cdgrad.experiments.checkpoint import remove_orphans, replace_durably
 from cdgrad.experiments.config import RunConfig, from_dict, run_key, to_dict
 
 SCHEMA = """
@@ -34,39 +46,111 @@ CREATE TABLE IF NOT EXISTS runs (
     curves TEXT NOT NULL,
     final TEXT NOT NULL,
     wall_s REAL NOT NULL,
-    finished TEXT NOT NULL
-)
+    finished TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'completed'
+);
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    heartbeat REAL NOT NULL,
+    started TEXT NOT NULL DEFAULT ''
+);
 """
+COLUMNS = ("key", "seed", "config", "version", "env", "curves", "final", "wall_s", "finished", "status")
+STATUSES = ("completed", "diverged")
+_CLAIM_COLUMNS = "key, pid, host, heartbeat, started"
+CLAIM_TIMEOUT_S = 6 * 3600.0  # a claim whose owner has not reported for this long is taken over
 
 
 @dataclass(frozen=True)
 class Run:
-    """One completed run as read back from the store."""
+    """One finished run as read back from the store; `status` is "completed" or "diverged"."""
 
     key: str
     seed: int
     config: RunConfig
     version: str
     env: dict[str, Any]
-    curves: dict[str, list]
+    curves: dict[str, list[Any]]
     final: dict[str, float]
     wall_s: float
     finished: str
+    status: str = "completed"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A run being trained by process `pid` on `host`, which last reported at `heartbeat` (seconds since epoch);
+    `started` tells that process from a later one given the same id ('' where unknown)."""
+
+    key: str
+    pid: int
+    host: str
+    heartbeat: float
+    started: str = ""
+
+
+@functools.lru_cache(maxsize=1)
+def source_revision() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the git checkout the `cdgrad` package runs from; (None, None) outside a checkout.
+
+    Read once per process (the code a process runs is the code it imported).
+    """
+    import cdgrad
+
+    return git_revision(Path(cdgrad.__file__).resolve().parent)
+
+
+def git_revision(package: Path) -> tuple[str | None, bool | None]:
+    """(HEAD commit, dirty) of the git checkout that tracks `package/__init__.py`; (None, None) if none does.
+
+    `dirty` counts tracked and untracked (not ignored) changes anywhere in the checkout.
+    """
+
+    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    tracked = git("ls-files", "--error-unmatch", "__init__.py")  # the package itself is part of the checkout
+    if tracked is None or tracked.returncode != 0:
+        return None, None
+    head, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    if head is None or status is None or head.returncode != 0 or status.returncode != 0:
+        return None, None
+    return head.stdout.strip(), bool(status.stdout.strip())
+
+
+def kernel_path(device: str) -> str:
+    """ "native" when the compiled CPU kernel is available and the run is on the CPU, else "reference"."""
+    from cdgrad import _native
+
+    return "native" if torch.device(device).type == "cpu" and _native.library() is not None else "reference"
 
 
 def environment(config: RunConfig | None = None) -> dict[str, Any]:
-    """What the numbers may depend on besides the config: versions, platform, threads, device."""
+    """What the numbers may depend on besides the config: versions, platform, threads, kernel path, device, commit.
+
+    `threads` is the intra-op thread count the run trains with (`config.threads`, or torch's when that is 0);
+    `kernel` is the path the channel-directed transforms take; the two change results at round-off.
+    """
     import numpy
 
     device = config.device if config is not None else "cpu"
+    commit, dirty = source_revision()
     env = {
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
+        "threads": (config.threads if config is not None else 0) or torch.get_num_threads(),
+        "kernel": kernel_path(device),
         "device": device,
+        "git_commit": commit,
+        "git_dirty": dirty,
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -74,12 +158,34 @@ def environment(config: RunConfig | None = None) -> dict[str, Any]:
     return env
 
 
-class ResultStore:
-    """Completed runs in `<root>/results.sqlite`; `check_writable` fails early on an unusable folder."""
+def process_start(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, from /proc); '' where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
-    def __init__(self, root: str):
+
+def _owner_alive(claim: Claim) -> bool:
+    """Whether the process holding `claim` may still be running (always True on another host)."""
+    from cdgrad.experiments.checkpoint import _alive
+
+    if claim.host != socket.gethostname():
+        return True
+    if not _alive(claim.pid):
+        return False
+    return not claim.started or process_start(claim.pid) in ("", claim.started)  # not a reused process id
+
+
+class ResultStore:
+    """Finished runs in `<root>/results.sqlite`; `check_writable` fails early on an unusable folder."""
+
+    def __init__(self, root: str, claim_timeout_s: float = CLAIM_TIMEOUT_S):
         self.root = root
         self.path = os.path.join(root, "results.sqlite")
+        self.claim_timeout_s = claim_timeout_s
+        self.bad_rows: list[str] = []  # keys of the rows the last `runs()` could not read
 
     # -- setup
     def check_writable(self) -> None:
@@ -98,6 +204,10 @@ class ResultStore:
                 f"results folder {self.root!r} is not writable ({exc}); pass a writable folder with --results"
             ) from None
 
+    def remove_orphans(self) -> list[str]:
+        """Delete temporary files left by killed writers in the checkpoint and model folders."""
+        return remove_orphans(self.checkpoint_dir) + remove_orphans(os.path.join(self.root, "models"))
+
     @property
     def checkpoint_dir(self) -> str:
         return os.path.join(self.root, "checkpoints")
@@ -110,12 +220,31 @@ class ResultStore:
         return os.path.join(self.root, "models", f"{key}.pt")
 
     def _connect(self) -> sqlite3.Connection:
+        """A connection with the current schema; an old store gains the `status` column (if it can be written)."""
         conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        conn.execute(SCHEMA)
+        try:
+            conn.executescript(SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            if "status" not in columns:
+                conn.execute("ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'completed'")
+        except sqlite3.OperationalError:
+            if not self._readable_only(conn):
+                conn.close()
+                raise
         return conn
+
+    @staticmethod
+    def _readable_only(conn: sqlite3.Connection) -> bool:
+        """True if `conn` can read the runs table (the schema update failed because the store is read-only)."""
+        try:
+            conn.execute("SELECT key FROM runs LIMIT 1")
+        except sqlite3.Error:
+            return False
+        return True
 
     # -- queries
     def done_keys(self) -> set[str]:
+        """Keys of every stored run, completed or diverged."""
         if not os.path.exists(self.path):
             return set()
         with closing(self._connect()) as conn:
@@ -124,38 +253,57 @@ class ResultStore:
     def is_done(self, config: RunConfig, seed: int) -> bool:
         return run_key(config, seed) in self.done_keys()
 
-    def runs(self, keys: Iterable[str] | None = None) -> list[Run]:
-        """Completed runs, all of them or those with the given keys (in that order, missing ones skipped)."""
+    def runs(self, keys: Iterable[str] | None = None, warn: bool = True) -> list[Run]:
+        """Stored runs, all of them or those with the given keys (in that order, missing ones skipped).
+
+        A row that cannot be read (invalid JSON, a config this version does not know) is skipped, named on
+        stderr (with `warn`) and listed in `bad_rows`.
+        """
+        self.bad_rows = []
         if not os.path.exists(self.path):
             return []
         with closing(self._connect()) as conn:
-            rows = conn.execute(
-                "SELECT key, seed, config, version, env, curves, final, wall_s, finished FROM runs ORDER BY finished"
-            ).fetchall()
-        by_key = {
-            r[0]: Run(
-                r[0],
-                r[1],
-                from_dict(json.loads(r[2])),
-                r[3],
-                json.loads(r[4]),
-                json.loads(r[5]),
-                json.loads(r[6]),
-                r[7],
-                r[8],
-            )
-            for r in rows
-        }
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            select = ", ".join(c if c in columns else f"'completed' AS {c}" for c in COLUMNS)
+            rows = conn.execute(f"SELECT {select} FROM runs ORDER BY finished").fetchall()
+        by_key: dict[str, Run] = {}
+        for r in rows:
+            try:
+                run = Run(
+                    r[0],
+                    int(r[1]),
+                    from_dict(json.loads(r[2])),
+                    r[3],
+                    json.loads(r[4]),
+                    json.loads(r[5]),
+                    json.loads(r[6]),
+                    float(r[7]),
+                    r[8],
+                    r[9],
+                )
+                if not isinstance(run.env, dict) or not isinstance(run.curves, dict) or not isinstance(run.final, dict):
+                    raise ValueError("env, curves and final must be JSON objects")
+            except (ValueError, TypeError, KeyError) as exc:
+                self.bad_rows.append(str(r[0]))
+                if warn:
+                    print(
+                        f"cdgrad: results store {self.path}: skipping unreadable run {r[0]!r} ({exc})", file=sys.stderr
+                    )
+                continue
+            by_key[run.key] = run
         if keys is None:
             return list(by_key.values())
         return [by_key[k] for k in keys if k in by_key]
 
     # -- writing
     def save(self, config: RunConfig, seed: int, metrics: dict[str, Any], env: dict[str, Any] | None = None) -> str:
-        """Record a finished run in one transaction, then remove its checkpoint (or, with `config.save_model`,
-        keep it as `model_path(key)`); returns the run key."""
+        """Record a finished run (and release its claim) in one transaction, then remove its checkpoint (or, with
+        `config.save_model` and a completed run, keep it as `model_path(key)`); returns the run key."""
         from cdgrad import __version__
 
+        status = metrics.get("status", "completed")
+        if status not in STATUSES:
+            raise ValueError(f"metrics['status'] must be one of {', '.join(STATUSES)}, got {status!r}")
         key = run_key(config, seed)
         row = (
             key,
@@ -167,12 +315,14 @@ class ResultStore:
             json.dumps(metrics["final"]),
             float(metrics["wall_s"]),
             time.strftime("%Y-%m-%dT%H:%M:%S"),
+            status,
         )
         os.makedirs(self.root, exist_ok=True)
         conn = self._connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 10)})", row)
+            conn.execute("DELETE FROM claims WHERE key = ?", (key,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -180,11 +330,81 @@ class ResultStore:
             raise
         finally:
             conn.close()
-        ckpt = self.checkpoint_path(key)
-        if os.path.exists(ckpt):
-            if config.save_model:
-                os.makedirs(os.path.dirname(self.model_path(key)), exist_ok=True)
-                os.replace(ckpt, self.model_path(key))
-            else:
-                os.remove(ckpt)
+        self.finish_checkpoint(config, key, keep=config.save_model and status == "completed")
         return key
+
+    def finish_checkpoint(self, config: RunConfig, key: str, keep: bool | None = None) -> None:
+        """The checkpoint of the stored run `key`: moved to `model_path(key)` if `keep` (default: the config's
+        `save_model`), removed otherwise. Also finishes what a process killed right after storing left behind."""
+        ckpt = self.checkpoint_path(key)
+        if not os.path.exists(ckpt):
+            return
+        if config.save_model if keep is None else keep:
+            os.makedirs(os.path.dirname(self.model_path(key)), exist_ok=True)
+            replace_durably(ckpt, self.model_path(key))
+        else:
+            os.remove(ckpt)
+
+    # -- claims (several processes on one sweep)
+    @property
+    def owner(self) -> tuple[int, str]:
+        return os.getpid(), socket.gethostname()
+
+    def _stale(self, claim: Claim, now: float) -> bool:
+        if (claim.pid, claim.host) == self.owner:
+            return True  # our own (e.g. left by an earlier run of this process)
+        return not _owner_alive(claim) or now - claim.heartbeat > self.claim_timeout_s
+
+    def claim(self, key: str) -> bool:
+        """Claim run `key` for this process; False if it is stored already or another live process holds it."""
+        pid, host = self.owner
+        now = time.time()
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if conn.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone() is not None:
+                conn.execute("ROLLBACK")
+                return False
+            row = conn.execute(f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE key = ?", (key,)).fetchone()
+            if row is not None and not self._stale(Claim(*row), now):
+                conn.execute("ROLLBACK")
+                return False
+            conn.execute(
+                f"INSERT OR REPLACE INTO claims ({_CLAIM_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (key, pid, host, now, process_start(pid)),
+            )
+            conn.execute("COMMIT")
+            return True
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
+
+    def heartbeat(self, key: str) -> None:
+        """Refresh this process's claim on `key` (called after every epoch)."""
+        pid, host = self.owner
+        with closing(self._connect()) as conn:
+            conn.execute(
+                "UPDATE claims SET heartbeat = ? WHERE key = ? AND pid = ? AND host = ?", (time.time(), key, pid, host)
+            )
+
+    def release(self, key: str) -> None:
+        """Drop this process's claim on `key` (a run that failed; a stored run's claim goes with `save`)."""
+        pid, host = self.owner
+        with closing(self._connect()) as conn:
+            conn.execute("DELETE FROM claims WHERE key = ? AND pid = ? AND host = ?", (key, pid, host))
+
+    def claims(self) -> dict[str, Claim]:
+        """Every claim in the store, live or stale, by run key."""
+        if not os.path.exists(self.path):
+            return {}
+        with closing(self._connect()) as conn:
+            return {r[0]: Claim(*r) for r in conn.execute(f"SELECT {_CLAIM_COLUMNS} FROM claims")}
+
+    def held_elsewhere(self, keys: Iterable[str]) -> dict[str, Claim]:
+        """The claims among `keys` held by other live processes (not stale)."""
+        now = time.time()
+        wanted = set(keys)
+        return {k: c for k, c in self.claims().items() if k in wanted and not self._stale(c, now)}

@@ -1,0 +1,202 @@
+"""Checkpoints of unfinished runs: durable atomic writes, checked reads, corrupt files set aside, orphans removed.
+
+A checkpoint is written to `<path>.tmp<pid>`, flushed to disk (fsync), renamed over `<path>` and the folder is
+fsynced, so after a crash or power cut `<path>` is either the previous complete checkpoint or the new one.
+`read_checkpoint` loads with `weights_only=True` (no code runs) and checks that the file holds a checkpoint of
+this very run; a file that cannot be read or lacks what a checkpoint holds raises `CorruptCheckpointError`, and
+`set_aside` renames it to `<path>.corrupt-<timestamp>` so that the run starts afresh instead of failing on every
+retry. `remove_orphans` deletes the temporary files of writers that were killed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from typing import IO, Any
+
+import torch
+
+from cdgrad.experiments.config import RunConfig, from_dict, identity_dict
+
+__all__ = [
+    "CURVES",
+    "CorruptCheckpointError",
+    "fsync_dir",
+    "read_checkpoint",
+    "remove_orphans",
+    "replace_durably",
+    "save_checkpoint",
+    "set_aside",
+]
+
+CURVES = ("epoch", "train_loss", "train_acc", "test_epoch", "test_loss", "test_acc", "epoch_time")
+ORPHAN_AGE_S = 3600.0  # a temporary file this old is an orphan whoever wrote it
+_TMP = re.compile(r"(?:\.tmp|^\.probe)(\d+)$")  # `<name>.tmp<pid>`, and the results folder's write probe
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or does not hold what a checkpoint holds; the message names it."""
+
+
+# ------------------------------------------------------------------------------------------ durable writes
+def fsync_dir(folder: str) -> None:
+    """Flush `folder`'s entries (a rename inside it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: str, path: str) -> None:
+    """Rename the (already fsynced) file `tmp` over `path`, then fsync the folder that holds `path`."""
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_file(fh: IO[bytes]) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write `state` to `path` atomically and durably (temporary file, fsync, rename, fsync of the folder)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            _fsync_file(fh)
+        replace_durably(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------- reads
+def _check_structure(path: str, state: Any) -> dict[str, Any]:
+    """`state` if it has every entry a checkpoint holds, with the right types; CorruptCheckpointError otherwise."""
+
+    def bad(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"checkpoint {path} is not a valid checkpoint ({what})")
+
+    if not isinstance(state, dict):
+        raise bad(f"holds a {type(state).__name__}, not a dict")
+    for key, kind in (
+        ("config", dict),
+        ("seed", int),
+        ("epoch", int),
+        ("elapsed", float),
+        ("model", dict),
+        ("optimizer", dict),
+        ("scheduler", dict),
+        ("method", dict),
+        ("torch_rng", torch.Tensor),
+        ("generator", torch.Tensor),
+        ("curves", dict),
+    ):
+        if not isinstance(state.get(key), kind):
+            raise bad(f"entry {key!r} missing or not a {kind.__name__}")
+    curves = state["curves"]
+    if any(not isinstance(curves.get(k), list) for k in CURVES):
+        raise bad("curves incomplete")
+    epoch = state["epoch"]
+    if epoch < 1 or any(len(curves[k]) != epoch for k in ("epoch", "train_loss", "train_acc", "epoch_time")):
+        raise bad(f"epoch {epoch} does not match the curves")
+    return state
+
+
+def read_checkpoint(path: str, config: RunConfig, seed: int, world_size: int = 1) -> dict[str, Any]:
+    """The checkpoint at `path` of run (`config`, `seed`) written under `world_size` processes.
+
+    CorruptCheckpointError if the file cannot be read or is not a checkpoint; ValueError if it belongs to
+    another run or another world size (both name the file and what to do).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError from the zip reader, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptCheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {reason})") from None
+    state = _check_structure(path, state)
+    try:
+        same = identity_dict(from_dict(state["config"])) == identity_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"checkpoint {path} holds an unusable config ({exc})") from None
+    if not same or state["seed"] != seed:
+        raise ValueError(
+            f"checkpoint {path} belongs to a different run (config or seed differ); remove it "
+            "or pass a different checkpoint path"
+        )
+    saved_world = state.get("world_size", 1)  # checkpoints without the field come from single-process runs
+    if saved_world != world_size:
+        raise ValueError(
+            f"checkpoint {path} was written by a run with world size {saved_world} and can only be "
+            f"resumed with world size {saved_world}, but this run has world size {world_size}; "
+            f"launch {saved_world} process(es) or remove the checkpoint"
+        )
+    if state["epoch"] > config.epochs:
+        raise CorruptCheckpointError(f"checkpoint {path} is at epoch {state['epoch']} of a {config.epochs}-epoch run")
+    return state
+
+
+def set_aside(path: str, reason: str, stream: IO[str] | None = None) -> str:
+    """Rename the bad checkpoint `path` to `<path>.corrupt-<timestamp>`, say so on `stream`; returns the new name."""
+    target = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+    n = 1
+    while os.path.exists(target):
+        target = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{n}"
+        n += 1
+    os.replace(path, target)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    print(f"cdgrad: {reason}; moved it to {target} and starting this run afresh", file=stream or sys.stderr)
+    return target
+
+
+# ------------------------------------------------------------------------------------------------- orphans
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_orphans(folder: str, max_age_s: float = ORPHAN_AGE_S) -> list[str]:
+    """Delete the temporary files (`*.tmp<pid>`, `.probe<pid>`) in `folder` whose writer is dead or that are older
+    than `max_age_s`.
+
+    Returns the paths removed. Writers still running on this machine keep their files.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        match = _TMP.search(name)
+        if match is None:
+            continue
+        path = os.path.join(folder, name)
+        try:
+            age = now - os.path.getmtime(path)
+            if int(match.group(1)) != os.getpid() and (not _alive(int(match.group(1))) or age > max_age_s):
+                os.remove(path)
+                removed.append(path)
+        except OSError:  # removed meanwhile by another process
+            continue
+    return removed

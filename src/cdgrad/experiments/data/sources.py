@@ -1,0 +1,474 @@
+"""Where the official data sets come from: their files and checksums, the directories searched, download.
+
+The readers parse the published files directly (no torchvision):
+
+* MNIST / Fashion-MNIST: the four IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+  ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``), each gzipped (``.gz``) or not.
+* CIFAR-10: ``cifar-10-python.tar.gz`` or its extracted ``cifar-10-batches-py/`` folder.
+
+Where the files are looked up (`find_dataset_dir`): the ``root`` argument, then the ``CDGRAD_DATA``
+environment variable (one directory or several joined by ``os.pathsep``), then ``~/.cache/cdgrad/data/<name>``
+and ``/usr/share/datasets/<name>``. For each base directory ``B`` both ``B`` and ``B/<name>`` are tried; a
+directory counts when it holds every required file. A ``root`` that does not exist is an error naming it
+(never a silent fall-back to another copy).
+
+Every official file is checked against its published md5. A ``.gz`` file is accepted when either the md5 of
+the compressed file or the md5 of its decompressed content matches, since repackaged copies (Debian's
+``dataset-fashion-mnist``, for one) recompress the same content.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cdgrad.experiments.data.dataset import DATASET_REGISTRY, Dataset, channel_stats, load_registered
+from cdgrad.experiments.data.formats import (
+    CIFAR_BATCH_LIMIT,
+    CIFAR_CLASSES,
+    GZIP_MAGIC,
+    DatasetFormatError,
+    check_labels,
+    gunzip,
+    gunzip_idx,
+    parse_idx,
+    read_cifar_archive,
+    read_cifar_batch,
+)
+
+__all__ = [
+    "DATASETS",
+    "ChecksumError",
+    "DatasetNotFoundError",
+    "download_dataset",
+    "fetch_url",
+    "find_dataset_dir",
+    "load_dataset",
+    "read_idx",
+]
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10")
+
+ENV_VAR = "CDGRAD_DATA"
+_SYSTEM_DATASETS_DIR = Path("/usr/share/datasets")
+_DOWNLOAD_TIMEOUT_S = 20.0
+
+# ----------------------------------------------------------------------------------------------------------
+# Official files and checksums
+# ----------------------------------------------------------------------------------------------------------
+
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+# md5 of the official gzipped file ("gz") and of its decompressed content ("raw").
+_MD5: dict[str, dict[str, dict[str, str]]] = {
+    "mnist": {
+        "train-images-idx3-ubyte": {
+            "gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "raw": "6bbc9ace898e44ae57da46a324031adb",
+        },
+        "train-labels-idx1-ubyte": {
+            "gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "raw": "a25bea736e30d166cdddb491f175f624",
+        },
+        "t10k-images-idx3-ubyte": {
+            "gz": "9fb629c4189551a2d022fa330f9573f3",
+            "raw": "2646ac647ad5339dbf082846283269ea",
+        },
+        "t10k-labels-idx1-ubyte": {
+            "gz": "ec29112dd5afa0611ce80d1b7f02629c",
+            "raw": "27ae3e4e09519cfbb04c329615203637",
+        },
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": {
+            "gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "raw": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        },
+        "train-labels-idx1-ubyte": {
+            "gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "raw": "9018921c3c673c538a1fc5bad174d6f9",
+        },
+        "t10k-images-idx3-ubyte": {
+            "gz": "bef4ecab320f06d8554ea6380940ec79",
+            "raw": "8181f5470baa50b63fa0f6fddb340f0a",
+        },
+        "t10k-labels-idx1-ubyte": {
+            "gz": "bb300cfdad3c16e7a12a480ee83cd310",
+            "raw": "15d484375f8d13e6eb1aabb0c3f46965",
+        },
+    },
+    "cifar10": {
+        "cifar-10-python.tar.gz": {"gz": "c58f30108f718f92721af3b95e74349a"},
+        "data_batch_1": {"raw": "c99cafc152244af753f735de768cd75f"},
+        "data_batch_2": {"raw": "d4bba439e000b95fd0a9bffe97cbabec"},
+        "data_batch_3": {"raw": "54ebc095f3ab1f0389bbae665268c751"},
+        "data_batch_4": {"raw": "634d18415352ddfa80567beed471001a"},
+        "data_batch_5": {"raw": "482c414d41f54cd18b22e5b47cb7c3cb"},
+        "test_batch": {"raw": "40351d587109b95175f43aff81a1287e"},
+    },
+}
+
+_MIRRORS: dict[str, tuple[str, ...]] = {
+    "mnist": ("http://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+    "fashion-mnist": (
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    ),
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/",),
+}
+
+_CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+_CIFAR_FOLDER = "cifar-10-batches-py"
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_TEST = "test_batch"
+_CIFAR_BATCHES = (*_CIFAR_TRAIN, _CIFAR_TEST)
+
+_NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": CIFAR_CLASSES}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The files of a data set are in none of the searched directories (and could not be downloaded), or the
+    given root does not exist."""
+
+
+class ChecksumError(DatasetFormatError):
+    """A data file's md5 differs from the official one."""
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DatasetNotFoundError(f"{path}: cannot read ({e})") from None
+
+
+def _read_checked(
+    path: Path, dataset: str | None, key: str, verify: bool, inflate: Callable[[bytes, Path], bytes]
+) -> bytes:
+    """Contents of ``path`` (decompressed by ``inflate`` when gzipped), md5-checked against the official values."""
+    raw = _read_bytes(path)
+    content = inflate(raw, path) if raw[:2] == GZIP_MAGIC else raw
+    if verify and dataset is not None:
+        _verify(path, raw, content, _MD5[dataset][key])
+    return content
+
+
+def _verify(path: Path, raw: bytes, content: bytes | None, known: dict[str, str]) -> None:
+    """ChecksumError unless the md5 of the gzipped file or of its ``content`` is the official one."""
+    ok = (content is not raw and _md5(raw) == known.get("gz")) or (
+        content is not None and _md5(content) == known.get("raw")
+    )
+    if not ok:
+        expected = " or ".join(f"{v} ({k})" for k, v in known.items())
+        raise ChecksumError(
+            f"{path}: md5 {_md5(raw)} does not match the official {expected}; the file is corrupt, "
+            "truncated or not the official one (pass verify=False to read it anyway)"
+        )
+
+
+def _gunzip_batch(raw: bytes, path: Path) -> bytes:
+    return gunzip(raw, path, CIFAR_BATCH_LIMIT)
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file, gzipped or not (detected from the content), into a numpy array."""
+    path = Path(path)
+    return parse_idx(_read_checked(path, None, "", False, gunzip_idx), path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lookup
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_name(name: str) -> str:
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    return name
+
+
+def _cache_root() -> Path:
+    return Path.home() / ".cache" / "cdgrad" / "data"
+
+
+def _idx_path(d: Path, base: str) -> Path | None:
+    """``d/base`` if it is a file, else ``d/base.gz`` if it is one, else None (raw preferred: no gunzip)."""
+    for p in (d / base, d / f"{base}.gz"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _cifar_batches_dir(d: Path) -> Path | None:
+    for folder in (d / _CIFAR_FOLDER, d):
+        if all((folder / b).is_file() for b in _CIFAR_BATCHES):
+            return folder
+    return None
+
+
+def _missing(name: str, d: Path) -> list[str]:
+    """Required files absent from directory ``d``; empty when ``d`` holds the data set."""
+    if name == "cifar10":
+        if (d / _CIFAR_ARCHIVE).is_file() or _cifar_batches_dir(d) is not None:
+            return []
+        return [_CIFAR_ARCHIVE]
+    return [f"{b}.gz" for b in _IDX_FILES if _idx_path(d, b) is None]
+
+
+def check_root(name: str, root: str | os.PathLike[str] | None) -> Path | None:
+    """``root`` as a Path: TypeError unless a path or None, `DatasetNotFoundError` naming it unless a directory."""
+    if root is None:
+        return None
+    if not isinstance(root, str | os.PathLike):
+        raise TypeError(f"root must be a directory path (str or os.PathLike) or None, got {root!r}")
+    r = Path(root).expanduser()
+    if not r.is_dir():
+        what = "is not a directory" if r.exists() else "does not exist"
+        raise DatasetNotFoundError(
+            f"data root {str(root)!r} for data set {name!r} {what}; give the folder that holds the data set's "
+            f"files, or leave the root unset to search ${ENV_VAR} and the standard locations"
+        )
+    return r
+
+
+def _candidates(name: str, root: str | os.PathLike[str] | None) -> list[Path]:
+    """Directories searched, in order: root, $CDGRAD_DATA, the standard locations."""
+    out: list[Path] = []
+    r = check_root(name, root)
+    if r is not None:
+        out += [r, r / name]
+    for entry in os.environ.get(ENV_VAR, "").split(os.pathsep):
+        if entry:
+            e = Path(entry).expanduser()
+            out += [e, e / name]
+    out += [_cache_root() / name, _SYSTEM_DATASETS_DIR / name]
+    return out
+
+
+def find_dataset_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
+    """The first directory holding every file of data set ``name``.
+
+    Searched in order: ``root`` and ``root/<name>``; each directory ``D`` in ``$CDGRAD_DATA`` and
+    ``D/<name>``; ``~/.cache/cdgrad/data/<name>``; ``/usr/share/datasets/<name>``. MNIST-style sets need the
+    four IDX files (``.gz`` or not); CIFAR-10 needs ``cifar-10-python.tar.gz`` or ``cifar-10-batches-py/``
+    (or the batches themselves). Raises `DatasetNotFoundError` when none qualifies, or when ``root`` is given
+    and does not exist. MNIST and Fashion-MNIST share file names, so a directory is told apart only by its
+    name and, when loading, by the checksums.
+    """
+    _check_name(name)
+    candidates = _candidates(name, root)
+    for d in candidates:
+        if d.is_dir() and not _missing(name, d):
+            return d
+    raise DatasetNotFoundError(_not_found_message(name, candidates, _missing(name, _cache_root() / name)))
+
+
+def _not_found_message(name: str, searched: Sequence[Path], missing: Sequence[str], note: str = "") -> str:
+    where = "\n".join(f"  {d}" for d in dict.fromkeys(searched))
+    alt = " (or the extracted cifar-10-batches-py/ folder)" if name == "cifar10" else " (gzipped or not)"
+    return (
+        f"data set {name!r} not found. Missing files: {', '.join(missing)}{alt}.\n"
+        f"Searched:\n{where}\n"
+        f"Put the files in {_cache_root() / name}, or in a directory given as root=... or in the "
+        f"environment variable {ENV_VAR}=/path/to/dir (the directory itself or its '{name}' subdirectory)."
+        + (f"\n{note}" if note else "")
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Download
+# ----------------------------------------------------------------------------------------------------------
+
+Fetch = Callable[[str, Path, float], None]
+
+
+def fetch_url(url: str, dest: Path, timeout: float) -> None:
+    """Write the body of ``url`` to ``dest`` (urllib, ``timeout`` seconds per blocking operation)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f:
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+
+
+def _official_files(name: str) -> list[str]:
+    return [_CIFAR_ARCHIVE] if name == "cifar10" else [f"{b}.gz" for b in _IDX_FILES]
+
+
+def _download_one(name: str, fname: str, md5: str, target: Path, fetch: Fetch) -> list[str] | None:
+    """Fetch ``fname`` into ``target`` from the first mirror that serves it intact; the errors otherwise."""
+    errors: list[str] = []
+    for base in _MIRRORS[name]:
+        url = base + fname
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=target, prefix=f".{fname}.", suffix=".part")
+            os.close(fd)
+        except OSError as e:
+            return [f"cannot write to {target}: {e}"]
+        tmp = Path(tmp_name)
+        try:
+            fetch(url, tmp, _DOWNLOAD_TIMEOUT_S)
+            got = _md5(tmp.read_bytes())
+            if got != md5:
+                raise ChecksumError(f"md5 {got}, expected {md5}")
+            os.replace(tmp, target / fname)
+            return None
+        except Exception as e:  # network or checksum failure: try the next mirror
+            errors.append(f"{url}: {type(e).__name__}: {e}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    return errors
+
+
+def download_dataset(name: str, dest: str | os.PathLike[str] | None = None, fetch: Fetch | None = None) -> Path:
+    """Download the official files of ``name`` missing from ``dest`` (``~/.cache/cdgrad/data/<name>``).
+
+    Each file goes to a temporary file in ``dest``, is checked against its official md5 and only then
+    renamed atomically into place; official mirrors are tried in turn. ``fetch(url, path, timeout)``
+    replaces the network access (default `fetch_url`). Returns ``dest``; raises `DatasetNotFoundError`
+    naming the files that could not be obtained.
+    """
+    _check_name(name)
+    fetch = fetch if fetch is not None else fetch_url
+    target = Path(dest) if dest is not None else _cache_root() / name
+    missing = _missing(name, target) if target.is_dir() else _official_files(name)
+    failures: list[str] = []
+    for fname in missing:
+        key = fname if name == "cifar10" else fname.removesuffix(".gz")
+        errors = _download_one(name, fname, _MD5[name][key]["gz"], target, fetch)
+        if errors is not None:
+            failures.append(f"{fname} ({'; '.join(errors)})")
+    if failures:
+        raise DatasetNotFoundError(f"could not download {name!r} into {target}: " + "; ".join(failures))
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _load_idx_set(name: str, d: Path, verify: bool) -> tuple[np.ndarray, ...]:
+    arrays = {}
+    for base in _IDX_FILES:
+        path = _idx_path(d, base)
+        assert path is not None  # guaranteed by find_dataset_dir
+        arr = parse_idx(_read_checked(path, name, base, verify, gunzip_idx), path)
+        is_images = "images" in base
+        if arr.dtype != np.uint8 or arr.ndim != (3 if is_images else 1):
+            want = "uint8 (N, H, W)" if is_images else "uint8 (N,)"
+            raise DatasetFormatError(f"{path}: expected {want}, got {arr.dtype} {arr.shape}")
+        if not is_images:
+            check_labels(arr, _NUM_CLASSES[name], path)
+        arrays[base] = (arr, path)
+    out = []
+    for split in ("train", "t10k"):
+        (x, xp), (y, yp) = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
+        if x.shape[0] != y.shape[0]:
+            raise DatasetFormatError(f"{xp} holds {x.shape[0]} images but {yp} holds {y.shape[0]} labels")
+        out += [x[:, None], y.astype(np.int64)]
+    return tuple(out)
+
+
+def _load_cifar(d: Path, verify: bool) -> tuple[np.ndarray, ...]:
+    folder = _cifar_batches_dir(d)
+    blobs: dict[str, tuple[bytes, str]] = {}
+    if folder is not None:
+        for b in _CIFAR_BATCHES:
+            path = folder / b
+            blobs[b] = (_read_checked(path, "cifar10", b, verify, _gunzip_batch), str(path))
+    else:
+        archive = d / _CIFAR_ARCHIVE
+        raw = _read_bytes(archive)
+        if verify:  # before anything is decompressed
+            _verify(archive, raw, raw if raw[:2] != GZIP_MAGIC else None, _MD5["cifar10"][_CIFAR_ARCHIVE])
+        names = {f"{_CIFAR_FOLDER}/{b}": b for b in _CIFAR_BATCHES}
+        members = read_cifar_archive(raw, archive, names)
+        blobs = {names[m]: (buf, f"{archive}:{m}") for m, buf in members.items()}
+        absent = [f"{_CIFAR_FOLDER}/{b}" for b in _CIFAR_BATCHES if b not in blobs]
+        if absent:
+            raise DatasetFormatError(f"{archive}: archive lacks the members {', '.join(absent)}")
+    parts = {b: read_cifar_batch(buf, src) for b, (buf, src) in blobs.items()}
+    train_x = np.concatenate([parts[b][0] for b in _CIFAR_TRAIN])
+    train_y = np.concatenate([parts[b][1] for b in _CIFAR_TRAIN])
+    return train_x, train_y, parts[_CIFAR_TEST][0], parts[_CIFAR_TEST][1]
+
+
+def load_official(
+    name: str, root: str | os.PathLike[str] | None = None, download: bool = True, *, verify: bool = True
+) -> Dataset:
+    """Load official data set ``name`` (one of `DATASETS`) from its files as a `Dataset` on the CPU.
+
+    The directory is found with `find_dataset_dir`. When it is not found and ``download`` is True the
+    official files are downloaded into ``~/.cache/cdgrad/data/<name>`` (`download_dataset`); when that fails
+    too, `DatasetNotFoundError` lists the missing files and the directories searched. With ``verify`` every
+    file is checked against its official md5 (`ChecksumError` names a file that differs).
+    """
+    _check_name(name)
+    if not isinstance(download, bool):
+        raise TypeError(f"download must be a bool, got {download!r}")
+    try:
+        d = find_dataset_dir(name, root)
+    except DatasetNotFoundError:
+        if not download:
+            raise
+        try:
+            d = download_dataset(name)
+        except DatasetNotFoundError as e:
+            raise DatasetNotFoundError(
+                _not_found_message(name, _candidates(name, root), _missing_or_all(name), note=f"Download failed: {e}")
+            ) from None
+    arrays = _load_cifar(d, verify) if name == "cifar10" else _load_idx_set(name, d, verify)
+    train_x, train_y, test_x, test_y = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    mean, std = channel_stats(train_x)
+    return Dataset(name, train_x, train_y, test_x, test_y, _NUM_CLASSES[name], mean, std)
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    *,
+    verify: bool = True,
+) -> Dataset:
+    """Load data set ``name``: an official one (`DATASETS`, see `load_official`) or one registered with
+    `register_dataset` (its loader is called as ``loader(root, download)``; ``verify`` applies to official
+    files only).
+
+    A ``root`` that is given must be an existing directory: `DatasetNotFoundError` names it otherwise.
+    """
+    if not isinstance(name, str) or name not in DATASET_REGISTRY:
+        raise ValueError(f"name must be one of {DATASET_REGISTRY.names()}, got {name!r}")
+    if not isinstance(download, bool):
+        raise TypeError(f"download must be a bool, got {download!r}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {verify!r}")
+    check_root(name, root)
+    if name in DATASETS:
+        return load_official(name, root, download, verify=verify)
+    return load_registered(name, root, download)
+
+
+def _missing_or_all(name: str) -> list[str]:
+    target = _cache_root() / name
+    return _missing(name, target) if target.is_dir() else _official_files(name)
+
+
+for _name in DATASETS:
+    DATASET_REGISTRY.register(_name, functools.partial(load_official, _name), builtin=True)

@@ -1,0 +1,302 @@
+"""The SGS transform: a per-layer, data-driven scaling of convolution gradients.
+
+Each selected `k_h x k_w` convolution gets a positive scaling matrix `G` of shape `(k_h, k_w)`, mean 1,
+and its weight gradient `f` (layout `(O, I, k_h, k_w)`) becomes `G * f`, broadcast over `O` and `I`.
+`G` is computed from the layer's *input* feature maps:
+
+    S[i, j] = spatial dependence between a pixel and its neighbour displaced by
+              (i - k_h // 2, j - k_w // 2)                      (centre entry exactly 1)
+    G = k * S / ((k - 1) * S + 1),   then   G <- G / mean(G)
+
+The dependence is the normalised mutual information
+`NMI(P, Q) = (H(P) + H(Q) - H(P, Q)) / H(P, Q)` of the two pixel populations (histogram
+estimate, Sturges' rule bins), pooled over the batch and averaged over channels, or, with
+`method="autocorr"`, the absolute Pearson correlation of the two populations.
+
+By Lemma 1 of the method, training the single conv with `G = sum_n M_n` is exactly training an
+N-branch re-parameterisation with binary receptive-field masks `M_n`, for any optimizer linear in
+its gradient (SGD, momentum, coupled weight decay); SGS replaces the hand-picked masks by `G`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..transforms_base import Commit, GradientTransform, config_fields, state_fields
+from ..validation import check_int, check_positive, check_tensor
+from .dependence import _check_method, _dependence
+from .nmi import _check_bins
+
+__all__ = ["SpatialGradientScaling", "sgs_scaling"]
+
+
+def sgs_scaling(S: Tensor, k: float = 5.0) -> Tensor:
+    """The SGS k-transform `G = k*S / ((k-1)*S + 1)`, normalised to mean 1 over the last two dims.
+
+    `S` has shape `(..., k_h, k_w)` with finite entries `>= 0` (and at least one `> 0` per matrix); `k > 0`.
+    `G` is increasing in `S` (`dG/dS = k / ((k-1) S + 1)^2 > 0`); `k = 1` gives `G = S / mean(S)`, and a
+    larger `k` flattens `G` towards uniform on the entries with `S > 0`.
+    """
+    check_tensor(S, "S")
+    k = check_positive(k, "k")
+    if S.dim() < 2:
+        raise ValueError(f"S must have shape (..., k_h, k_w), got {tuple(S.shape)}")
+    if S.numel() == 0:
+        raise ValueError(f"S must be non-empty, got shape {tuple(S.shape)}")
+    if not torch.isfinite(S).all() or (S < 0).any():
+        raise ValueError("S must contain only finite values >= 0")
+    g = k * S / ((k - 1.0) * S + 1.0)
+    mean = g.mean(dim=(-2, -1), keepdim=True)
+    if (mean <= 0).any():
+        raise ValueError("S must have at least one entry > 0 in every (k_h, k_w) matrix")
+    return g / mean
+
+
+# -------------------------------------------------------------------------------------------- transform
+class SpatialGradientScaling(GradientTransform):
+    """Spatial gradient scaling: `grad <- G * grad` for each conv weight `(O, I, k_h, k_w)`, `G` `(k_h, k_w)`.
+
+    `G = sgs_scaling(spatial_dependence(inputs), k)` per layer, from the inputs of `num_batches`
+    training-mode forward passes captured after `begin_epoch(epoch)` with `epoch % every == 0`. Layers:
+    every `nn.Conv2d` of `model` whose kernel has at least `min_kernel` elements (default 2: all but
+    1x1). Before the first capture `G` is all ones (plain gradients).
+    """
+
+    homogeneous = True  # G * grad is linear in the gradient
+
+    def __init__(
+        self,
+        model: nn.Module,
+        k: float = 5.0,
+        num_batches: int = 2,
+        every: int = 5,
+        bins: int | None = None,
+        method: str = "mi",
+        min_kernel: int = 2,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._hyper = self._validate(
+            dict(k=k, num_batches=num_batches, every=every, bins=bins, method=method, min_kernel=min_kernel)
+        )
+        self.model = model
+        self._hooks: list[Any] = []
+        self._armed = False
+        self._seen = 0
+        self._captured: dict[str, list[tuple[Tensor, int]]] = {}
+        self._setup_layers()
+
+    # ----------------------------------------------------------------------------------------- config
+    _KEYS = ("k", "num_batches", "every", "bins", "method", "min_kernel")
+
+    @staticmethod
+    def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        config_fields(cfg, "SpatialGradientScaling", SpatialGradientScaling._KEYS)
+        return dict(
+            k=check_positive(cfg["k"], "k"),
+            num_batches=check_int(cfg["num_batches"], "num_batches", minimum=1),
+            every=check_int(cfg["every"], "every", minimum=1),
+            bins=_check_bins(cfg["bins"]),
+            method=_check_method(cfg["method"]),
+            min_kernel=check_int(cfg["min_kernel"], "min_kernel", minimum=1),
+        )
+
+    def config(self) -> dict[str, Any]:
+        """Hyper-parameters (the constructor arguments other than `model`)."""
+        return dict(self._hyper)
+
+    @property
+    def layers(self) -> dict[str, nn.Conv2d]:
+        """The scaled layers, by qualified module name."""
+        return dict(self._layers)
+
+    @property
+    def scalings(self) -> dict[str, Tensor]:
+        """Current `G` of each layer (float64 copies), by qualified module name."""
+        return {name: g.clone() for name, g in self._scalings.items()}
+
+    @property
+    def armed(self) -> bool:
+        """Whether the next training-mode forward passes are being captured."""
+        return self._armed
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def _select_layers(self, min_kernel: int) -> dict[str, nn.Conv2d]:
+        return {
+            name: m
+            for name, m in self.model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size[0] * m.kernel_size[1] >= min_kernel
+        }
+
+    def _setup_layers(self) -> None:
+        self.remove()
+        self._layers = self._select_layers(self._hyper["min_kernel"])
+        self._scalings = {
+            name: torch.ones(m.kernel_size, dtype=torch.float64, device=m.weight.device)
+            for name, m in self._layers.items()
+        }
+        self._cast: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+        self._by_id: dict[int, str] = {}
+        for name, m in self._layers.items():
+            self._hooks.append(m.register_forward_pre_hook(self._make_capture(name)))
+        self._hooks.append(self.model.register_forward_hook(self._after_forward))
+
+    def _make_capture(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def capture(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            if self._armed and self.model.training:
+                x = inputs[0].detach()  # held by reference: autograd already forbids in-place edits
+                self._captured.setdefault(name, []).append((x if x.dim() == 4 else x.unsqueeze(0), x._version))
+
+        return capture
+
+    def _after_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self._armed and self.model.training:
+            self._seen += 1
+            if self._seen >= self._hyper["num_batches"]:
+                self.update()
+
+    def remove(self) -> None:
+        """Remove the forward hooks and drop any captured inputs; the scalings are kept."""
+        for h in getattr(self, "_hooks", []):
+            h.remove()
+        self._hooks = []
+        self._armed = False
+        self._seen = 0
+        self._captured = {}
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Call at the start of every epoch: arms capture when `epoch % every == 0` (epoch 0 included)."""
+        epoch = check_int(epoch, "epoch", minimum=0)
+        if not self._hooks:
+            raise RuntimeError("the hooks of this SpatialGradientScaling were removed; build a new one")
+        if epoch % self._hyper["every"] == 0:
+            self._armed = True
+            self._seen = 0
+            self._captured = {}
+
+    # ------------------------------------------------------------------------------------ computation
+    def update(self) -> None:
+        """Compute `G` of every layer that has captured inputs, then disarm and free the captures.
+
+        Runs by itself after the `num_batches`-th captured forward pass; call it directly to use fewer.
+        Inputs are held by reference, not copied (autograd already forbids editing them in place while
+        they are needed for the backward pass); an in-place edit is detected and raises `RuntimeError`.
+        """
+        captured, self._captured = self._captured, {}
+        self._armed = False
+        self._seen = 0
+        for name, entries in captured.items():  # check everything before changing any scaling
+            if any(x._version != version for x, version in entries):
+                raise RuntimeError(f"an input of layer {name!r} was modified in place after it was captured")
+        hp = self._hyper
+        workspace: dict[str, Tensor] = {}
+        scalings = dict(self._scalings)
+        with torch.no_grad():
+            for name, entries in captured.items():
+                module = self._layers[name]
+                xs = [x for x, _ in entries]
+                groups: dict[tuple[int, ...], list[Tensor]] = {}
+                for x in xs:
+                    groups.setdefault(tuple(x.shape[1:]), []).append(x)
+                total = sum(x.shape[0] for x in xs)
+                s = torch.zeros(module.kernel_size, dtype=torch.float64, device=module.weight.device)
+                for group in groups.values():
+                    feats = group[0] if len(group) == 1 else torch.cat(group)
+                    try:
+                        kernel = (int(module.kernel_size[0]), int(module.kernel_size[1]))
+                        dilation = (int(module.dilation[0]), int(module.dilation[1]))
+                        dep = _dependence(feats, kernel, hp["bins"], hp["method"], dilation, workspace)
+                    except ValueError as exc:  # non-finite inputs: name the layer; no scaling has changed
+                        raise ValueError(f"layer {name!r}: {exc} (has training diverged?)") from None
+                    s += dep.to(s.device) * (feats.shape[0] / total)
+                scalings[name] = sgs_scaling(s, hp["k"])
+        self._scalings = scalings
+        self._cast = {}
+        self._changed()
+
+    # -------------------------------------------------------------------------------------- transform
+    def _name_of(self, param: Tensor) -> str | None:
+        name = self._by_id.get(id(param))
+        if name is None or self._layers[name].weight is not param:
+            self._by_id = {id(m.weight): n for n, m in self._layers.items()}
+            name = self._by_id.get(id(param))
+        return name
+
+    def select(self, param: Tensor) -> bool:
+        """True exactly for the weight tensors of the scaled conv layers (by identity)."""
+        return self._name_of(param) is not None
+
+    def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        """Every `params[i]` must be the weight of a scaled layer and `grads[i]` a floating tensor of its shape."""
+        super().check(grads, params)
+        for i, (g, p) in enumerate(zip(grads, params, strict=True)):
+            name = self._name_of(p)
+            if name is None:
+                raise ValueError(
+                    f"params[{i}] (shape {tuple(p.shape)}) is not the weight of a conv layer this "
+                    f"SpatialGradientScaling scales; accepted: the weights of {sorted(self._layers)}"
+                )
+            if g.shape != p.shape:
+                raise ValueError(f"grad of layer {name!r} has shape {tuple(g.shape)}, expected {tuple(p.shape)}")
+
+    def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        """`grads[i] *= G` of the layer whose weight is `params[i]`, broadcast over `(O, I)`."""
+        with torch.no_grad():
+            for g, p in zip(grads, params, strict=True):
+                name = self._name_of(p)
+                assert name is not None
+                key = (name, g.dtype, g.device)
+                scale = self._cast.get(key)
+                if scale is None:
+                    scale = self._cast[key] = self._scalings[name].to(device=g.device, dtype=g.dtype)
+                F.multiply_(g, scale)
+
+    def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
+        """Pure form: `G * grad` for the layer whose weight is `param` (required)."""
+        if param is None:
+            raise ValueError("param is required: the scaling depends on which conv layer's weight it is")
+        return super().__call__(grad, param)
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """`{"type", "config", "scalings": {layer name: G (float64, CPU)}}`; captured inputs are not saved."""
+        return {
+            "type": type(self).__name__,
+            "config": copy.deepcopy(self.config()),
+            "scalings": {name: g.detach().cpu().clone() for name, g in self._scalings.items()},
+        }
+
+    def _loader(self, state: Any) -> Commit:
+        """Hyper-parameters and scalings saved from the same architecture; validated before any change."""
+        fields = state_fields(state, "SpatialGradientScaling", ("config", "scalings"))
+        hyper = self._validate(fields["config"])
+        layers = self._select_layers(hyper["min_kernel"])
+        scalings = fields["scalings"]
+        if not isinstance(scalings, Mapping):
+            raise TypeError(f"state_dict['scalings'] must be a dict of tensors, got {type(scalings).__name__}")
+        if set(scalings) != set(layers):
+            raise ValueError(f"state_dict scalings are for layers {sorted(scalings)}, this model has {sorted(layers)}")
+        loaded = {}
+        for name, m in layers.items():
+            g = scalings[name]
+            if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+                raise TypeError(f"scaling of layer {name!r} must be a floating torch.Tensor")
+            if tuple(g.shape) != tuple(m.kernel_size):
+                raise ValueError(f"scaling of layer {name!r} has shape {tuple(g.shape)}, expected {m.kernel_size}")
+            if not torch.isfinite(g).all() or (g < 0).any():
+                raise ValueError(f"scaling of layer {name!r} must contain only finite values >= 0")
+            loaded[name] = g.detach().to(device=m.weight.device, dtype=torch.float64).clone()
+
+        def commit() -> None:
+            self._hyper = hyper
+            self._setup_layers()
+            self._scalings = loaded
+            self._changed()
+
+        return commit

@@ -1,0 +1,154 @@
+"""The package's import structure: no cycle among module-level imports, and modules import alone.
+
+The graph is read from the source (every module of src/cdgrad, the toolkit included) with `ast`: an edge
+for each import executed at module level (function bodies and `if TYPE_CHECKING:` blocks excluded). With no
+cycle, no import order can meet a partially initialised module. A few modules (the bottom of each layer)
+are also imported alone, each in a fresh interpreter, in parallel.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cdgrad
+
+PACKAGE_DIR = Path(cdgrad.__file__).resolve().parent
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package by dotted name (a package by its __init__.py)."""
+    out = {}
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        parts = ("cdgrad", *path.relative_to(PACKAGE_DIR).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _module_level(body: list[ast.stmt]):
+    """Statements executed when the module is imported (descending into if/try/with, not into defs)."""
+    for node in body:
+        if isinstance(node, ast.If):
+            test = node.test
+            if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+            ):
+                yield from _module_level(node.orelse)
+                continue
+            yield from _module_level(node.body)
+            yield from _module_level(node.orelse)
+        elif isinstance(node, ast.Try):
+            for block in (node.body, node.orelse, node.finalbody, *[h.body for h in node.handlers]):
+                yield from _module_level(block)
+        elif isinstance(node, ast.With):
+            yield from _module_level(node.body)
+        else:
+            yield node
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports at module level."""
+    known = modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in known.items():
+        is_package = path.name == "__init__.py"
+        edges: set[str] = set()
+        for node in _module_level(ast.parse(path.read_text(), str(path)).body):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = name.split(".") if is_package else name.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    prefix = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    prefix = node.module or ""
+                targets = [prefix] + [f"{prefix}.{a.name}" for a in node.names]
+            ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+            for t in targets:  # an ancestor package is initialised before its modules: no edge back to it
+                if t in known and t != name and t not in ancestors:
+                    edges.add(t)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_graph_reader_sees_the_layers():
+    """The reader is not vacuous: it finds the edges the layering promises."""
+    graph = import_graph()
+    assert len(graph) >= 20 and "cdgrad.experiments.cli" in graph
+    assert "cdgrad._kernels" in graph["cdgrad.distributed"]
+    assert "cdgrad.distributed" in graph["cdgrad.functional"]
+    assert "cdgrad.functional" in graph["cdgrad.transforms"]
+    assert {"cdgrad.sgs.nmi", "cdgrad.sgs.dependence", "cdgrad.sgs.transform"} <= graph["cdgrad.sgs"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "module-level import cycle: " + " -> ".join(cycle or [])
+
+
+def test_kernel_layer_depends_on_nothing_above_it():
+    """_kernels and distributed sit below functional; nothing in the library core imports the toolkit."""
+    graph = import_graph()
+    assert graph["cdgrad._kernels"] <= {"cdgrad._native", "cdgrad.validation"}
+    assert graph["cdgrad.distributed"] <= {"cdgrad._kernels", "cdgrad.validation"}
+    for name, edges in graph.items():
+        if not name.startswith("cdgrad.experiments"):
+            assert not {e for e in edges if e.startswith("cdgrad.experiments")}, name
+
+
+ALONE = [
+    "cdgrad.distributed",
+    "cdgrad.functional",
+    "cdgrad.transforms",
+    "cdgrad.sgs.transform",
+    "cdgrad.experiments.launch",
+]
+
+
+@pytest.mark.parametrize("group", [ALONE])
+def test_modules_import_alone_in_fresh_interpreters(group):
+    env = {**os.environ, "CDGRAD_NATIVE": "0"}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", f"import {name}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for name in group
+    }
+    failures = {}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            failures[name] = err.decode()[-2000:]
+    assert not failures, failures
