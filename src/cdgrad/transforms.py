@@ -225,15 +225,10 @@ def _check_transform(transform: Any, name: str) -> GradientTransform:
     return transform
 
 
-class Scaled(GradientTransform):
-    """`factor` times another transform's update, on the parameters that transform selects.
+class Wrapper(GradientTransform):
+    """Base of the transforms that wrap one other transform: by default everything is the wrapped one's."""
 
-    factor = 1 skips the multiplication (the wrapped transform's numbers, bit for bit).
-    """
-
-    def __init__(self, transform: GradientTransform, factor: float) -> None:
-        self.transform = _check_transform(transform, "transform")
-        self.factor = check_real(factor, "factor")
+    transform: GradientTransform
 
     @property
     def state_version(self) -> int:
@@ -251,6 +246,26 @@ class Scaled(GradientTransform):
 
     def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
         self.transform.apply_(grads, params)
+
+    def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
+        return self.transform(grad, param)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.transform.begin_epoch(epoch)
+
+
+class Scaled(Wrapper):
+    """`factor` times another transform's update, on the parameters that transform selects.
+
+    factor = 1 skips the multiplication (the wrapped transform's numbers, bit for bit).
+    """
+
+    def __init__(self, transform: GradientTransform, factor: float) -> None:
+        self.transform = _check_transform(transform, "transform")
+        self.factor = check_real(factor, "factor")
+
+    def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        self.transform.apply_(grads, params)
         F.scale_(grads, self.factor)
 
     def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
@@ -258,9 +273,6 @@ class Scaled(GradientTransform):
         if self.factor != 1.0:
             F.scale_([out], self.factor)
         return out
-
-    def begin_epoch(self, epoch: int) -> None:
-        self.transform.begin_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "Scaled", "factor": self.factor, "transform": self.transform.state_dict()}
@@ -359,7 +371,7 @@ class Chain(GradientTransform):
         return "Chain(" + ", ".join(repr(t) for t in self.transforms) + ")"
 
 
-class Masked(GradientTransform):
+class Masked(Wrapper):
     """Another transform restricted to the parameters `mask` accepts (and the transform itself selects).
 
     `mask`: a predicate `param -> bool`, or an iterable of parameters (matched by identity).  The state is the
@@ -384,14 +396,6 @@ class Masked(GradientTransform):
         self._ids = frozenset(id(p) for p in self._params)
 
     @property
-    def state_version(self) -> int:
-        return self._version + self.transform.state_version
-
-    @property
-    def homogeneous(self) -> bool:  # type: ignore[override]
-        return self.transform.homogeneous
-
-    @property
     def mask_params(self) -> tuple[Tensor, ...]:
         """The parameters of an iterable mask (empty for a predicate)."""
         return self._params
@@ -399,18 +403,6 @@ class Masked(GradientTransform):
     def select(self, param: Tensor) -> bool:
         keep = bool(self._predicate(param)) if self._predicate is not None else id(param) in self._ids
         return keep and self.transform.select(param)
-
-    def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-        self.transform.check(grads, params)
-
-    def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-        self.transform.apply_(grads, params)
-
-    def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
-        return self.transform(grad, param)
-
-    def begin_epoch(self, epoch: int) -> None:
-        self.transform.begin_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "Masked", "transform": self.transform.state_dict()}

@@ -35,6 +35,8 @@ from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
+from cdgrad._files import fsync_dir, fsync_file
+
 if sys.platform != "win32":
     import fcntl
 
@@ -89,28 +91,6 @@ def _digest(path: Path) -> tuple[int, str]:
     """(size in bytes, SHA-256 hex digest) of a file."""
     data = path.read_bytes()
     return len(data), hashlib.sha256(data).hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames in `path` durable (a no-op where folders cannot be opened or fsynced)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check(so: Path, manifest: Path) -> str | None:
@@ -204,16 +184,16 @@ def _build(compiler: str, so: Path, manifest: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=f"{_BUILD_PREFIX}{so.stem}-", dir=folder) as tmp:
         out, record = Path(tmp) / so.name, Path(tmp) / manifest.name
         _compile(compiler, out)
-        _fsync_file(out)
+        fsync_file(out)
         size, sha256 = _digest(out)
         with open(record, "w") as fh:
             json.dump({"library": so.name, "size": size, "sha256": sha256}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(out, so)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         os.replace(record, manifest)
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 def _private_build(compiler: str, name: str) -> tuple[ctypes.CDLL | None, str]:

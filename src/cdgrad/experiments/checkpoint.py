@@ -18,15 +18,14 @@ from typing import IO, Any
 
 import torch
 
+from cdgrad._files import fsync_dir, replace_durably
 from cdgrad.experiments.config import RunConfig, from_dict, identity_dict
 
 __all__ = [
     "CURVES",
     "CorruptCheckpointError",
-    "fsync_dir",
     "read_checkpoint",
     "remove_orphans",
-    "replace_durably",
     "save_checkpoint",
     "set_aside",
 ]
@@ -38,27 +37,6 @@ _TMP = re.compile(r"(?:\.tmp|^\.probe)(\d+)$")  # `<name>.tmp<pid>`, and the res
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint file that cannot be read, or does not hold what a checkpoint holds; the message names it."""
-
-
-# ------------------------------------------------------------------------------------------ durable writes
-def fsync_dir(folder: str) -> None:
-    """Flush `folder`'s entries (a rename inside it) to disk; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def replace_durably(tmp: str, path: str) -> None:
-    """Rename the (already fsynced) file `tmp` over `path`, then fsync the folder that holds `path`."""
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _fsync_file(fh: IO[bytes]) -> None:

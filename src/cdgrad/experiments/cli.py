@@ -241,7 +241,7 @@ def _report(
 
 def _write_durably(path: str, text: str) -> None:
     """Write `text` to `path` through a fsynced temporary file renamed over it."""
-    from cdgrad.experiments.checkpoint import replace_durably
+    from cdgrad._files import replace_durably
 
     tmp = f"{path}.tmp{os.getpid()}"
     try:

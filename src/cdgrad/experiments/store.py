@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from cdgrad.experiments.checkpoint import remove_orphans, replace_durably
+from cdgrad._files import replace_durably
+from cdgrad.experiments.checkpoint import remove_orphans
 from cdgrad.experiments.config import RunConfig, from_dict, run_key, to_dict
 
 SCHEMA = """
