@@ -25,8 +25,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
-from contextlib import closing
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,21 @@ class ResultStore:
         """Where the final checkpoint of a run with `save_model` is kept (`{"model": state_dict, ...}`)."""
         return os.path.join(self.root, "models", f"{key}.pt")
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE) committed when the block ends, rolled back if it raises."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
+
     def _connect(self) -> sqlite3.Connection:
         """A connection with the current schema; an old store gains the `status` column (if it can be written)."""
         conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -319,18 +334,9 @@ class ResultStore:
             status,
         )
         os.makedirs(self.root, exist_ok=True)
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._transaction() as conn:
             conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 10)})", row)
             conn.execute("DELETE FROM claims WHERE key = ?", (key,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        finally:
-            conn.close()
         self.finish_checkpoint(config, key, keep=config.save_model and status == "completed")
         return key
 
@@ -360,28 +366,17 @@ class ResultStore:
         """Claim run `key` for this process; False if it is stored already or another live process holds it."""
         pid, host = self.owner
         now = time.time()
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._transaction() as conn:
             if conn.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone() is not None:
-                conn.execute("ROLLBACK")
                 return False
             row = conn.execute(f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE key = ?", (key,)).fetchone()
             if row is not None and not self._stale(Claim(*row), now):
-                conn.execute("ROLLBACK")
                 return False
             conn.execute(
                 f"INSERT OR REPLACE INTO claims ({_CLAIM_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
                 (key, pid, host, now, process_start(pid)),
             )
-            conn.execute("COMMIT")
             return True
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        finally:
-            conn.close()
 
     def heartbeat(self, key: str) -> None:
         """Refresh this process's claim on `key` (called after every epoch)."""
