@@ -22,12 +22,13 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .transforms import Masked
+from .transforms import Masked, _check_transform
 from .transforms_base import GradientTransform
+from .validation import FLOAT_DTYPES
 
 __all__ = ["attach", "AttachHandle"]
 
-_FLOATING = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_FLOATING = frozenset(FLOAT_DTYPES)
 
 
 class AttachHandle:
@@ -120,11 +121,7 @@ def attach(
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if not isinstance(transform, GradientTransform):
-        raise TypeError(
-            f"transform must be a cdgrad GradientTransform (e.g. cdgrad.ChannelDirected(...)), "
-            f"got {type(transform).__name__}"
-        )
+    transform = _check_transform(transform, "transform")
     chosen = None
     if params is not None:
         chosen = list(params)

@@ -39,6 +39,7 @@ __all__ = [
     "scale_",
     "multiply_",
     "route",
+    "plain_route",
     "is_dtensor",
     "check_dim",
     "check_metric",
@@ -52,8 +53,6 @@ METRICS = K.METRICS
 DIRECTIONS = K.DIRECTIONS
 reweighted_h0_reference = K.reweighted_h0_reference
 sobolev_reference = K.sobolev_reference
-_REFERENCE = K.REFERENCE  # kept for callers of the former private name
-_compute_dtype = K.compute_dtype
 
 Route = Literal["dtensor", "native", "reference"]
 
@@ -74,8 +73,13 @@ def route(grad: Tensor) -> Route:
     compiled kernel; it applies to the channel-directed metrics (the other transforms are plain PyTorch).
     """
     if type(grad) is Tensor:
-        return "native" if grad.device.type == "cpu" and _native.library() is not None else "reference"
+        return plain_route(grad.device)
     return "dtensor" if is_dtensor(grad) else "reference"
+
+
+def plain_route(device: torch.device | str) -> Literal["native", "reference"]:
+    """The route of a plain `torch.Tensor` on `device`: the compiled kernel on the CPU when it is available."""
+    return "native" if torch.device(device).type == "cpu" and _native.library() is not None else "reference"
 
 
 # ----------------------------------------------------------------------------------------- validation

@@ -52,7 +52,36 @@ def _check_direction_dims(grads: Sequence[Tensor], direction: str) -> None:
             )
 
 
-class ChannelDirected(GradientTransform):
+class Configured(GradientTransform):
+    """Base of the transforms whose whole state is their validated hyper-parameters `_KEYS`.
+
+    A subclass declares `_KEYS` and `_validate(cfg) -> {key: checked value}`; construction, `config`,
+    `state_dict` (`{"type": <class name>, "config": config()}`) and the all-or-nothing load come from here.
+    """
+
+    _KEYS: tuple[str, ...] = ()
+
+    @staticmethod
+    def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _set(self, cfg: Mapping[str, Any]) -> None:
+        for k in self._KEYS:
+            setattr(self, k, cfg[k])
+
+    def config(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._KEYS}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "config": self.config()}
+
+    def _loader(self, state: Any) -> Commit:
+        name = type(self).__name__
+        cfg = self._validate(config_fields(state_fields(state, name, ("config",))["config"], name, self._KEYS))
+        return lambda: self._set(cfg)
+
+
+class ChannelDirected(Configured):
     """Channel-directed gradient (Lao et al.): the metric gradient plus `beta` times the ordinary gradient.
 
         update = g_metric(f) + beta * f,   g_metric = reweighted_h0(f, lam) or sobolev(f, lam)
@@ -64,6 +93,11 @@ class ChannelDirected(GradientTransform):
     """
 
     _KEYS = ("metric", "lam", "beta", "direction", "scope")
+    metric: str
+    lam: float
+    beta: float
+    direction: str
+    scope: str
     homogeneous = True  # linear in the gradient
 
     def __init__(
@@ -74,9 +108,7 @@ class ChannelDirected(GradientTransform):
         direction: str = "output",
         scope: str = "conv",
     ) -> None:
-        cfg = self._validate(dict(metric=metric, lam=lam, beta=beta, direction=direction, scope=scope))
-        self.metric, self.lam, self.beta = cfg["metric"], cfg["lam"], cfg["beta"]
-        self.direction, self.scope = cfg["direction"], cfg["scope"]
+        self._set(self._validate(dict(metric=metric, lam=lam, beta=beta, direction=direction, scope=scope)))
 
     @staticmethod
     def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,9 +119,6 @@ class ChannelDirected(GradientTransform):
             "direction": check_choice(cfg["direction"], "direction", tuple(DIRECTIONS)),
             "scope": check_choice(cfg["scope"], "scope", SCOPES),
         }
-
-    def config(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._KEYS}
 
     def select(self, param: Tensor) -> bool:
         return _in_scope(param, self.scope, self.direction)
@@ -105,23 +134,8 @@ class ChannelDirected(GradientTransform):
         self.check([grad], [grad if param is None else param])
         return F.channel_directed_checked(grad, self.metric, self.lam, self.beta, DIRECTIONS[self.direction])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"type": "ChannelDirected", "config": self.config()}
 
-    def _loader(self, state: Any) -> Commit:
-        raw = config_fields(
-            state_fields(state, "ChannelDirected", ("config",))["config"], "ChannelDirected", self._KEYS
-        )
-        cfg = self._validate(raw)
-
-        def commit() -> None:
-            for k in self._KEYS:
-                setattr(self, k, cfg[k])
-
-        return commit
-
-
-class LaplacianSmoothing(GradientTransform):
+class LaplacianSmoothing(Configured):
     """Laplacian smoothing (Osher et al.): `(I - sigma L)^-1 f` along `direction`.
 
     "flat" with scope "all" is the published method (every parameter rasterised); "output" is
@@ -129,11 +143,13 @@ class LaplacianSmoothing(GradientTransform):
     """
 
     _KEYS = ("sigma", "direction", "scope")
+    sigma: float
+    direction: str
+    scope: str
     homogeneous = True  # linear in the gradient
 
     def __init__(self, sigma: float = 1.0, direction: str = "flat", scope: str = "all") -> None:
-        cfg = self._validate(dict(sigma=sigma, direction=direction, scope=scope))
-        self.sigma, self.direction, self.scope = cfg["sigma"], cfg["direction"], cfg["scope"]
+        self._set(self._validate(dict(sigma=sigma, direction=direction, scope=scope)))
 
     @staticmethod
     def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,9 +158,6 @@ class LaplacianSmoothing(GradientTransform):
             "direction": check_choice(cfg["direction"], "direction", tuple(DIRECTIONS)),
             "scope": check_choice(cfg["scope"], "scope", SCOPES),
         }
-
-    def config(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._KEYS}
 
     def select(self, param: Tensor) -> bool:
         return _in_scope(param, self.scope, self.direction)
@@ -160,33 +173,23 @@ class LaplacianSmoothing(GradientTransform):
         self.check([grad], [grad if param is None else param])
         return F.laplacian_smooth_checked(grad, self.sigma, DIRECTIONS[self.direction])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"type": "LaplacianSmoothing", "config": self.config()}
 
-    def _loader(self, state: Any) -> Commit:
-        raw = state_fields(state, "LaplacianSmoothing", ("config",))["config"]
-        cfg = self._validate(config_fields(raw, "LaplacianSmoothing", self._KEYS))
-
-        def commit() -> None:
-            for k in self._KEYS:
-                setattr(self, k, cfg[k])
-
-        return commit
-
-
-class Centralize(GradientTransform):
+class Centralize(Configured):
     """Gradient centralisation (Yong et al.): subtract each output channel's mean over (I, kh, kw).
 
     scope "conv": tensors with 3+ dims; "all": every tensor with 2+ dims (conv and linear weights).
     """
 
+    _KEYS = ("scope",)
+    scope: str
     homogeneous = True  # linear in the gradient
 
     def __init__(self, scope: str = "conv") -> None:
-        self.scope = check_choice(scope, "scope", SCOPES)
+        self._set(self._validate(dict(scope=scope)))
 
-    def config(self) -> dict[str, Any]:
-        return {"scope": self.scope}
+    @staticmethod
+    def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        return {"scope": check_choice(cfg["scope"], "scope", SCOPES)}
 
     def select(self, param: Tensor) -> bool:
         return param.dim() >= (3 if self.scope == "conv" else 2)
@@ -202,18 +205,6 @@ class Centralize(GradientTransform):
     def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
         self.check([grad], [grad if param is None else param])
         return F.centralize_checked(grad)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"type": "Centralize", "config": self.config()}
-
-    def _loader(self, state: Any) -> Commit:
-        raw = config_fields(state_fields(state, "Centralize", ("config",))["config"], "Centralize", ("scope",))
-        scope = check_choice(raw["scope"], "scope", SCOPES)
-
-        def commit() -> None:
-            self.scope = scope
-
-        return commit
 
 
 def _check_transform(transform: Any, name: str) -> GradientTransform:

@@ -53,17 +53,14 @@ def _is_integral(value: Any) -> bool:
 
 
 def check_real(value: Any, name: str, *, minimum: float | None = None, strict: bool = False) -> float:
-    """A finite real number (>= `minimum`, or > it when `strict`), as a Python float."""
-    if _is_real(value):
-        out = float(value)
-        if math.isfinite(out) and (minimum is None or (out > minimum if strict else out >= minimum)):
-            return out
-        error: type[Exception] = ValueError
-    else:
-        error = TypeError
-    bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-    got = f"{_type_name(value)} {value!r}" if error is TypeError else repr(value)
-    raise error(f"{name} must be a finite real number{bound}, got {got}")
+    """A finite real number (>= `minimum`, or > it when `strict`), as a Python float (`check_interval`)."""
+    if (
+        type(value) is float
+        and math.isfinite(value)
+        and (minimum is None or (value > minimum if strict else value >= minimum))
+    ):
+        return value  # the common case, without building a message
+    return check_interval(value, name, minimum=minimum, exclusive_minimum=strict)
 
 
 def check_positive(value: Any, name: str) -> float:

@@ -252,25 +252,22 @@ _CD_PARAMS = (
 )
 _CD_ORDER = ("direction", "convention", "beta", "lam")
 
+
+def _channel_directed_method(metric: str, summary: str, formula: str) -> Method:
+    """h0 and sobolev: the same parameters, order and builder, for their metric."""
+    build = _channel_directed(metric)
+    return Method(metric, summary, formula, _CD_PARAMS, build, order=_CD_ORDER, check=_library_check(build))
+
+
 for _method in (
     Method("none", "the ordinary gradient (baseline)", "f", (), _none),
-    Method(
+    _channel_directed_method(
         "h0",
         "re-weighted H0 channel-directed gradient",
         "fbar + (f - fbar)/lam (+ beta f); paper convention f + lam fbar",
-        _CD_PARAMS,
-        _channel_directed("h0"),
-        order=_CD_ORDER,
-        check=_library_check(_channel_directed("h0")),
     ),
-    Method(
-        "sobolev",
-        "channel-directed Sobolev (H1~) gradient",
-        "the periodic H1~ solve along the axis (+ beta f)",
-        _CD_PARAMS,
-        _channel_directed("sobolev"),
-        order=_CD_ORDER,
-        check=_library_check(_channel_directed("sobolev")),
+    _channel_directed_method(
+        "sobolev", "channel-directed Sobolev (H1~) gradient", "the periodic H1~ solve along the axis (+ beta f)"
     ),
     Method(
         "ls",

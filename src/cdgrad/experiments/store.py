@@ -126,9 +126,9 @@ def git_revision(package: Path) -> tuple[str | None, bool | None]:
 
 def kernel_path(device: str) -> str:
     """ "native" when the compiled CPU kernel is available and the run is on the CPU, else "reference"."""
-    from cdgrad import _native
+    from cdgrad.functional import plain_route
 
-    return "native" if torch.device(device).type == "cpu" and _native.library() is not None else "reference"
+    return plain_route(device)
 
 
 def environment(config: RunConfig | None = None) -> dict[str, Any]:
