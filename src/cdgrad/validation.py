@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -52,6 +52,24 @@ def _is_integral(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _bounds(
+    minimum: float | None,
+    maximum: float | None,
+    fmt: Callable[[Any], str],
+    exclusive_minimum: bool = False,
+    exclusive_maximum: bool = False,
+) -> str:
+    """The accepted range as message text: " in [0, 1)", " > 0", " <= 5" or "" (no bound)."""
+    if minimum is not None and maximum is not None:
+        low, high = "(" if exclusive_minimum else "[", ")" if exclusive_maximum else "]"
+        return f" in {low}{fmt(minimum)}, {fmt(maximum)}{high}"
+    if minimum is not None:
+        return f" {'>' if exclusive_minimum else '>='} {fmt(minimum)}"
+    if maximum is not None:
+        return f" {'<' if exclusive_maximum else '<='} {fmt(maximum)}"
+    return ""
+
+
 def check_real(value: Any, name: str, *, minimum: float | None = None, strict: bool = False) -> float:
     """A finite real number (>= `minimum`, or > it when `strict`), as a Python float (`check_interval`)."""
     if (
@@ -80,14 +98,7 @@ def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
         out = int(value)
         if (minimum is None or out >= minimum) and (maximum is None or out <= maximum):
             return out
-    if minimum is not None and maximum is not None:
-        accepted = f"an int in [{minimum}, {maximum}]"
-    elif minimum is not None:
-        accepted = f"an int >= {minimum}"
-    elif maximum is not None:
-        accepted = f"an int <= {maximum}"
-    else:
-        accepted = "an int"
+    accepted = "an int" + _bounds(minimum, maximum, str)
     if not integral:
         raise TypeError(f"{name} must be {accepted}, got {_type_name(value)} {value!r}")
     raise ValueError(f"{name} must be {accepted}, got {int(value)}")
@@ -169,14 +180,7 @@ def check_interval(
     Each bound is inclusive unless its `exclusive_*` flag is set; the message writes the interval as
     `> 0`, `>= 0`, `in [0, 1)` and so on.
     """
-    if minimum is not None and maximum is not None:
-        bound = f" in {'(' if exclusive_minimum else '['}{minimum:g}, {maximum:g}{')' if exclusive_maximum else ']'}"
-    elif minimum is not None:
-        bound = f" {'>' if exclusive_minimum else '>='} {minimum:g}"
-    elif maximum is not None:
-        bound = f" {'<' if exclusive_maximum else '<='} {maximum:g}"
-    else:
-        bound = ""
+    bound = _bounds(minimum, maximum, "{:g}".format, exclusive_minimum, exclusive_maximum)
     if not _is_real(value):
         raise TypeError(f"{name} must be a finite real number{bound}, got {_type_name(value)} {value!r}")
     try:
