@@ -22,6 +22,7 @@ from cdgrad.analysis import (
     channel_mean_std,
     correlation_profile,
     output_input_ratio,
+    singular_value_ratios,
     singular_value_spectrum,
     summarize_state_dict,
 )
@@ -305,3 +306,20 @@ def test_nan_weights_give_a_clear_error_naming_the_layer():
         axis_correlation(state["conv2.weight"], 1, 0)
     with pytest.raises(ValueError, match="non-finite"):
         singular_value_spectrum(state["conv2.weight"], 8)
+
+
+def test_singular_value_ratios_against_a_dense_svd():
+    """Figs. 6-7 of Sedghi et al.: sigma_i / sigma_1 against i / N, from the brute-force SVD of the layer."""
+    torch.manual_seed(11)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    rank, ratio = singular_value_ratios(singular_value_spectrum(w, 5))
+    dense = dense_svdvals(w, 5)
+    n = 5 * 5 * 3
+    assert rank.shape == ratio.shape == (n,)
+    torch.testing.assert_close(rank, torch.arange(1, n + 1, dtype=torch.float64) / n)
+    torch.testing.assert_close(ratio, dense[:n] / dense[0])
+    assert float(ratio[0]) == 1.0 and bool((ratio[1:] <= ratio[:-1]).all())
+    _, zeros = singular_value_ratios(torch.zeros(6, dtype=torch.float64))
+    assert torch.equal(zeros, torch.zeros(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="spectrum"):
+        singular_value_ratios(torch.zeros(0))

@@ -170,3 +170,49 @@ def test_saved_model_feeds_analyze(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["analyze", path, "--out-dir", str(tmp_path / "an"), "--input-size", "8"]) == 0
     assert "conv" in capsys.readouterr().out
+
+
+def test_clipping_preset_with_every_projection_reports_the_published_number(tmp_path, capsys):
+    """A spectral-style sweep: each projection ends with conv norms where it promises, the report prints the
+    paper's number and writes the wall-time plot."""
+    import torch
+
+    from cdgrad.norm_bounds import reshaped_norm
+    from cdgrad.spectral import conv_operator_norm
+
+    methods = [{"method": "none"}] + [
+        {"method": "opnorm", "clip_norm": 0.3, "clip_every": 1, "clip_projection": p}
+        for p in ("exact", "reshaped", "gram")
+    ]
+    preset = Preset(
+        "tiny-clip",
+        "tiny clipping sweep",
+        dict(TINY, epochs=2, save_model=True),
+        grid([{}], methods, 1),
+        plots=("curves", "walltime"),
+        published="test error 6.2% to 5.3% (a stand-in)",
+    )
+    install_preset(preset)
+    try:
+        results, out = str(tmp_path / "res"), str(tmp_path / "out")
+        assert cli.main(["run", "tiny-clip", "--results", results, "--out", out]) == 0
+        text = capsys.readouterr().out
+        assert "Published: test error 6.2% to 5.3% (a stand-in)." in text
+        assert "opnorm clip_norm=0.3 clip_every=1 clip_projection=gram" in text
+        assert os.path.getsize(os.path.join(out, "tiny-clip_walltime.png")) > 1000
+        store = ResultStore(results)
+        for run in store.runs():
+            state = torch.load(store.model_path(run.key), weights_only=True)
+            model = state.get("model", state)
+            convs = {k: v.double() for k, v in model.items() if k.endswith(".weight") and v.dim() == 4}
+            sizes = {"conv1.weight": 8, "conv2.weight": 4}  # the synthetic 8x8 images, then a 2x2 pool
+            projection = run.config.clip_projection
+            for name, w in convs.items():
+                if projection == "reshaped":
+                    assert float(reshaped_norm(w)) <= 0.3 * (1 + 1e-5)
+                elif projection == "gram":
+                    assert float(conv_operator_norm(w, sizes[name])) <= 0.3 * (1 + 1e-5)
+                elif projection is None:  # no clipping: the trained layers are far outside the ball
+                    assert float(conv_operator_norm(w, sizes[name])) > 0.3
+    finally:
+        uninstall_preset("tiny-clip")

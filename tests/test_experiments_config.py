@@ -121,6 +121,10 @@ LEGACY_IDENTITY_DEFAULTS = {
         )
     ),
     "eval_every": 1,
+    # fields added later: at their defaults they are left out of the key, so every earlier key stays valid
+    "batchnorm": True,
+    "lr_decay": 0.1,
+    "clip_projection": None,
 }
 
 
@@ -248,6 +252,11 @@ def test_help_of_a_fresh_process_lists_no_test_fixtures():
         ({"method": "sgs", "sgs_k": 0.0}, ["sgs_k"]),
         ({"method": "sgs", "sgs_every": 0}, ["sgs_every", ">= 1"]),
         ({"method": "opnorm", "clip_every": 0}, ["clip_every", ">= 1"]),
+        ({"method": "opnorm", "clip_projection": "svd"}, ["clip_projection", "exact", "reshaped", "gram"]),
+        ({"method": "none", "clip_projection": "gram"}, ["clip_projection", "none"]),
+        ({"batchnorm": False}, ["batchnorm", "cnn2", "resnet8", "vgg16"]),
+        ({"lr_decay": 0.0}, ["lr_decay", "(0, 1]"]),
+        ({"lr_decay": 1.5}, ["lr_decay", "(0, 1]"]),
         ({"method": "bogus"}, ["method", "h0", "sobolev"]),
         ({"model": "resnet99"}, ["model", "cnn2"]),
         ({"dataset": "imagenet"}, ["dataset", "mnist"]),

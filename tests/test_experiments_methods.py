@@ -172,6 +172,10 @@ def test_builders_of_sgs_and_opnorm():
     op = M.build_method(RunConfig(method="opnorm", clip_every=7), model, sample)
     assert op.transform is None and isinstance(op.clipper, OperatorNormClipper)
     assert op.clipper.max_norm == 1.0 and op.clipper.every == 7 and model.training
+    assert op.clipper.projection == "exact"
+    for projection in ("reshaped", "gram"):
+        built = M.build_method(RunConfig(method="opnorm", clip_projection=projection), model, sample)
+        assert built.clipper is not None and built.clipper.projection == projection
     assert M.build_method(RunConfig(), model) == M.Built()
 
 

@@ -30,7 +30,7 @@ class Recorder:
 
 def _run(seed, acc, status="completed", **kw):
     config = RunConfig(dataset="mnist", **kw)
-    curves = {"test_epoch": [1, 2], "test_acc": [acc - 1.0, acc]}
+    curves = {"test_epoch": [1, 2], "test_acc": [acc - 1.0, acc], "epoch_time": [10.0 + seed, 20.0]}
     return Run(f"{kw}{seed}", seed, config, "0", {}, curves, {"test_acc": acc}, 1.0, "", status=status)
 
 
@@ -72,10 +72,18 @@ def test_curves_leave_diverged_runs_out(recorded):
     assert "none" in ax.lines and "ls sigma=1" in ax.lines
 
 
+def test_walltime_plots_test_error_against_cumulative_training_time(recorded):
+    plots.plot_walltime(report.summarize(_runs()), "x.png")
+    (ax,) = recorded
+    # seeds 0 and 1: epoch times (10, 20) and (11, 20), accuracies (89, 90) and (90, 91)
+    assert ax.lines["none"] == ([10.5, 30.5], [10.5, 9.5])
+    assert ax.lines["sobolev lam=5 beta=1 (paper)"] == ([10.5, 30.5], [pytest.approx(8.5), pytest.approx(7.5)])
+
+
 def test_pngs_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     paths = plots.make_plots(report.summarize(_runs()), str(tmp_path), "p")
-    assert [p.rsplit("_", 1)[1] for p in paths] == ["curves.png", "hist.png", "lambda.png"]
+    assert [p.rsplit("_", 1)[1] for p in paths] == ["curves.png", "hist.png", "lambda.png", "walltime.png"]
     for p in paths:
         with open(p, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"

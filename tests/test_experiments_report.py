@@ -192,3 +192,25 @@ def test_rows_follow_the_method_registry():
     runs = [_stored(m, 0, 90.0 + i) for i, m in enumerate(reversed(methods))]
     (st,) = report.summarize(runs)
     assert [r.config.method for r in st.rows] == methods
+
+
+def test_wall_time_relative_to_the_baseline():
+    """Mean wall time of each row's completed runs over the baseline's; diverged runs and missing baselines aside."""
+
+    def timed(method, seed, wall, status="completed", **kw):
+        run = _run(method, seed, 90.0 + seed, **kw)
+        return Run(run.key, seed, run.config, "0", {}, run.curves, run.final, wall, "", status=status)
+
+    runs = [timed("none", 0, 10.0), timed("none", 1, 14.0)]
+    runs += [timed("opnorm", 0, 30.0, clip_norm=1.0), timed("opnorm", 1, 42.0, clip_norm=1.0)]
+    runs.append(timed("opnorm", 2, 1000.0, "diverged", clip_norm=1.0))
+    (st,) = report.summarize(runs)
+    base, clip = st.rows
+    assert (base.seconds, clip.seconds) == (12.0, 36.0)
+    text = report.markdown([st])
+    assert "| wall time vs SGD |" in text
+    lines = text.splitlines()
+    assert "| baseline | - | 1.00x |" in lines[4] and lines[5].startswith("| opnorm clip_norm=1 | 2 | 1 |")
+    assert "| 3.00x |" in lines[5]
+    (alone,) = report.summarize(runs[2:4])
+    assert report.markdown([alone]).splitlines()[4].endswith("| - | - |")

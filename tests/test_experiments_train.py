@@ -120,15 +120,16 @@ def test_evaluate_matches_a_plain_loop():
 
 
 @pytest.mark.parametrize(
-    "schedule, expected",
+    "schedule, decay, expected",
     [
-        ("step", [1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01]),
-        ("constant", [1.0] * 7),
-        ("cosine", [0.5 * (1 + math.cos(math.pi * e / 7)) for e in range(7)]),
+        ("step", 0.1, [1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01]),
+        ("step", 0.95, [1.0, 1.0, 1.0, 0.95, 0.95, 0.95, 0.9025]),  # Sedghi et al.'s exponential decay
+        ("constant", 0.1, [1.0] * 7),
+        ("cosine", 0.1, [0.5 * (1 + math.cos(math.pi * e / 7)) for e in range(7)]),
     ],
 )
-def test_schedules(schedule, expected):
-    config = RunConfig(lr=1.0, epochs=7, step_every=3, schedule=schedule)
+def test_schedules(schedule, decay, expected):
+    config = RunConfig(lr=1.0, epochs=7, step_every=3, schedule=schedule, lr_decay=decay)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = make_scheduler(config, opt)
     got = []

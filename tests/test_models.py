@@ -21,7 +21,7 @@ from cdgrad.experiments.models import (
     register_model,
 )
 
-RESNETS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+RESNETS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet56": 56}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,6 +89,21 @@ def test_resnet_published_counts():
     for name, millions in (("resnet20", 0.27), ("resnet32", 0.46), ("resnet56", 0.85)):
         assert round(count_parameters(build_model(name, shortcut="A")) / 1e6, 2) == millions
     assert count_parameters(build_model("resnet20")) == 269_722  # option A is the default
+
+
+@pytest.mark.parametrize("name", ["resnet8", "resnet32", "vgg16"])
+def test_without_batchnorm(name):
+    """batchnorm=False: no BN module, every conv gains a bias; the parameter count changes by exactly that."""
+    with_bn, without = build_model(name, in_channels=1, image_size=28), build_model(name, 10, 1, 28, batchnorm=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in without.modules())
+    convs = [m for m in without.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.bias is not None and not m.bias.any() for m in convs)
+    bn_params = sum(p.numel() for m in with_bn.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    conv_bias_before = sum(m.bias.numel() for m in with_bn.modules() if isinstance(m, nn.Conv2d) and m.bias is not None)
+    added = sum(m.bias.numel() for m in convs) - conv_bias_before
+    assert count_parameters(without) == count_parameters(with_bn) - bn_params + added
+    out = without(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
 def test_vgg16_parameter_count():
@@ -278,8 +293,10 @@ def test_bad_arguments():
         assert name in str(info.value)
     with pytest.raises(ValueError, match="shortcut must be 'A' or 'B'"):
         build_model("resnet20", shortcut="C")
-    with pytest.raises(TypeError, match=r"unexpected keyword.*shortcut.*accepted: none"):
+    with pytest.raises(TypeError, match=r"unexpected keyword.*shortcut.*accepted: \['batchnorm'\]"):
         build_model("vgg16", shortcut="A")
+    with pytest.raises(TypeError, match=r"unexpected keyword.*batchnorm.*accepted: none"):
+        build_model("cnn2", batchnorm=False)
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         build_model("resnet20", num_classes=0)
     with pytest.raises(ValueError, match="in_channels must be a positive int"):

@@ -6,6 +6,7 @@ handle = cdgrad.attach(optimizer, cdgrad.ChannelDirected("sobolev", lam=1.0, bet
 
 from .attach import AttachHandle, attach
 from .functional import centralize, laplacian_smooth, reweighted_h0, sobolev
+from .norm_bounds import clip_reshaped_norm, conv_norm_gram, conv_norm_power, reshaped_norm, reshaped_norm_power
 from .sgs import SpatialGradientScaling, normalized_mutual_information, sgs_scaling, spatial_dependence
 from .spectral import (
     OperatorNormClipper,
@@ -49,6 +50,11 @@ __all__ = [
     "clip_operator_norm",
     "OperatorNormClipper",
     "record_input_sizes",
+    "conv_norm_power",
+    "conv_norm_gram",
+    "reshaped_norm",
+    "reshaped_norm_power",
+    "clip_reshaped_norm",
     "SpatialGradientScaling",
     "normalized_mutual_information",
     "sgs_scaling",

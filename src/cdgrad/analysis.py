@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .spectral import _check_finite, _check_weight, _input_size, conv_operator_norm, conv_singular_values
+from ._conv_spectrum import _check_finite, _check_weight, _input_size
+from .spectral import conv_operator_norm, conv_singular_values
 from .validation import check_int
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "channel_mean_std",
     "correlation_profile",
     "output_input_ratio",
+    "singular_value_ratios",
     "singular_value_spectrum",
     "summarize_state_dict",
 ]
@@ -151,6 +153,21 @@ def channel_mean_std(weight: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
 def singular_value_spectrum(weight: Tensor, input_size: int | tuple[int, int]) -> Tensor:
     """All singular values (descending) of the stride-1 circular conv; see ``cdgrad.spectral``."""
     return conv_singular_values(weight.detach(), input_size)
+
+
+def singular_value_ratios(spectrum: Tensor) -> tuple[Tensor, Tensor]:
+    """``(i / N, sigma_i / sigma_1)`` for ``i = 1 .. N`` of a descending spectrum (Sedghi et al. Figs. 6-7).
+
+    The normalised rank puts layers with different numbers of singular values on one axis; a zero spectrum
+    has ratios 0.
+    """
+    if not isinstance(spectrum, Tensor) or spectrum.dim() != 1 or spectrum.numel() == 0:
+        raise ValueError("spectrum must be a non-empty 1-D tensor of singular values in descending order")
+    n = spectrum.numel()
+    rank = torch.arange(1, n + 1, dtype=torch.float64) / n
+    top = float(spectrum[0])
+    ratio = spectrum.double() / top if top > 0 else torch.zeros(n, dtype=torch.float64)
+    return rank, ratio
 
 
 def _lookup_size(sizes: Any, key: str) -> Any:

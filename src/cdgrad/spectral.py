@@ -19,18 +19,31 @@ zero padding, stride and the dependence on the input size.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .validation import check_int, check_positive, check_tensor
+from ._conv_spectrum import (
+    _check_finite,
+    _check_weight,
+    _half_spectrum,
+    _input_size,
+    _is_int,
+    _max_norm,
+    _work_dtype,
+)
+from .norm_bounds import clip_reshaped_norm, conv_norm_gram, conv_norm_power, reshaped_norm
+from .validation import check_choice, check_int
 
 __all__ = [
+    "NORM_ESTIMATES",
+    "PROJECTIONS",
     "OperatorNormClipper",
+    "Projection",
     "clip_operator_norm",
     "conv_dense_matrix",
     "conv_operator_norm",
@@ -39,70 +52,6 @@ __all__ = [
 ]
 
 Size = int | tuple[int, int]
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_weight(weight: Any, name: str = "weight") -> None:
-    """A non-empty 4-D floating conv weight (O, I, kh, kw) with finite entries."""
-    check_tensor(weight, name)
-    if weight.dim() != 4:
-        raise ValueError(f"{name} must be a 4-D conv weight of shape (O, I, kh, kw), got shape {tuple(weight.shape)}")
-    if weight.numel() == 0:
-        raise ValueError(f"{name} must be non-empty, got shape {tuple(weight.shape)}")
-    _check_finite(weight, name)
-
-
-def _check_finite(weight: Tensor, name: str) -> None:
-    """NaN or infinite entries (a diverged model) have no singular values: a clear error instead of LinAlgError."""
-    if not bool(torch.isfinite(weight.detach()).all()):
-        bad = int((~torch.isfinite(weight.detach())).sum())
-        raise ValueError(
-            f"{name} has {bad} non-finite entries (NaN or inf; has training diverged?); accepted: finite weights"
-        )
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _input_size(input_size: Any, weight: Tensor, name: str = "input_size") -> tuple[int, int]:
-    """Normalise ``input_size`` (int or (n_h, n_w)) and check it is at least the kernel size."""
-    if _is_int(input_size):
-        size = (int(input_size), int(input_size))
-    elif (
-        isinstance(input_size, Sequence)
-        and not isinstance(input_size, str)
-        and len(input_size) == 2
-        and all(_is_int(s) for s in input_size)
-    ):
-        size = (int(input_size[0]), int(input_size[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints (n_h, n_w), got {input_size!r}")
-    kh, kw = weight.shape[-2:]
-    if size[0] < kh or size[1] < kw:
-        raise ValueError(f"{name} must be at least the kernel size ({kh}, {kw}) in each dimension, got {size}")
-    return size
-
-
-def _max_norm(max_norm: Any) -> float:
-    return check_positive(max_norm, "max_norm")
-
-
-def _work_dtype(weight: Tensor) -> torch.dtype:
-    """float64 for float64 weights (complex128 spectra), float32 otherwise (complex64)."""
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
-
-
-# ----------------------------------------------------------------------------- spectra
-
-
-def _half_spectrum(weight: Tensor, size: tuple[int, int]) -> Tensor:
-    """``P[u, v]`` for ``v = 0 .. n_w // 2`` as a batch of O x I matrices, shape (n_h, n_w//2+1, O, I)."""
-    w = weight.to(_work_dtype(weight))
-    out: Tensor = torch.fft.rfft2(w, s=size).permute(2, 3, 0, 1)
-    return out
 
 
 def _mirror(half: Tensor, n_w: int) -> Tensor:
@@ -174,6 +123,49 @@ def clip_operator_norm(weight: Tensor, input_size: Size, max_norm: float) -> Ten
         delta = torch.fft.irfft2(d.permute(2, 3, 0, 1), s=size)[..., :kh, :kw]
         out: Tensor = (w - delta).to(weight.dtype)
         return out
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A way to pull a conv weight towards an operator-norm ball: ``apply(weight, input_size, max_norm) -> weight``."""
+
+    name: str
+    summary: str
+    apply: Callable[[Tensor, tuple[int, int], float], Tensor]
+
+
+def _gram_rescale(weight: Tensor, input_size: tuple[int, int], max_norm: float) -> Tensor:
+    """``weight * min(1, c / gram_bound)``: certified to end with operator norm <= c (unchanged when inside)."""
+    bound = float(conv_norm_gram(weight, input_size))
+    return weight.detach().clone() if bound <= max_norm else weight.detach() * (max_norm / bound)
+
+
+def _reshaped_clip(weight: Tensor, input_size: tuple[int, int], max_norm: float) -> Tensor:
+    return clip_reshaped_norm(weight, max_norm)
+
+
+PROJECTIONS: dict[str, Projection] = {
+    p.name: p
+    for p in (
+        Projection(
+            "exact",
+            "clip the singular values of every P[u, v] to max_norm, cut back to the kernel support (Sedghi et al.)",
+            clip_operator_norm,
+        ),
+        Projection(
+            "reshaped",
+            "clip the singular values of the O x (I kh kw) reshaped kernel (Yoshida & Miyato; bounds the true "
+            "norm only up to sqrt(kh kw))",
+            _reshaped_clip,
+        ),
+        Projection(
+            "gram",
+            "rescale the kernel by min(1, max_norm / Gram-iteration bound): certified inside the ball, no SVD",
+            _gram_rescale,
+        ),
+    )
+}
+NORM_ESTIMATES = ("exact", "power", "gram", "reshaped")
 
 
 def conv_dense_matrix(weight: Tensor, input_size: Size) -> Tensor:
@@ -253,8 +245,10 @@ class OperatorNormClipper:
     """Project conv weights towards ``||conv_K|| <= max_norm`` every ``every`` optimizer steps.
 
     After optimizer steps ``every, 2 * every, ...`` each chosen weight is replaced in place by
-    ``clip_operator_norm(weight, input_size, max_norm)`` (one alternating-projection step;
-    Sedghi et al. clip every 100 steps).
+    ``PROJECTIONS[projection].apply(weight, input_size, max_norm)``: by default ``"exact"``,
+    `clip_operator_norm` (one alternating-projection step; Sedghi et al. clip every 100 steps); ``"reshaped"``
+    clips the reshaped kernel's singular values (the Yoshida & Miyato baseline); ``"gram"`` rescales each kernel
+    under a certified Gram-iteration bound.
 
     Args:
         layers: an ``nn.Module`` (all its ``nn.Conv2d`` submodules, named by qualified module name,
@@ -267,6 +261,10 @@ class OperatorNormClipper:
             one ``(n_h, n_w)`` for all layers).
         max_norm: the operator-norm bound, > 0.
         every: clip after every ``every``-th optimizer step, a positive int.
+        projection: a name in `PROJECTIONS` (``"exact"``, ``"reshaped"``, ``"gram"``).
+
+    `operator_norms(estimate)` reports each layer's norm for monitoring (``"exact"``, or the cheaper ``"power"``,
+    which keeps one warm-started vector per layer in the clipper's state, ``"gram"`` and ``"reshaped"``).
 
     Use ``handle = clipper.attach(optimizer)`` (an ``optimizer.register_step_post_hook``) or call
     ``clipper.step()`` after each ``optimizer.step()``.
@@ -278,17 +276,24 @@ class OperatorNormClipper:
         input_sizes: Size | Mapping[str, Size] | Sequence[Size],
         max_norm: float,
         every: int = 100,
+        projection: str = "exact",
     ) -> None:
         self.max_norm = _max_norm(max_norm)
         self.every = self._check_every(every)
+        self.projection = self._check_projection(projection)
         self._layers = self._collect(layers)
         self.input_sizes = self._sizes(input_sizes)
         self.step_count = 0
+        self._power_vectors: dict[str, Tensor] = {}
 
     # -- construction helpers
     @staticmethod
     def _check_every(every: Any) -> int:
         return check_int(every, "every (clip after every `every` steps)", minimum=1)
+
+    @staticmethod
+    def _check_projection(projection: Any) -> str:
+        return str(check_choice(projection, "projection", PROJECTIONS))
 
     @staticmethod
     def _collect(layers: Any) -> dict[str, nn.Conv2d | Tensor]:
@@ -355,16 +360,36 @@ class OperatorNormClipper:
         with torch.no_grad():
             for name in self._layers:  # a diverged layer stops everything before any weight changes
                 _check_finite(self._weight(name), f"layer {name!r}")
+            project = PROJECTIONS[self.projection].apply
             for name in self._layers:
                 w = self._weight(name)
-                w.copy_(clip_operator_norm(w, self.input_sizes[name], self.max_norm))
+                w.copy_(project(w, self.input_sizes[name], self.max_norm))
 
-    def operator_norms(self) -> dict[str, float]:
-        """Current operator norm of each layer at its input size."""
+    def operator_norms(self, estimate: str = "exact") -> dict[str, float]:
+        """Each layer's operator norm at its input size, or a cheaper estimate of it.
+
+        ``estimate``: ``"exact"`` (`conv_operator_norm`), ``"power"`` (two power iterations of
+        `cdgrad.norm_bounds.conv_norm_power` from the vector kept since the last call: a lower bound that tracks
+        the norm during training), ``"gram"`` (`conv_norm_gram`, an upper bound) or ``"reshaped"`` (the reshaped
+        kernel's norm, which ignores the input size).
+        """
+        estimate = check_choice(estimate, "estimate", NORM_ESTIMATES)
         with torch.no_grad():
             for name in self._layers:
                 _check_finite(self._weight(name), f"layer {name!r}")
-            return {n: float(conv_operator_norm(self._weight(n), self.input_sizes[n])) for n in self._layers}
+            out: dict[str, float] = {}
+            for n in self._layers:
+                w, size = self._weight(n), self.input_sizes[n]
+                if estimate == "power":
+                    value, self._power_vectors[n] = conv_norm_power(w, size, self._power_vectors.get(n), iters=2)
+                elif estimate == "gram":
+                    value = conv_norm_gram(w, size)
+                elif estimate == "reshaped":
+                    value = reshaped_norm(w)
+                else:
+                    value = conv_operator_norm(w, size)
+                out[n] = float(value)
+            return out
 
     def step(self) -> bool:
         """Count one optimizer step; clip when the count is a multiple of ``every``. True if it clipped."""
@@ -391,7 +416,9 @@ class OperatorNormClipper:
             "step_count": self.step_count,
             "max_norm": self.max_norm,
             "every": self.every,
+            "projection": self.projection,
             "input_sizes": {n: list(s) for n, s in self.input_sizes.items()},
+            "power_vectors": {n: v.clone() for n, v in self._power_vectors.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -410,10 +437,22 @@ class OperatorNormClipper:
             got = sorted(sizes) if isinstance(sizes, Mapping) else sizes
             raise ValueError(f"state['input_sizes'] must name exactly the layers {self.layer_names}, got {got}")
         new_sizes = {n: _input_size(sizes[n], self._weight(n), f"input_sizes[{n!r}]") for n in self._layers}
+        projection = self._check_projection(state.get("projection", "exact"))  # states written before it: exact
+        vectors = state.get("power_vectors", {})
+        if not isinstance(vectors, Mapping) or not set(vectors) <= set(self._layers):
+            got = sorted(vectors) if isinstance(vectors, Mapping) else type(vectors).__name__
+            raise ValueError(f"state['power_vectors'] must map layer names {self.layer_names} to vectors, got {got}")
+        for n, v in vectors.items():
+            shape = (self._weight(n).shape[1], *new_sizes[n])
+            if not isinstance(v, Tensor) or tuple(v.shape) != shape:
+                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"state['power_vectors'][{n!r}] must be a tensor of shape {shape}, got {got}")
         self.step_count, self.max_norm, self.every, self.input_sizes = step, max_norm, every, new_sizes
+        self.projection = projection
+        self._power_vectors = {n: v.detach().clone() for n, v in vectors.items()}
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(layers={self.layer_names}, max_norm={self.max_norm}, "
-            f"every={self.every}, step_count={self.step_count})"
+            f"every={self.every}, projection={self.projection!r}, step_count={self.step_count})"
         )

@@ -5,7 +5,10 @@ Writes a Markdown table (one row per conv layer) and four PNG plots:
 - ``correlation_vs_distance.png``: ``axis_correlation`` against distance, output vs input axis;
 - ``channel_correlation_histogram.png``: off-diagonal correlations between whole channels;
 - ``channel_mean_std.png``: per-channel mean against standard deviation;
-- ``singular_values.png``: the singular-value spectrum of each layer's circular convolution.
+- ``singular_values.png``: the sorted singular values of each layer's circular convolution (Sedghi et al.
+  Fig. 5);
+- ``singular_value_ratios.png``: each singular value over its layer's largest, against the normalised rank
+  (Sedghi et al. Figs. 6-7).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._conv_spectrum import _input_size
 from ..analysis import (
     _check_bins,
     _check_distance,
@@ -27,10 +31,10 @@ from ..analysis import (
     channel_correlation_histogram,
     channel_mean_std,
     correlation_profile,
+    singular_value_ratios,
     singular_value_spectrum,
     summarize_state_dict,
 )
-from ..spectral import _input_size
 
 __all__ = ["add_analyze_arguments", "analyze", "analyze_state_dict", "load_state_dict", "run_analyze"]
 
@@ -39,6 +43,7 @@ PLOTS = (
     "channel_correlation_histogram.png",
     "channel_mean_std.png",
     "singular_values.png",
+    "singular_value_ratios.png",
 )
 
 
@@ -137,6 +142,7 @@ def analyze_state_dict(
     _plot_histogram(weights, bins, out / PLOTS[1])
     _plot_mean_std(weights, out / PLOTS[2])
     _plot_spectra(spectra, label, out / PLOTS[3])
+    _plot_ratios(spectra, label, out / PLOTS[4])
     return table
 
 
@@ -200,6 +206,24 @@ def _plot_spectra(spectra: dict[str, Tensor | None], label: str, path: Path) -> 
         )
     ax.set_yscale("log")
     ax.set(xlabel="rank / number of singular values", ylabel="singular value", title=f"Conv singular values {label}")
+    if 0 < len(shown) <= 10:
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+
+
+def _plot_ratios(spectra: dict[str, Tensor | None], label: str, path: Path) -> None:
+    fig = _figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    shown = [(name, s) for name, s in spectra.items() if s is not None]
+    for k, (name, s) in enumerate(shown):
+        rank, ratio = singular_value_ratios(s)
+        ax.plot(rank.tolist(), ratio.tolist(), lw=1, label=name if len(shown) <= 10 else None, color=f"C{k % 10}")
+    ax.set(
+        xlabel="normalised rank i / N",
+        ylabel="singular value / largest",
+        ylim=(0.0, 1.02),
+        title=f"Conv singular values relative to each layer's largest {label}",
+    )
     if 0 < len(shown) <= 10:
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=100)

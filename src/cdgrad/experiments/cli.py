@@ -225,6 +225,8 @@ def _report(
     text = [f"## {preset.name}: {preset.title}\n"]
     if preset.cuts:
         text.append(f"Reduced protocol: {preset.cuts}.\n")
+    if preset.published:
+        text.append(f"Published: {preset.published}.\n")
     diverged = sum(run.status == "diverged" for run in found)
     stored = f"{len(found)} of {len(runs)} runs complete" + (f" ({diverged} diverged)" if diverged else "")
     text.append(f"{stored}. Metric: final test accuracy. Produced by `{command}`.\n")

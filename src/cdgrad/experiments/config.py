@@ -89,6 +89,9 @@ class RunConfig:
     augment: bool = _f(False, "random crop (pad 4) and horizontal flip on every batch (CIFAR protocol)")
     # model and optimisation
     model: str = _f("cnn2", "network", MODEL_REGISTRY.names)
+    batchnorm: bool = _f(
+        True, "batch normalisation in the networks that have it (resnet*, vgg16); off: none, conv biases instead"
+    )
     epochs: int = _f(10, "number of training epochs", minimum=1)
     batch_size: int = _f(100, "training batch size", minimum=1)
     optimizer: str = _f("sgd", "optimizer", ("sgd", "adam"))
@@ -97,11 +100,18 @@ class RunConfig:
     weight_decay: float = _f(5e-4, "L2 weight decay (coupled, as in torch.optim)", minimum=0.0)
     schedule: str = _f(
         "step",
-        "learning-rate schedule: 'step' divides lr by 10 every step_every epochs "
-        "(the paper's), 'cosine' anneals to 0 over the run, 'constant' keeps it",
+        "learning-rate schedule: 'step' multiplies lr by lr_decay every step_every epochs "
+        "(the paper's: by 0.1 every 40), 'cosine' anneals to 0 over the run, 'constant' keeps it",
         ("step", "cosine", "constant"),
     )
-    step_every: int = _f(40, "epochs between lr divisions by 10 (schedule 'step')", minimum=1)
+    step_every: int = _f(40, "epochs between lr decays (schedule 'step')", minimum=1)
+    lr_decay: float = _f(
+        0.1,
+        "factor lr is multiplied by every step_every epochs (schedule 'step'; Sedghi et al. use 0.95)",
+        minimum=0.0,
+        maximum=1.0,
+        exclusive_minimum=True,
+    )
     # gradient method: one field per parameter of cdgrad.experiments.methods.PARAMS
     method: str = _f("none", "gradient method (see `cdgrad list --methods`)", METHODS.names)
     lam: float | None = method_param("lam")
@@ -115,6 +125,7 @@ class RunConfig:
     sgs_every: int | None = method_param("sgs_every")
     clip_norm: float | None = method_param("clip_norm")
     clip_every: int | None = method_param("clip_every")
+    clip_projection: str | None = method_param("clip_projection")
     # evaluation and execution
     eval_every: int = _f(1, "evaluate on the test split every N epochs (the last epoch always is)", minimum=1)
     eval_batch_size: int = _f(250, "batch size of the (no-grad) evaluation", identity=False, minimum=1)
@@ -213,6 +224,12 @@ def validate(config: RunConfig) -> None:
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
     check_types(config)
     validate_method(config)
+    if not config.batchnorm and "batchnorm" not in MODEL_REGISTRY.get(config.model).keywords:
+        with_option = [n for n in MODEL_REGISTRY.names() if "batchnorm" in MODEL_REGISTRY.get(n).keywords]
+        raise ValueError(
+            f"batchnorm=False: model {config.model!r} has no batch-norm option; accepted models: "
+            f"{', '.join(with_option)}"
+        )
     try:
         device = torch.device(config.device)
     except RuntimeError:

@@ -7,7 +7,7 @@
     ls          sigma, direction, scope                      (I - sigma L)^-1 f                  (Osher et al.)
     centralize  scope                                        f - mean over (I, H, W)               (Yong et al.)
     sgs         sgs_k, sgs_batches, sgs_every                G * f, G from input-feature MI       (SGS)
-    opnorm      clip_norm, clip_every                        f; every clip_every steps each conv is projected
+    opnorm      clip_norm, clip_every, clip_projection       f; every clip_every steps each conv is projected
                                                              to ||conv|| <= clip_norm at its input size
 
 Every parameter is declared once in `PARAMS` (type, help, accepted range or choices, default); a method lists
@@ -104,6 +104,14 @@ PARAMS: dict[str, Param] = {
             help="opnorm: operator-norm bound of each conv layer",
         ),
         Param(name="clip_every", type=int, default=100, minimum=1, help="opnorm: optimizer steps between projections"),
+        Param(
+            name="clip_projection",
+            type=str,
+            default="exact",
+            choices=("exact", "reshaped", "gram"),
+            help="opnorm: 'exact' (clip every frequency's singular values, Sedghi et al.), 'reshaped' (clip the "
+            "O x (I kh kw) reshaped kernel, Yoshida & Miyato) or 'gram' (rescale under the Gram-iteration bound)",
+        ),
     )
 }
 
@@ -227,7 +235,10 @@ def _opnorm(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) ->
     model.eval()  # a forward pass in eval mode leaves BatchNorm statistics alone
     sizes = record_input_sizes(model, sample)
     model.train(was_training)
-    return Built(clipper=OperatorNormClipper(model, sizes, max_norm=v["clip_norm"], every=v["clip_every"]))
+    clipper = OperatorNormClipper(
+        model, sizes, max_norm=v["clip_norm"], every=v["clip_every"], projection=v["clip_projection"]
+    )
+    return Built(clipper=clipper)
 
 
 def _none(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
@@ -303,7 +314,7 @@ for _method in (
         "opnorm",
         "operator-norm clipping of conv layers",
         "f; every clip_every steps each conv is projected to operator norm <= clip_norm",
-        (PARAMS["clip_norm"], PARAMS["clip_every"]),
+        (PARAMS["clip_norm"], PARAMS["clip_every"], PARAMS["clip_projection"]),
         _opnorm,
         order=(),
     ),

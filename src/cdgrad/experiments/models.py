@@ -38,7 +38,8 @@ __all__ = [
     "register_model",
 ]
 
-MODELS = ("cnn2", "resnet20", "resnet32", "resnet56", "vgg16")  # the built-in networks; see also `model_names`
+# the built-in networks; see also `model_names`
+MODELS = ("cnn2", "resnet8", "resnet20", "resnet32", "resnet56", "vgg16")
 
 VGG16_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
@@ -131,19 +132,28 @@ class ShortcutA(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
 
 
+def _norm(planes: int, batchnorm: bool) -> nn.Module:
+    """``BatchNorm2d(planes)``, or the identity for a network without batch norm."""
+    return nn.BatchNorm2d(planes) if batchnorm else nn.Identity()
+
+
 class BasicBlock(nn.Module):
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` with 3x3 convolutions, no conv biases.
 
     The shortcut is the identity when shape is kept; otherwise option ``"A"`` (`ShortcutA`, parameter-free)
-    or ``"B"`` (1x1 convolution with stride + batch norm, a projection).
+    or ``"B"`` (1x1 convolution with stride + batch norm, a projection). ``batchnorm=False``: every BN is the
+    identity and every convolution has a bias instead.
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A") -> None:
+    def __init__(
+        self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A", batchnorm: bool = True
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        bias = not batchnorm
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=bias)
+        self.bn1 = _norm(planes, batchnorm)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=bias)
+        self.bn2 = _norm(planes, batchnorm)
         self.shortcut: nn.Module
         if stride == 1 and in_planes == planes:
             self.shortcut = nn.Identity()
@@ -151,7 +161,7 @@ class BasicBlock(nn.Module):
             self.shortcut = ShortcutA(in_planes, planes, stride)
         else:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=bias), _norm(planes, batchnorm)
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -168,10 +178,18 @@ class CifarResNet(nn.Module):
     ``shortcut="A"`` (default, the paper's CIFAR choice): parameter-free stride-2 subsampling plus zero
     channel padding; ``"B"``: 1x1 convolution + BN projections where the shape changes. Parameter counts for
     10 classes and 3 input channels: ResNet-20 269,722 (A) / 272,474 (B); ResNet-32 464,154 / 466,906;
-    ResNet-56 853,018 / 855,770.
+    ResNet-56 853,018 / 855,770. ``batchnorm=False`` (Sedghi et al.'s Fig. 3 without BN) replaces every BN by
+    the identity and gives every convolution a bias.
     """
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, shortcut: str = "A") -> None:
+    def __init__(
+        self,
+        depth: int = 20,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        shortcut: str = "A",
+        batchnorm: bool = True,
+    ) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
@@ -181,14 +199,14 @@ class CifarResNet(nn.Module):
         _positive_int(in_channels, "in_channels")
         n = (depth - 2) // 6
         self.depth, self.shortcut_option = depth, shortcut
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=not batchnorm)
+        self.bn1 = _norm(16, batchnorm)
         layers: list[nn.Module] = []
         in_planes = 16
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for i in range(n):
-                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, shortcut))
+                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, shortcut, batchnorm))
                 in_planes = planes
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
@@ -224,7 +242,8 @@ class VGG(nn.Module):
     Each integer ``c`` of ``cfg`` is ``conv3x3(c, padding 1, with bias) -> BN -> ReLU``; each ``"M"`` is a
     2x2 max-pool (ceil mode, so 28x28 inputs reach 1x1 as 32x32 ones do). Classifier: a single
     ``linear(512 s^2 -> num_classes)`` on the flattened features, ``s`` the final side (1 for 28 and 32).
-    With `VGG16_CFG`, 10 classes and 3 input channels: 14,728,266 parameters.
+    With `VGG16_CFG`, 10 classes and 3 input channels: 14,728,266 parameters. ``batchnorm=False`` leaves the
+    BNs out.
     """
 
     def __init__(
@@ -233,6 +252,7 @@ class VGG(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         image_size: int = 32,
+        batchnorm: bool = True,
     ) -> None:
         super().__init__()
         _positive_int(num_classes, "num_classes")
@@ -245,7 +265,7 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             else:
                 v = _positive_int(v, "cfg entry")
-                layers += [nn.Conv2d(channels, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(channels, v, 3, padding=1), _norm(v, batchnorm), nn.ReLU(inplace=True)]
                 channels = v
         side = _pooled_size(image_size, sum(v == "M" for v in cfg))
         self.features = nn.Sequential(*layers)
@@ -293,21 +313,23 @@ def model_names() -> tuple[str, ...]:
 
 
 def _resnet(depth: int) -> Callable[..., nn.Module]:
-    def build(num_classes: int, in_channels: int, image_size: int, shortcut: str = "A") -> nn.Module:
+    def build(
+        num_classes: int, in_channels: int, image_size: int, shortcut: str = "A", batchnorm: bool = True
+    ) -> nn.Module:
         _positive_int(image_size, "image_size")
-        return CifarResNet(depth, num_classes, in_channels, shortcut=shortcut)
+        return CifarResNet(depth, num_classes, in_channels, shortcut=shortcut, batchnorm=batchnorm)
 
     return build
 
 
+def _vgg16(num_classes: int, in_channels: int, image_size: int, batchnorm: bool = True) -> nn.Module:
+    return VGG(VGG16_CFG, num_classes, in_channels, image_size, batchnorm=batchnorm)
+
+
 MODEL_REGISTRY.register("cnn2", ModelEntry(CNN2), builtin=True)
-for _depth in (20, 32, 56):
-    MODEL_REGISTRY.register(f"resnet{_depth}", ModelEntry(_resnet(_depth), ("shortcut",)), builtin=True)
-MODEL_REGISTRY.register(
-    "vgg16",
-    ModelEntry(lambda num_classes, in_channels, image_size: VGG(VGG16_CFG, num_classes, in_channels, image_size)),
-    builtin=True,
-)
+for _depth in (8, 20, 32, 56):
+    MODEL_REGISTRY.register(f"resnet{_depth}", ModelEntry(_resnet(_depth), ("shortcut", "batchnorm")), builtin=True)
+MODEL_REGISTRY.register("vgg16", ModelEntry(_vgg16, ("batchnorm",)), builtin=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,9 +343,9 @@ def build_model(
     """Build model ``name`` (one of `MODELS`, or registered with `register_model`) for
     ``in_channels x image_size x image_size`` inputs.
 
-    ``cnn2`` -> `CNN2`; ``resnet20/32/56`` -> `CifarResNet` of that depth (keyword ``shortcut="A"|"B"``);
-    ``vgg16`` -> `VGG` with `VGG16_CFG`. Parameters are drawn from torch's global generator, so a seed
-    fixes them.
+    ``cnn2`` -> `CNN2`; ``resnet8/20/32/56`` -> `CifarResNet` of that depth (keywords ``shortcut="A"|"B"``,
+    ``batchnorm``); ``vgg16`` -> `VGG` with `VGG16_CFG` (keyword ``batchnorm``). Parameters are drawn from
+    torch's global generator, so a seed fixes them.
     """
     if not isinstance(name, str) or name not in MODEL_REGISTRY:
         raise ValueError(f"name must be one of {MODEL_REGISTRY.names()}, got {name!r}")

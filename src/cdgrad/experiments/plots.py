@@ -3,6 +3,7 @@
 curves   test accuracy per epoch, mean over seeds with a +-1 std band            (paper Fig. 4)
 hist     histogram of final test accuracies per method                        (paper Fig. 5 left)
 lambda   final test accuracy vs lambda for every method with a `lam`, SGD as a band  (paper Fig. 6)
+walltime test error against cumulative wall time, mean over seeds       (Sedghi et al. Fig. 4)
 
 Line labels are the method registry's (`cdgrad.experiments.methods.describe`); diverged runs are left out.
 """
@@ -10,7 +11,7 @@ Line labels are the method registry's (`cdgrad.experiments.methods.describe`); d
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from cdgrad.experiments.methods import METHODS, describe
 from cdgrad.experiments.report import Row, Setting, completed, setting_title
 
-KINDS = ("curves", "hist", "lambda")
+KINDS = ("curves", "hist", "lambda", "walltime")
 
 
 def _figure(n: int, width: float = 5.5, height: float = 4.0) -> tuple[Any, Any, list[Any]]:
@@ -39,26 +40,49 @@ def _title(ax: Any, st: Setting) -> None:
     ax.set_title(setting_title(st.setting), fontsize=8, wrap=True)
 
 
-def plot_curves(settings: Sequence[Setting], path: str) -> str:
+def _aligned_runs(st: Setting, row: Row) -> tuple[list[int], list[Any]]:
+    """The evaluated epochs of the row's first completed run, and its completed runs evaluated at those."""
+    runs = completed(st.runs[row.label])
+    if not runs:
+        return [], []
+    epochs = runs[0].curves["test_epoch"]
+    return epochs, [r for r in runs if r.curves["test_epoch"] == epochs]
+
+
+def _finish(ax: Any, st: Setting, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _title(ax, st)
+
+
+def _per_epoch_panels(
+    settings: Sequence[Setting], path: str, draw: Callable[[Any, Row, list[int], list[Any]], None], x: str, y: str
+) -> str:
+    """One panel per setting; `draw(ax, row, epochs, runs)` for each row with completed runs."""
     plt, fig, axes = _figure(len(settings))
     for ax, st in zip(axes, settings, strict=True):
         for row in st.rows:
-            runs = completed(st.runs[row.label])
-            if not runs:
-                continue
-            epochs = runs[0].curves["test_epoch"]
-            accs = np.array([r.curves["test_acc"] for r in runs if r.curves["test_epoch"] == epochs])
-            m = accs.mean(0)
-            (line,) = ax.plot(epochs, m, marker="." if len(epochs) < 30 else None, label=row.label)
-            if len(accs) > 1:
-                s = accs.std(0, ddof=1)
-                ax.fill_between(epochs, m - s, m + s, color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        _title(ax, st)
+            epochs, runs = _aligned_runs(st, row)
+            if runs:
+                draw(ax, row, epochs, runs)
+        _finish(ax, st, x, y)
     return _save(plt, fig, path)
+
+
+def _draw_accuracy(ax: Any, row: Row, epochs: list[int], runs: list[Any]) -> None:
+    accs = np.array([r.curves["test_acc"] for r in runs])
+    m = accs.mean(0)
+    (line,) = ax.plot(epochs, m, marker="." if len(epochs) < 30 else None, label=row.label)
+    if len(accs) > 1:
+        s = accs.std(0, ddof=1)
+        ax.fill_between(epochs, m - s, m + s, color=line.get_color(), alpha=0.15)
+
+
+def plot_curves(settings: Sequence[Setting], path: str) -> str:
+    """Test accuracy per evaluated epoch, mean over seeds with a +-1 std band."""
+    return _per_epoch_panels(settings, path, _draw_accuracy, "epoch", "test accuracy (%)")
 
 
 def plot_hist(settings: Sequence[Setting], path: str) -> str:
@@ -107,12 +131,22 @@ def plot_lambda(settings: Sequence[Setting], path: str) -> str:
             ax.axhline(base.mean, color="k", linestyle="--", label=f"SGD (n={len(base.accs)})")
             if len(base.accs) > 1:
                 ax.axhspan(base.mean - base.std, base.mean + base.std, color="k", alpha=0.08)
-        ax.set_xlabel("lambda")
-        ax.set_ylabel("final test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        _title(ax, st)
+        _finish(ax, st, "lambda", "final test accuracy (%)")
     return _save(plt, fig, path)
+
+
+def _draw_error_vs_time(ax: Any, row: Row, epochs: list[int], runs: list[Any]) -> None:
+    elapsed = np.array([np.cumsum(r.curves["epoch_time"])[np.array(epochs) - 1] for r in runs])
+    errors = 100.0 - np.array([r.curves["test_acc"] for r in runs])
+    ax.plot(elapsed.mean(0), errors.mean(0), marker="." if len(epochs) < 30 else None, label=row.label)
+
+
+def plot_walltime(settings: Sequence[Setting], path: str) -> str:
+    """Test error (100 - accuracy) at each evaluation against the wall time spent up to it (s).
+
+    Times are each run's own per-epoch wall times (training and that epoch's evaluation), averaged over seeds.
+    """
+    return _per_epoch_panels(settings, path, _draw_error_vs_time, "wall time (s)", "test error (%)")
 
 
 def _save(plt: Any, fig: Any, path: str) -> str:
@@ -123,7 +157,7 @@ def _save(plt: Any, fig: Any, path: str) -> str:
     return path
 
 
-PLOTTERS = {"curves": plot_curves, "hist": plot_hist, "lambda": plot_lambda}
+PLOTTERS = {"curves": plot_curves, "hist": plot_hist, "lambda": plot_lambda, "walltime": plot_walltime}
 
 
 def make_plots(settings: Sequence[Setting], out_dir: str, prefix: str, kinds: Sequence[str] = KINDS) -> list[str]:

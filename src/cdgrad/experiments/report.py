@@ -190,6 +190,7 @@ class Row:
     p_value: float | None = None
     paper: float | None = None
     diverged: int = 0
+    seconds: float = math.nan  # mean wall time of the completed runs (training and evaluation)
 
 
 @dataclass
@@ -245,6 +246,7 @@ def summarize(runs: Sequence[Run]) -> list[Setting]:
         for label, group in by_label.items():
             accs = [r.final["test_acc"] for r in sorted(completed(group), key=lambda r: r.seed)]
             m, s = mean_std(accs)
+            times = [r.wall_s for r in completed(group)]
             rows.append(
                 Row(
                     label,
@@ -255,6 +257,7 @@ def summarize(runs: Sequence[Run]) -> list[Setting]:
                     confidence_interval(accs),
                     paper=published(group[0].config),
                     diverged=len(group) - len(completed(group)),
+                    seconds=sum(times) / len(times) if times else math.nan,
                 )
             )
         rows.sort(key=lambda r: sort_key(r.config))
@@ -275,6 +278,13 @@ def summarize(runs: Sequence[Run]) -> list[Setting]:
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _time_ratio(row: Row, base: Row | None) -> str:
+    """The row's mean wall time over the baseline's, e.g. `1.31x` (`-` without a baseline or times)."""
+    if base is None or not base.seconds > 0 or math.isnan(row.seconds):
+        return "-"
+    return f"{row.seconds / base.seconds:.2f}x"
 
 
 def setting_title(setting: dict[str, Any], varying: Sequence[str] = ()) -> str:
@@ -307,7 +317,8 @@ def setting_title(setting: dict[str, Any], varying: Sequence[str] = ()) -> str:
 
 
 def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
-    """One Markdown table per setting: mean +- std, 95% CI, n, error reduction, Welch p, published number.
+    """One Markdown table per setting: mean +- std, 95% CI, n, error reduction, Welch p, mean wall time per run
+    relative to the baseline's (training and evaluation; on a shared machine only a rough cost), published number.
 
     A "diverged" column appears where some run diverged; notes on mixed kernel paths or thread counts follow
     the table.
@@ -322,7 +333,7 @@ def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
         head = (
             ["method", "seeds"]
             + (["diverged"] if has_diverged else [])
-            + ["test acc % (mean ± std)", "95% CI", "error reduction vs SGD", "Welch p vs SGD"]
+            + ["test acc % (mean ± std)", "95% CI", "error reduction vs SGD", "Welch p vs SGD", "wall time vs SGD"]
             + (["paper"] if has_paper else [])
         )
         out.append("| " + " | ".join(head) + " |")
@@ -345,6 +356,7 @@ def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
                 f"[{_fmt(r.ci[0])}, {_fmt(r.ci[1])}]",
                 red,
                 "-" if r is base else _fmt(r.p_value, ".2g"),
+                _time_ratio(r, base),
             ] + ([_fmt(r.paper)] if has_paper else [])
             out.append("| " + " | ".join(cells) + " |")
         if base is None:

@@ -48,7 +48,10 @@ def make_model(config: RunConfig, ds: data_mod.Dataset) -> nn.Module:
     from cdgrad.experiments.models import build_model
 
     in_channels, image_size = ds.train_x.shape[1], ds.train_x.shape[-1]
-    return build_model(config.model, num_classes=ds.num_classes, in_channels=in_channels, image_size=image_size)
+    options = {} if config.batchnorm else {"batchnorm": False}  # models without the option keep their signature
+    return build_model(
+        config.model, num_classes=ds.num_classes, in_channels=in_channels, image_size=image_size, **options
+    )
 
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -61,10 +64,10 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 def make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: lr * 0.1**floor(epoch/step_every) ('step'), cosine to 0, or constant."""
+    """Per-epoch schedule: lr * lr_decay**floor(epoch/step_every) ('step'), cosine to 0, or constant."""
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    gamma = 0.1 if config.schedule == "step" else 1.0
+    gamma = config.lr_decay if config.schedule == "step" else 1.0
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_every, gamma=gamma)
 
 
