@@ -1,17 +1,17 @@
-"""Tables of results: mean +- std, 95% confidence interval, error reduction and Welch's t-test.
+"""Tables of results: mean +- std, 95% confidence interval, error reduction, Welch's t-test, a variance test.
 
-Statistics are implemented here (no scipy). For final test accuracies `x_1..x_n` of one method:
+For final test accuracies `x_1..x_n` of one method (distributions from `scipy.stats`):
 
     mean m, sample std s (ddof 1), 95% CI  m +- t_{0.975, n-1} s / sqrt(n)            (Student t)
     error reduction vs the baseline        (err_base - err) / err_base, err = 100 - accuracy   (the paper's)
     Welch's test vs the baseline           t = (m - m_b) / sqrt(s^2/n + s_b^2/n_b),
                                            df = (s^2/n + s_b^2/n_b)^2 / ((s^2/n)^2/(n-1) + (s_b^2/n_b)^2/(n_b-1)),
-                                           two-sided p = 2 P(T_df > |t|) = I_{df/(df+t^2)}(df/2, 1/2)
+                                           two-sided p = 2 P(T_df > |t|)
+    equal variances vs the baseline        Brown-Forsythe test (Levene's test on deviations from the median),
+                                           two-sided p: the test behind a claim of lower trial-to-trial variance
 
-The Student t CDF uses the regularised incomplete beta function `I_x(a, b)`, evaluated by its continued
-fraction (modified Lentz). Runs are grouped into settings (everything but the method and its
-hyper-parameters); each setting's baseline is its `method=none` group. Rows follow the method registry's
-order and labels (`cdgrad.experiments.methods`).
+Runs are grouped into settings (everything but the method and its hyper-parameters); each setting's baseline is
+its `method=none` group. Rows follow the method registry's order and labels (`cdgrad.experiments.methods`).
 
 Runs stored as diverged (a non-finite loss) are counted in their row's "diverged" column and left out of
 every statistic. When the runs of a setting ran on different kernel paths (the native C kernel or the
@@ -22,87 +22,19 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+from scipy import stats
 
 from cdgrad.experiments.config import FIELDS, METHOD_FIELDS, RunConfig, identity_dict
 from cdgrad.experiments.methods import describe, sort_key
 from cdgrad.experiments.store import Run
 
 # ------------------------------------------------------------------------------------------------ statistics
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta `I_x(a, b) = B(x; a, b) / B(a, b)`, a, b > 0, 0 <= x <= 1."""
-    if a <= 0 or b <= 0:
-        raise ValueError(f"a and b must be > 0, got a={a!r}, b={b!r}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"x must be in [0, 1], got {x!r}")
-    if x == 0.0 or x == 1.0:
-        return x
-    if x > (a + 1.0) / (a + b + 2.0):  # the continued fraction converges fast on this side only
-        return 1.0 - betainc(b, a, 1.0 - x)
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10000):
-        for num in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return math.exp(log_front) * h / a
-
-
-def t_tail(t: float, df: float) -> float:
-    """P(T > |t|) for Student's t with `df` > 0: I_x(df/2, 1/2) / 2, x = df/(df+t^2).
-
-    Near t = 0 it uses 1/2 - I_y(1/2, df/2) / 2, y = t^2/(df+t^2) = 1 - x, which avoids forming 1 - x.
-    """
-    if df <= 0:
-        raise ValueError(f"df must be > 0, got {df!r}")
-    if math.isinf(t):
-        return 0.0
-    a, b = df / 2.0, 0.5
-    x, y = df / (df + t * t), t * t / (df + t * t)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return 0.5 * betainc(a, b, x)
-    return 0.5 - 0.5 * betainc(b, a, y)
-
-
-def t_cdf(t: float, df: float) -> float:
-    """CDF of Student's t with `df` > 0 degrees of freedom: 1 - t_tail(t) for t > 0, t_tail(t) otherwise."""
-    tail = t_tail(t, df)
-    return 1.0 - tail if t > 0 else tail
-
-
-def t_ppf(p: float, df: float) -> float:
-    """Quantile of Student's t: the `t` with `t_cdf(t, df) = p`, 0 < p < 1 (bisection to machine precision)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must be in (0, 1), got {p!r}")
-    lo, hi = -1.0, 1.0
-    while t_cdf(lo, df) > p:
-        lo *= 2.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-13 * max(1.0, abs(mid)):
-            break
-    return 0.5 * (lo + hi)
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -121,7 +53,7 @@ def confidence_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float
     if n < 2:
         return math.nan, math.nan
     m, s = mean_std(xs)
-    half = t_ppf(0.5 + level / 2.0, n - 1) * s / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + level / 2.0, n - 1)) * s / math.sqrt(n)
     return m - half, m + half
 
 
@@ -134,9 +66,27 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, fl
     if va + vb == 0.0:
         same = ma == mb
         return (0.0 if same else math.copysign(math.inf, ma - mb)), math.nan, (1.0 if same else 0.0)
-    t = (ma - mb) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
-    return t, df, 2.0 * t_tail(t, df)
+    with warnings.catch_warnings():  # scipy warns on nearly equal values (identical seeds); the result stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_ind(a, b, equal_var=False)
+    return float(result.statistic), float(result.df), float(result.pvalue)
+
+
+def variance_test(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of the Brown-Forsythe test that `a` and `b` have equal variances (nan: < 2 values).
+
+    Levene's test on absolute deviations from each sample's median (`scipy.stats.levene(center="median")`),
+    robust to non-normal accuracies; 1.0 when both samples are constant, nan where the test is degenerate (two
+    values per sample: both deviate equally from their median).
+    """
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    za, zb = (np.abs(np.asarray(x, dtype=float) - np.median(x)) for x in (a, b))
+    if np.ptp(za) == 0.0 and np.ptp(zb) == 0.0:  # no spread of the deviations: F is 0/0 or x/0
+        return 1.0 if za[0] == zb[0] else math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.levene(a, b, center="median").pvalue)
 
 
 def error_reduction(acc_base: float, acc: float) -> float:
@@ -188,6 +138,7 @@ class Row:
     ci: tuple[float, float]
     reduction: float | None = None
     p_value: float | None = None
+    variance_p: float | None = None
     paper: float | None = None
     diverged: int = 0
     seconds: float = math.nan  # mean wall time of the completed runs (training and evaluation)
@@ -269,6 +220,7 @@ def summarize(runs: Sequence[Run]) -> list[Setting]:
                 if r is not base:
                     r.reduction = error_reduction(base.mean, r.mean)
                     r.p_value = welch_test(r.accs, base.accs)[2]
+                    r.variance_p = variance_test(r.accs, base.accs)
         out.append(setting)
     return out
 
@@ -317,7 +269,8 @@ def setting_title(setting: dict[str, Any], varying: Sequence[str] = ()) -> str:
 
 
 def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
-    """One Markdown table per setting: mean +- std, 95% CI, n, error reduction, Welch p, mean wall time per run
+    """One Markdown table per setting: mean +- std, 95% CI, n, error reduction, Welch p, equal-variance p
+    (Brown-Forsythe), mean wall time per run
     relative to the baseline's (training and evaluation; on a shared machine only a rough cost), published number.
 
     A "diverged" column appears where some run diverged; notes on mixed kernel paths or thread counts follow
@@ -333,7 +286,8 @@ def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
         head = (
             ["method", "seeds"]
             + (["diverged"] if has_diverged else [])
-            + ["test acc % (mean ± std)", "95% CI", "error reduction vs SGD", "Welch p vs SGD", "wall time vs SGD"]
+            + ["test acc % (mean ± std)", "95% CI", "error reduction vs SGD", "Welch p vs SGD"]
+            + ["equal-variance p vs SGD", "wall time vs SGD"]
             + (["paper"] if has_paper else [])
         )
         out.append("| " + " | ".join(head) + " |")
@@ -356,6 +310,7 @@ def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
                 f"[{_fmt(r.ci[0])}, {_fmt(r.ci[1])}]",
                 red,
                 "-" if r is base else _fmt(r.p_value, ".2g"),
+                "-" if r is base else _fmt(r.variance_p, ".2g"),
                 _time_ratio(r, base),
             ] + ([_fmt(r.paper)] if has_paper else [])
             out.append("| " + " | ".join(cells) + " |")
