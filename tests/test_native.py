@@ -289,6 +289,20 @@ def test_read_only_cache_with_a_damaged_library_builds_privately(cache, read_onl
     assert list(private.iterdir()) == []  # the private build is removed once loaded
 
 
+def test_read_only_package_folder_builds_into_the_cache(read_only, tmp_path):
+    """An installed package in a read-only site-packages: the kernel is built in the cache, never beside the
+    package, and the package folder is left as it was."""
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine: only the reference path exists")
+    package = NATIVE_INIT.parent.parent
+    before = snapshot(package)
+    report = run_probe(tmp_path / "fresh-cache", torch_probe=True, prefix=read_only(package))
+    assert_native(report)
+    assert report["warnings"] == [], report["warnings"]
+    assert list((tmp_path / "fresh-cache" / "native").glob("kernels-*.so"))
+    assert snapshot(package) == before
+
+
 def test_cache_path_that_cannot_be_a_folder_builds_privately(tmp_path):
     if not HAS_COMPILER:
         pytest.skip("no C compiler on this machine: only the reference path exists")
