@@ -41,7 +41,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------- reference math
 def reweighted_h0_reference(grad: Tensor, lam: float, dim: int | None = 0, beta: float = 0.0) -> Tensor:
-    """Plain-PyTorch H0_lambda gradient plus beta*f: `fbar + (f - fbar)/lam + beta*f` (method.md 1.1, eq. 8)."""
+    """Plain-PyTorch H0_lambda gradient plus beta*f: `fbar + (f - fbar)/lam + beta*f` (docs/math.md 1.1, eq. 8)."""
     f = grad.to(compute_dtype(grad.dtype))
     if dim is None:
         f = f.reshape(-1)
@@ -56,7 +56,7 @@ def reweighted_h0_reference(grad: Tensor, lam: float, dim: int | None = 0, beta:
 
 
 def sobolev_reference(grad: Tensor, lam: float, dim: int | None = 0, beta: float = 0.0) -> Tensor:
-    """Plain-PyTorch channel-directed Sobolev gradient plus beta*f (method.md 1.2).
+    """Plain-PyTorch channel-directed Sobolev gradient plus beta*f (docs/math.md 1.2).
 
     Solves `f[o] = mean(g) - lam*O^2*(g[o+1] - 2g[o] + g[o-1])` (periodic) along `dim` with two cumulative
     sums: `d = f - fbar`, `C = cumsum(d)/(lam O^2)`, `v[o] = mean(C) - C[o-1]` (C[-1] = 0),

@@ -11,7 +11,7 @@ empty. `channel_directed_dtensor_` smooths such gradients without gathering them
 * output-direction H0:      one all-reduce of the column sums, then `g = fbar + (f - fbar) / lam` locally;
 * output-direction Sobolev: one all-gather of three column moments per shard (sum_j f, sum_j j f, sum_j j^2 f).
   They give every rank the global mean, the exclusive-scan offsets of both cumulative sums of the linear-time
-  solve (method.md 1.2) and the re-centring constant. Locally, the shard is solved alone with the single-process
+  solve (docs/math.md 1.2) and the re-centring constant. Locally, the shard is solved alone with the single-process
   kernel and corrected by a polynomial of degree 2 in the row index (one rank-3 update).
 
 Both collectives carry float64 statistics of size I*H*W per shard instead of the O*I*H*W gradient; the update is
@@ -132,7 +132,7 @@ def _h0_finish_(x: Tensor, total: Tensor, lam: float, beta: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Sharded Sobolev (exact discrete, periodic; method.md 1.2)
+# Sharded Sobolev (exact discrete, periodic; docs/math.md 1.2)
 # --------------------------------------------------------------------------------------------------------------
 
 

@@ -193,7 +193,7 @@ def channel_directed_checked(grad: Tensor, metric: str, lam: float, beta: float,
 
 
 def reweighted_h0(grad: Tensor, lam: float, dim: int | None = 0) -> Tensor:
-    """Gradient under the re-weighted H0 metric (method.md 1.1, paper eq. 8).
+    """Gradient under the re-weighted H0 metric (docs/math.md 1.1, paper eq. 8).
 
         g = fbar + (f - fbar) / lam,     fbar = mean of f along `dim`,   lam > 0
 
@@ -203,7 +203,7 @@ def reweighted_h0(grad: Tensor, lam: float, dim: int | None = 0) -> Tensor:
 
 
 def sobolev(grad: Tensor, lam: float, dim: int | None = 0) -> Tensor:
-    """Gradient under the channel-directed Sobolev metric (method.md 1.2, paper eqs. 6, 8, 22).
+    """Gradient under the channel-directed Sobolev metric (docs/math.md 1.2, paper eqs. 6, 8, 22).
 
     The exact discrete solution along `dim` (length O, periodic) of
 
@@ -217,7 +217,7 @@ def sobolev(grad: Tensor, lam: float, dim: int | None = 0) -> Tensor:
 
 
 def laplacian_smooth(grad: Tensor, sigma: float, dim: int | None = None) -> Tensor:
-    """Laplacian smoothing of Osher et al. (method.md 2): `g = (I - sigma*L)^-1 f`, L periodic.
+    """Laplacian smoothing of Osher et al. (docs/math.md 2): `g = (I - sigma*L)^-1 f`, L periodic.
 
     L is the periodic second difference along `dim` (None: the tensor rasterised in C order, as the
     published code does).  Computed with the Fourier multiplier `1 / (1 + 2 sigma (1 - cos(2 pi k / n)))`.
@@ -238,7 +238,7 @@ def laplacian_smooth_checked(grad: Tensor, sigma: float, dim: int | None) -> Ten
 
 
 def centralize(grad: Tensor) -> Tensor:
-    """Gradient centralisation (Yong et al.; method.md 3): `g = f - mean over (I, kh, kw) of f` per output channel.
+    """Gradient centralisation (Yong et al.; docs/math.md 3): `g = f - mean over (I, kh, kw) of f` per output channel.
 
     Needs a tensor with 2 or more dims (conv and linear weights); dim 0 is the output axis.
     """

@@ -89,7 +89,7 @@ class ChannelDirected(Configured):
     smoothed along `direction`: "output" (dim 0), "input" (dim 1) or "flat" (the tensor rasterised in C
     order).  `scope` "conv" acts on tensors with 3+ dims (Conv1d/2d/3d weights), "all" on every parameter
     with an axis (1-D tensors along their only axis; "input" skips 1-D tensors; scalars are never selected).
-    `lam` is the metric's own lambda as in method.md; `paper_convention` converts the paper's settings.
+    `lam` is the metric's own lambda as in docs/math.md; `paper_convention` converts the paper's settings.
     """
 
     _KEYS = ("metric", "lam", "beta", "direction", "scope")
@@ -421,7 +421,8 @@ def paper_convention(
       `(1 + lam) * reweighted_h0(f, 1 + lam)`; `beta` adds `beta * f`.
     - "sobolev": the published code multiplies the Sobolev gradient by lam, and the training adds
       `beta * f`: `lam * sobolev(f, lam) + beta * f`, lam > 0.  (The published code's per-fiber constant
-      offset, method.md 1.2, is a bug and is not reproduced.)  At the paper's lam = 1 both conventions agree.
+      offset, docs/guide.md 'Conventions', is a bug and is not reproduced.)  At the paper's lam = 1 both
+      conventions agree.
 
     Always a `Scaled(ChannelDirected(...), factor)` (factor 1 multiplies nothing), so the states of any two
     settings load into each other.

@@ -5,8 +5,8 @@
  * so the three passes below re-read the chunk from cache, not from memory; full chunks are compiled with
  * the constant width CH so the column loops unroll into vector registers.  dst may equal src.
  *
- * H0 (method.md 1.1):        out = fbar + (f - fbar) * inv + beta * f                 inv = 1/lambda
- * Sobolev (method.md 1.2):   d = f - fbar,  C = cumsum(d) * inv,                        inv = 1/(lambda N^2)
+ * H0 (docs/math.md 1.1):        out = fbar + (f - fbar) * inv + beta * f                 inv = 1/lambda
+ * Sobolev (docs/math.md 1.2):   d = f - fbar,  C = cumsum(d) * inv,                        inv = 1/(lambda N^2)
  *                            U[o] = (o+1) mean(C) - sum_{j<o} C[j],
  *                            out = fbar + U - mean(U) + beta * f
  * float32 data is accumulated in float32 along short axes (N <= 1024) and in double along longer ones.

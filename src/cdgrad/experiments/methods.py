@@ -78,7 +78,7 @@ PARAMS: dict[str, Param] = {
             type=str,
             default="exact",
             choices=("exact", "paper"),
-            help="lambda convention of h0 / sobolev: 'exact' (method.md eq. 8, the default) "
+            help="lambda convention of h0 / sobolev: 'exact' (docs/math.md 1.1-1.2, the default) "
             "or 'paper' (the published code, via cdgrad.paper_convention)",
         ),
         Param(
