@@ -44,10 +44,6 @@ def resnet_convs(name: str = "resnet56", image: int = 32) -> list[tuple[str, tor
     return [(layer, modules[layer].weight.detach().clone(), size) for layer, size in sizes.items()]
 
 
-def resnet56_convs(image: int = 32) -> list[tuple[str, torch.Tensor, tuple[int, int]]]:
-    return resnet_convs("resnet56", image)
-
-
 def estimates(w: torch.Tensor, n: tuple[int, int], moved: torch.Tensor) -> dict[str, tuple[object, object]]:
     """name -> (function computing the estimate of `moved`'s norm, its value); warm starts come from `w`."""
     _, x = conv_norm_power(w, n, iters=50)
@@ -160,7 +156,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}")
 
     gen = torch.Generator().manual_seed(0)
-    convs = [(w, n) for _, w, n in resnet56_convs(image)]
+    convs = [(w, n) for _, w, n in resnet_convs("resnet56", image)]
     print(f"\nResNet-56: {len(convs)} convs, {sum(w.numel() for w, _ in convs)} conv weights, {image}x{image} images")
     for dtype in (torch.float32, torch.float64):
         ws = [(w.to(dev, dtype), n) for w, n in convs]

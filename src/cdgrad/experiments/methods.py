@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cdgrad.experiments.registry import Param, Registry
+from cdgrad.spectral import PROJECTIONS
 
 if TYPE_CHECKING:
     from cdgrad.experiments.config import RunConfig
@@ -108,7 +109,7 @@ PARAMS: dict[str, Param] = {
             name="clip_projection",
             type=str,
             default="exact",
-            choices=("exact", "reshaped", "gram"),
+            choices=tuple(PROJECTIONS),
             help="opnorm: 'exact' (clip every frequency's singular values, Sedghi et al.), 'reshaped' (clip the "
             "O x (I kh kw) reshaped kernel, Yoshida & Miyato) or 'gram' (rescale under the Gram-iteration bound)",
         ),
