@@ -428,3 +428,36 @@ def test_homogeneous_transforms_commute_with_a_loss_scale(info):
     for g, p in zip(grads, params, strict=True):
         torch.testing.assert_close(t(g * 2.0**10, p), t(g, p) * 2.0**10, rtol=0, atol=0)  # exact: a power of 2
         assert rel_err(t(g * 3.0, p), t(g, p) * 3.0) < 1e-14
+
+
+@ENTRIES
+def test_compiled_optimizer_step_matches_eager(info):
+    """`torch.compile(optimizer.step)` traces the attached transform (reference route) and keeps following it:
+    a state change between steps (a load) and `remove()` take effect in the compiled step as in the eager one."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+
+    def train(compiled: bool) -> list[torch.Tensor]:
+        torch._dynamo.reset()  # every run compiles afresh (and stays under the recompile limit)
+        model = Net()
+        a, b = info.make(model), info.other(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        handle = cdgrad.attach(opt, a)
+        step = torch.compile(opt.step, backend=counter) if compiled else opt.step
+        for i in range(6):
+            if i == 2:
+                a.load_state_dict(b.state_dict())
+            if i == 4:
+                handle.remove()
+            opt.zero_grad()
+            _loss(model, i).backward()
+            step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    eager, compiled = train(False), train(True)
+    assert counter.frame_count > 0 and counter.op_count > 0, "nothing was compiled"
+    for p, q in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()

@@ -152,3 +152,15 @@ def test_modules_import_alone_in_fresh_interpreters(group):
         if proc.returncode != 0:
             failures[name] = err.decode()[-2000:]
     assert not failures, failures
+
+
+def test_the_frameworks_are_imported_only_by_their_adapters():
+    """`import cdgrad` (and `cdgrad.integrations`) loads no framework: they are optional extras."""
+    code = (
+        "import sys, cdgrad, cdgrad.integrations\n"
+        "names = ('lightning', 'transformers', 'accelerate', 'pytorch_optimizer')\n"
+        "heavy = sorted(m for m in names if m in sys.modules)\n"
+        "sys.exit(f'imported: {heavy}' if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr + result.stdout

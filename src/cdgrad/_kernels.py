@@ -24,6 +24,7 @@ __all__ = [
     "channel_directed_plain",
     "channel_directed_plain_",
     "compute_dtype",
+    "native_usable",
     "laplacian_reference",
     "reweighted_h0_reference",
     "sobolev_reference",
@@ -32,6 +33,12 @@ __all__ = [
 METRICS = ("h0", "sobolev")
 DIRECTIONS: dict[str, int | None] = {"output": 0, "input": 1, "flat": None}
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def native_usable() -> bool:
+    """Whether the native kernel can run now: it is built, and no `torch.compile` trace is in progress (a traced
+    function cannot call into C through raw pointers; it traces the reference, which compiles like any PyTorch)."""
+    return not torch.compiler.is_compiling() and _native.library() is not None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -167,7 +174,7 @@ def channel_directed_plain_(grads: Sequence[Tensor], metric: str, lam: float, be
     are rewritten in place by the native kernel, all in one call; other CPU tensors go through a contiguous
     float copy; without the kernel (or on other devices) the reference is computed and copied back.
     """
-    native = _native.library() is not None
+    native = native_usable()
     kernel = _native.H0 if metric == "h0" else _native.SOBOLEV
     jobs, copies = _native.Jobs(), []
     for g in grads:
@@ -193,7 +200,7 @@ def channel_directed_plain_(grads: Sequence[Tensor], metric: str, lam: float, be
 
 def channel_directed_plain(grad: Tensor, metric: str, lam: float, beta: float, dim: int | None) -> Tensor:
     """Out of place, for an exact `torch.Tensor`: the native kernel on a copy where it applies, else the reference."""
-    if _native.library() is None or grad.device.type != "cpu" or grad.numel() == 0:
+    if not native_usable() or grad.device.type != "cpu" or grad.numel() == 0:
         return REFERENCE[metric](grad, lam, dim, beta)
     # A sequential copy, then the in-place kernel: faster than writing a fresh buffer column-chunk-wise.
     out = grad.to(dtype=compute_dtype(grad.dtype), copy=True)

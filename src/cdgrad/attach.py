@@ -5,12 +5,21 @@
     handle.remove()
 
 The transform runs in a step pre-hook, i.e. inside `optimizer.step()` and before the optimizer's own
-weight decay, momentum or adaptive moments.  `torch.amp.GradScaler.step` unscales the gradients before it
+weight decay, momentum or adaptive moments.  A step given a closure (`optimizer.step(closure)`: LBFGS,
+Lightning's automatic optimisation) computes its gradients inside the step: the transform then runs right
+after every evaluation of the closure.  `torch.amp.GradScaler.step` unscales the gradients before it
 calls `optimizer.step()` and skips that call on overflow, so the transform sees unscaled gradients and a
 skipped step skips it.  Fused optimizers (`SGD/Adam/AdamW(fused=True)`) are instead stepped with scaled
 gradients and `grad_scale`/`found_inf` set on them: the hook then skips on overflow too, runs homogeneous
 (linear) transforms on the scaled gradients (they commute with the scale) and unscales around any other.
 Gradients are replaced in place.
+
+Optimizer wrappers are unwrapped: the transform attaches to the optimizer that updates the weights, found by
+following `base_optimizer` (SAM), `optimizer` (Lookahead, accelerate's `AcceleratedOptimizer`) and
+`_optimizer` (Lightning's `LightningOptimizer`).  So Lookahead's fast steps, and SAM's descent step (its
+`second_step`, or `step(closure)`), take the transformed gradient; SAM's ascent (`first_step`) perturbs the
+weights along the untransformed one, as SAM defines it; and a GradScaler that unscales the inner optimizer
+unscales before the transform.
 """
 
 from __future__ import annotations
@@ -26,9 +35,23 @@ from .transforms import Masked, _check_transform
 from .transforms_base import GradientTransform
 from .validation import FLOAT_DTYPES
 
-__all__ = ["attach", "AttachHandle"]
+__all__ = ["attach", "AttachHandle", "weight_updating_optimizer"]
 
 _FLOATING = frozenset(FLOAT_DTYPES)
+_WRAPPED = ("base_optimizer", "optimizer", "_optimizer")  # SAM; Lookahead, accelerate; Lightning
+
+
+def weight_updating_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer inside any wrappers around `optimizer` (itself when it wraps none): see the module docstring."""
+    seen = {id(optimizer)}
+    while True:
+        inner = next(
+            (w for w in (getattr(optimizer, a, None) for a in _WRAPPED) if isinstance(w, torch.optim.Optimizer)), None
+        )
+        if inner is None or id(inner) in seen:
+            return optimizer
+        seen.add(id(inner))
+        optimizer = inner
 
 
 class AttachHandle:
@@ -80,7 +103,24 @@ class AttachHandle:
                     grads.append(g)
         return params, grads
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+        # `step(closure)` (LBFGS; Lightning's automatic optimisation) computes the gradients inside the step, after
+        # this hook: the transform then runs right after each evaluation of the closure, on its fresh gradients.
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._transform_gradients(optimizer)
+            return None
+
+        def closure_then_transform() -> Any:
+            loss = closure()
+            self._transform_gradients(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_transform}
+        return (args[0], closure_then_transform, *args[2:]), kwargs
+
+    def _transform_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         # Fused optimizers under GradScaler (`_step_supports_amp_scaling`) are stepped with the gradients still
         # scaled, `grad_scale` and `found_inf` set on the optimizer: skip with the step on overflow (no transform
         # state advances), and unscale around a transform that does not commute with the scale.
@@ -118,9 +158,11 @@ def attach(
 
     params: restrict the transform to these parameters (default: every parameter of the optimizer,
     including parameter groups added later).  Parameters without a gradient are skipped.
+    A wrapper (Lookahead, SAM, ...) is unwrapped: `handle.optimizer` is the one that updates the weights.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    optimizer = weight_updating_optimizer(optimizer)
     transform = _check_transform(transform, "transform")
     chosen = None
     if params is not None:

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from . import _kernels as K
-from . import _native
 from . import distributed as D
 from .validation import check_choice, check_grad, check_nonnegative, check_positive, check_real
 
@@ -79,7 +78,7 @@ def route(grad: Tensor) -> Route:
 
 def plain_route(device: torch.device | str) -> Literal["native", "reference"]:
     """The route of a plain `torch.Tensor` on `device`: the compiled kernel on the CPU when it is available."""
-    return "native" if torch.device(device).type == "cpu" and _native.library() is not None else "reference"
+    return "native" if torch.device(device).type == "cpu" and K.native_usable() else "reference"
 
 
 # ----------------------------------------------------------------------------------------- validation

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import torch
 
-from cdgrad._files import fsync_dir, replace_durably
+from cdgrad._files import fsync_dir, torch_save_durably
 from cdgrad.experiments.config import RunConfig, from_dict, identity_dict
 
 __all__ = [
@@ -39,23 +39,9 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint file that cannot be read, or does not hold what a checkpoint holds; the message names it."""
 
 
-def _fsync_file(fh: IO[bytes]) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     """Write `state` to `path` atomically and durably (temporary file, fsync, rename, fsync of the folder)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            _fsync_file(fh)
-        replace_durably(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    torch_save_durably(state, path)
 
 
 # --------------------------------------------------------------------------------------------------- reads

@@ -243,19 +243,9 @@ def _report(
 
 def _write_durably(path: str, text: str) -> None:
     """Write `text` to `path` through a fsynced temporary file renamed over it."""
-    from cdgrad._files import replace_durably
+    from cdgrad._files import write_durably
 
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        replace_durably(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_durably(path, lambda fh: fh.write(text.encode()))
 
 
 def cmd_run(args: argparse.Namespace, command: str) -> int:
