@@ -1,6 +1,6 @@
 """Benchmark: exact conv singular values by FFT (Sedghi et al.), cheaper norm bounds, and projections.
 
-    PYTHONPATH=src python benchmarks/bench_spectral.py [--device cpu|cuda] [--threads N] [--repeats R] [--large]
+    PYTHONPATH=src python benchmarks/bench_spectral.py [--device cpu|cuda] [--threads N] [--min-run-time S] [--large]
     PYTHONPATH=src python benchmarks/bench_spectral.py --smoke   # every part once, smallest sizes: seconds
 
 Part 1 computes all singular values of every conv of a CIFAR ResNet-56 (``build_model("resnet56")``,
@@ -20,7 +20,6 @@ and a plain copy of its conv weights: what clipping every step, or every 100 ste
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -33,6 +32,7 @@ from cdgrad.spectral import (
     conv_singular_values,
     record_input_sizes,
 )
+from timing import environment, seconds
 
 
 def resnet_convs(name: str = "resnet56", image: int = 32) -> list[tuple[str, torch.Tensor, tuple[int, int]]]:
@@ -65,7 +65,7 @@ def nudged(w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return w + 1e-3 * w.norm() / w.numel() ** 0.5 * torch.randn(w.shape, generator=gen).to(w.device)
 
 
-def bench_bounds(image: int, repeats: int, dev: torch.device, nets: tuple[str, ...]) -> None:
+def bench_bounds(image: int, min_run_time: float, dev: torch.device, nets: tuple[str, ...]) -> None:
     print("\nNorm estimates (float32; tightness = estimate / exact; warm: from the previous step's vector after")
     print("a change of the weight by 1e-3 of its size)")
     gen = torch.Generator().manual_seed(1)
@@ -77,19 +77,19 @@ def bench_bounds(image: int, repeats: int, dev: torch.device, nets: tuple[str, .
         found = estimates(w, n, nudged(w, gen))
         exact = found["exact (FFT + SVD)"][1]
         for k, (fn, value) in found.items():
-            t = timed(fn, dev, repeats)
+            t = seconds(fn, min_run_time=min_run_time)
             print(f"  {str(tuple(w.shape)) + f' @ {n[0]}':26s} {k:28s} {1e3 * t:9.3f} {value / exact:10.4f}")
     for net in nets:
         layers = [(w.to(dev), n) for _, w, n in resnet_convs(net, image)]
         per_layer = [estimates(w, n, nudged(w, gen)) for w, n in layers]
         print(f"\n  {net}, all {len(layers)} convs:  {'estimate':28s} {'time ms':>9s} {'tightness min..max':>20s}")
         for k in per_layer[0]:
-            t = timed(lambda k=k, fs=per_layer: [f[k][0]() for f in fs], dev, repeats)
+            t = seconds(lambda k=k, fs=per_layer: [f[k][0]() for f in fs], min_run_time=min_run_time)
             ratios = [f[k][1] / f["exact (FFT + SVD)"][1] for f in per_layer]
             print(f"  {'':26s} {k:28s} {1e3 * t:9.2f} {min(ratios):9.4f}..{max(ratios):.4f}")
 
 
-def bench_projections(image: int, batch: int, repeats: int, dev: torch.device, net: str) -> None:
+def bench_projections(image: int, batch: int, min_run_time: float, dev: torch.device, net: str) -> None:
     torch.manual_seed(2)
     model = build_model(net, image_size=image).to(dev)
     sizes = record_input_sizes(model, torch.zeros(1, 3, image, image, device=dev))
@@ -108,52 +108,32 @@ def bench_projections(image: int, batch: int, repeats: int, dev: torch.device, n
         for w, _ in weights:
             w.detach().clone()
 
-    t_step = timed(train_step, dev, repeats)
-    t_copy = timed(copy, dev, repeats)
+    t_step = seconds(train_step, min_run_time=min_run_time)
+    t_copy = seconds(copy, min_run_time=min_run_time)
     print(f"\nProjection of all {len(weights)} convs of {net} ({image}x{image}, float32) vs one SGD step")
     print(f"  {'':34s} {'time ms':>9s} {'/ SGD step':>11s} {'per step, every 100':>20s}")
     print(f"  {f'one SGD training step (batch {batch})':34s} {1e3 * t_step:9.2f} {1.0:11.3f}")
     print(f"  {'plain copy of the conv weights':34s} {1e3 * t_copy:9.2f} {t_copy / t_step:11.3f}")
     for name, projection in PROJECTIONS.items():
-        t = timed(lambda p=projection: [p.apply(w.detach(), n, 0.5) for w, n in weights], dev, repeats)
+        t = seconds(lambda p=projection: [p.apply(w.detach(), n, 0.5) for w, n in weights], min_run_time=min_run_time)
         print(f"  {f'projection {name!r}':34s} {1e3 * t:9.2f} {t / t_step:11.3f} {t / t_step / 100:20.4f}")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeats: int = 1) -> float:
-    """Best wall time of ``repeats`` runs of ``fn`` (after one warm-up run when repeats > 1)."""
-    if repeats > 1:
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs for the fast timings")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds spent timing each measurement")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--large", action="store_true", help="add the 16x16x3x3 @ 16x16 dense case")
     parser.add_argument("--smoke", action="store_true", help="both parts once at the smallest sizes, in seconds")
     args = parser.parse_args()
     image = 16 if args.smoke else 32
     if args.smoke:
-        args.repeats, args.large = 1, False
+        args.min_run_time, args.large = 0.0, False
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}")
+    print(environment(dev))
 
     gen = torch.Generator().manual_seed(0)
     convs = [(w, n) for _, w, n in resnet_convs("resnet56", image)]
@@ -161,9 +141,9 @@ def main() -> None:
     for dtype in (torch.float32, torch.float64):
         ws = [(w.to(dev, dtype), n) for w, n in convs]
         count = sum(conv_singular_values(w, n).numel() for w, n in ws)
-        t_own = timed(lambda ws=ws: [conv_singular_values(w, n) for w, n in ws], dev, args.repeats)
-        t_norm = timed(lambda ws=ws: [conv_operator_norm(w, n) for w, n in ws], dev, args.repeats)
-        t_32 = timed(lambda ws=ws: [conv_singular_values(w, image) for w, _ in ws], dev, 1)
+        t_own = seconds(lambda ws=ws: [conv_singular_values(w, n) for w, n in ws], min_run_time=args.min_run_time)
+        t_norm = seconds(lambda ws=ws: [conv_operator_norm(w, n) for w, n in ws], min_run_time=args.min_run_time)
+        t_32 = seconds(lambda ws=ws: [conv_singular_values(w, image) for w, _ in ws], min_run_time=0)
         print(f"  {str(dtype):14s} all {count} singular values, each conv at its input size: {t_own:7.3f} s")
         print(f"  {str(dtype):14s} operator norms only, each conv at its input size:          {t_norm:7.3f} s")
         print(f"  {str(dtype):14s} all singular values, every conv at {image}x{image}:                  {t_32:7.3f} s")
@@ -178,12 +158,9 @@ def main() -> None:
         cases.append(((16, 16, 3, 3), 16))
     for shape, n in cases:
         w = (torch.randn(shape, generator=gen, dtype=torch.float64) * 0.1).to(dev)
-        sync(dev)
-        t = time.perf_counter()
         dense = torch.linalg.svdvals(conv_dense_matrix(w, n))
-        sync(dev)
-        t_dense = time.perf_counter() - t
-        t_fft = timed(lambda w=w, n=n: conv_singular_values(w, n), dev, max(args.repeats, 3))
+        t_dense = seconds(lambda w=w, n=n: torch.linalg.svdvals(conv_dense_matrix(w, n)), min_run_time=0)  # once
+        t_fft = seconds(lambda w=w, n=n: conv_singular_values(w, n), min_run_time=args.min_run_time)
         fft = conv_singular_values(w, n)
         diff = (fft - dense[: fft.numel()]).abs().max().item()
         assert diff < 1e-9, f"FFT and dense singular values disagree by {diff:.1e} for {shape} @ {n}x{n}"
@@ -194,8 +171,8 @@ def main() -> None:
         )
 
     nets = ("resnet8",) if args.smoke else ("resnet32", "resnet56")
-    bench_bounds(image, args.repeats, dev, nets)
-    bench_projections(image, 8 if args.smoke else 128, args.repeats, dev, nets[0])
+    bench_bounds(image, args.min_run_time, dev, nets)
+    bench_projections(image, 8 if args.smoke else 128, args.min_run_time, dev, nets[0])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_transforms.py [--quick] [--end-to-end] [--smoke]
 
-Per conv shape (CIFAR ResNet-56, VGG-16, one 512x512x3x3 layer), median time of:
+Per conv shape (CIFAR ResNet-56, VGG-16, one 512x512x3x3 layer), median time (benchmarks/timing.py:
+torch.utils.benchmark) of:
   clone      a plain `clone()` of the gradient: the memory-bound floor
   h0         cdgrad.reweighted_h0 (out of place)
   sobolev    cdgrad.sobolev (out of place; the CPU fast path when the native kernel is available)
@@ -19,15 +20,14 @@ memory).  Then whole models: every conv gradient of a ResNet-56 / VGG-16 transfo
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 import cdgrad
-from cdgrad import _native
 from cdgrad import functional as F
+from timing import environment, seconds
 
 
 def conv_weight_shapes(name: str) -> list[tuple[int, ...]]:
@@ -50,26 +50,7 @@ def published_style_sobolev(f: torch.Tensor, lam: float) -> torch.Tensor:
     return g.permute(-1, *range(0, f.dim() - 1)).contiguous()
 
 
-def timeit(fn, min_time=0.2, repeats=15) -> float:
-    """Fastest round's seconds per call over `repeats` rounds of enough calls to last min_time/repeats.
-
-    The minimum (as `timeit` reports) is the least disturbed by other processes on a small machine.
-    """
-    fn()
-    n, t0 = 1, time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    n = max(1, int(min_time / repeats / one))
-    rounds = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        rounds.append((time.perf_counter() - t0) / n)
-    return min(rounds)
-
-
-def per_shape(shapes, min_time, repeats=15):
+def per_shape(shapes, min_time):
     print(
         "| shape | clone us | h0 us | sobolev us | sobolev in place us | reference us | published us | h0/clone "
         "| sobolev/clone | in place/clone | published/sobolev |"
@@ -82,17 +63,17 @@ def per_shape(shapes, min_time, repeats=15):
         work = g.clone()
         # In place, as attach() runs it: refill the buffer each call (repeated smoothing would drive the
         # values into float32 denormals), and subtract the refill.
-        refill = timeit(lambda g=g, w=work: w.copy_(g), min_time, repeats)
+        refill = seconds(lambda g=g, w=work: w.copy_(g), min_run_time=min_time)
         t = {
-            "clone": timeit(lambda g=g: g.clone(), min_time, repeats),
-            "h0": timeit(lambda g=g: cdgrad.reweighted_h0(g, 2.0), min_time, repeats),
-            "sobolev": timeit(lambda g=g: cdgrad.sobolev(g, 1.0), min_time, repeats),
-            "inplace": timeit(
-                lambda g=g, w=work: F.channel_directed_([w.copy_(g)], "sobolev", 1.0, 0.0, 0), min_time, repeats
+            "clone": seconds(lambda g=g: g.clone(), min_run_time=min_time),
+            "h0": seconds(lambda g=g: cdgrad.reweighted_h0(g, 2.0), min_run_time=min_time),
+            "sobolev": seconds(lambda g=g: cdgrad.sobolev(g, 1.0), min_run_time=min_time),
+            "inplace": seconds(
+                lambda g=g, w=work: F.channel_directed_([w.copy_(g)], "sobolev", 1.0, 0.0, 0), min_run_time=min_time
             )
             - refill,
-            "reference": timeit(lambda g=g: F.sobolev_reference(g, 1.0), min_time, repeats),
-            "published": timeit(lambda g=g: published_style_sobolev(g, 1.0), min_time, repeats),
+            "reference": seconds(lambda g=g: F.sobolev_reference(g, 1.0), min_run_time=min_time),
+            "published": seconds(lambda g=g: published_style_sobolev(g, 1.0), min_run_time=min_time),
         }
         us = {k: v * 1e6 for k, v in t.items()}
         print(
@@ -103,24 +84,24 @@ def per_shape(shapes, min_time, repeats=15):
         )
 
 
-def whole_model(name, shapes, min_time, repeats=15):
+def whole_model(name, shapes, min_time):
     """Every conv gradient of a model transformed in place in one call, as attach() does."""
     grads = [torch.randn(s) for s in shapes]
     work = [g.clone() for g in grads]
     numel = sum(g.numel() for g in grads)
-    refill = timeit(lambda: torch._foreach_copy_(work, grads), min_time, repeats)
+    refill = seconds(lambda: torch._foreach_copy_(work, grads), min_run_time=min_time)
 
     def transformed(metric, lam, beta):
         def run():
             torch._foreach_copy_(work, grads)
             F.channel_directed_(work, metric, lam, beta, 0)
 
-        return timeit(run, min_time, repeats) - refill
+        return seconds(run, min_run_time=min_time) - refill
 
-    t_clone = timeit(lambda: [g.clone() for g in grads], min_time, repeats)
+    t_clone = seconds(lambda: [g.clone() for g in grads], min_run_time=min_time)
     t_h0 = transformed("h0", 2.0, 0.0)
     t_sob = transformed("sobolev", 1.0, 0.1)
-    t_pub = timeit(lambda: [published_style_sobolev(g, 1.0) for g in grads], min_time, repeats)
+    t_pub = seconds(lambda: [published_style_sobolev(g, 1.0) for g in grads], min_run_time=min_time)
     print(
         f"| {name} ({len(grads)} tensors, {numel / 1e6:.2f} M) | {t_clone * 1e6:.0f} | "
         f"{t_h0 * 1e6:.0f} | {t_sob * 1e6:.0f} | {t_pub * 1e6:.0f} | {t_h0 / t_clone:.2f} | "
@@ -192,26 +173,22 @@ def main():
     parser.add_argument("--iterations", type=int, default=40, help="timed iterations per set-up end to end")
     parser.add_argument("--smoke", action="store_true", help="every measurement once, smallest sizes, in seconds")
     args = parser.parse_args()
-    min_time, repeats = (0.05, 15) if args.quick else (0.3, 15)
+    min_time = 0.1 if args.quick else 0.5
     if args.smoke:  # every code path above, on the two smallest shapes, ResNet-56 and two iterations end to end
-        min_time, repeats = 0.0, 2
+        min_time = 0.0
         args.end_to_end, args.batch_sizes, args.iterations = True, [2], 2
-    cpu = platform.processor() or platform.machine()
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
-        f"native kernel: {'yes' if _native.library() is not None else 'no (PyTorch path)'}\n"
-    )
+    print(environment() + "\n")
     resnet56, vgg16 = conv_weight_shapes("resnet56"), conv_weight_shapes("vgg16")
     shapes = sorted(set(resnet56 + vgg16), key=lambda s: (s[0], s[1]))
-    per_shape(shapes[:2] if args.smoke else shapes, min_time, repeats)
+    per_shape(shapes[:2] if args.smoke else shapes, min_time)
     print(
         "\n| all conv gradients, in place in one call | clone each us | h0 us | sobolev us | published us "
         "| h0/clone | sobolev/clone | published/sobolev |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    whole_model("ResNet-56", resnet56, min_time, repeats)
+    whole_model("ResNet-56", resnet56, min_time)
     if not args.smoke:
-        whole_model("VGG-16", vgg16, min_time, repeats)
+        whole_model("VGG-16", vgg16, min_time)
     if args.end_to_end:
         for batch_size in args.batch_sizes:
             print()
