@@ -7,6 +7,7 @@ handle = cdgrad.attach(optimizer, cdgrad.ChannelDirected("sobolev", lam=1.0, bet
 from .attach import AttachHandle, attach
 from .functional import centralize, laplacian_smooth, reweighted_h0, sobolev
 from .norm_bounds import clip_reshaped_norm, conv_norm_gram, conv_norm_power, reshaped_norm, reshaped_norm_power
+from .reparam import merge, reparameterize
 from .sgs import SpatialGradientScaling, normalized_mutual_information, sgs_scaling, spatial_dependence
 from .spectral import (
     OperatorNormClipper,
@@ -55,6 +56,8 @@ __all__ = [
     "reshaped_norm",
     "reshaped_norm_power",
     "clip_reshaped_norm",
+    "reparameterize",
+    "merge",
     "SpatialGradientScaling",
     "normalized_mutual_information",
     "sgs_scaling",
