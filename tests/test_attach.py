@@ -417,3 +417,76 @@ def test_fused_optimizers_under_grad_scaler(opt_name, make):
         for a, b in zip(transforms[0].calls, transforms[1].calls, strict=True):
             for ga, gb in zip(a, b, strict=True):  # the fused side saw unscaled gradients too
                 torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- attach_update
+def _update_run(opt_name: str, mode: str, steps: int = 3) -> list[torch.Tensor]:
+    """Three steps with a transform on the gradient ("gradient"), on the update ("update"), or on the update by
+    hand ("hand": step a copy, transform its update, write it back)."""
+    model = init(small_net())
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    t = cdgrad.ChannelDirected("sobolev", 0.5, 0.2)
+    if mode == "gradient":
+        cdgrad.attach(opt, t)
+    elif mode == "update":
+        handle = cdgrad.attach_update(opt, t)
+        assert handle.optimizer is opt
+    for step in range(steps):
+        opt.zero_grad()
+        loss_fn(model, step).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        if mode == "hand":
+            with torch.no_grad():
+                for p, old in zip(model.parameters(), before, strict=True):
+                    if t.select(p):
+                        p.copy_(old + t(p - old, p))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_attach_update_transforms_the_update(opt_name):
+    """w <- w_before + T(w_after - w_before), checked against the update transformed by hand; it differs from the
+    gradient transform wherever the optimizer has state."""
+    got, hand, on_grad = (
+        _update_run(opt_name, "update"),
+        _update_run(opt_name, "hand"),
+        _update_run(opt_name, "gradient"),
+    )
+    for p, q in zip(got, hand, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
+    assert any(not torch.allclose(p, q, atol=1e-9) for p, q in zip(got, on_grad, strict=True))
+
+
+def test_attach_update_equals_attach_for_plain_sgd():
+    """Plain SGD (no momentum, no weight decay) and a linear T: T(-lr g) = -lr T(g), so both attachments agree."""
+    OPTIMIZERS["plain"] = lambda p: torch.optim.SGD(p, lr=0.1)
+    try:
+        for p, q in zip(_update_run("plain", "update"), _update_run("plain", "gradient"), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+    finally:
+        del OPTIMIZERS["plain"]
+
+
+def test_attach_update_bad_input_and_remove():
+    emb = nn.Embedding(10, 4, sparse=True).double()
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    cdgrad.attach_update(opt, cdgrad.ChannelDirected("sobolev", 1.0, scope="all"))
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+    assert torch.equal(emb.weight, before)  # raised before the step changed anything
+    with pytest.raises(TypeError, match="optimizer"):
+        cdgrad.attach_update(emb, cdgrad.Centralize())
+    model = init(small_net())
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    handle = cdgrad.attach_update(opt, cdgrad.Centralize())
+    handle.remove()
+    twin = copy.deepcopy(model)
+    opt_twin = torch.optim.Adam(twin.parameters(), lr=0.01)
+    for m, o in ((model, opt), (twin, opt_twin)):
+        loss_fn(m, 0).backward()
+        o.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

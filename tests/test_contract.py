@@ -156,12 +156,21 @@ INFOS = [
     TransformInfo(
         "SpatialGradientScaling",
         lambda m: _sgs(m),
-        lambda m: _sgs(m, k=2.0, min_kernel=1),
+        lambda m: _sgs(m, k=2.0, min_kernel=1, pipeline="authors"),
         [
             (lambda s: _set(s, ("config", "k"), 0.0), ValueError),
             (lambda s: _set(s, ("scalings",), {}), ValueError),
             (lambda s: _set(s, ("scalings", "conv"), torch.ones(2, 2)), ValueError),
             (lambda s: _set(s, ("scalings", "conv"), torch.full((3, 3), float("nan"))), ValueError),
+        ],
+    ),
+    TransformInfo(
+        "FixedSpatialScaling",
+        lambda m: cdgrad.FixedSpatialScaling(2.0, 4.0),
+        lambda m: cdgrad.FixedSpatialScaling(0.5, 3.0),
+        [
+            (lambda s: _set(s, ("config", "edge"), 0.0), ValueError),
+            (lambda s: _set(s, ("config", "corner"), "4"), TypeError),
         ],
     ),
     TransformInfo(

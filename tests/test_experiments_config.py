@@ -125,6 +125,12 @@ LEGACY_IDENTITY_DEFAULTS = {
     "batchnorm": True,
     "lr_decay": 0.1,
     "clip_projection": None,
+    "sgs_pipeline": None,
+    "sgs_warmup": None,
+    "sgs_dependence": None,
+    "sgs_on": None,
+    "sgs_edge": None,
+    "sgs_corner": None,
 }
 
 

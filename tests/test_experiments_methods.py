@@ -99,7 +99,19 @@ def test_declared_defaults_are_the_librarys():
     assert {p.name: p.default for p in M.METHODS["ls"].params} == ls
     assert {p.name: p.default for p in M.METHODS["centralize"].params} == defaults(cdgrad.Centralize)
     sgs = defaults(SpatialGradientScaling)
-    assert (sgs["k"], sgs["num_batches"], sgs["every"]) == tuple(p.default for p in M.METHODS["sgs"].params)
+    declared = {p.name: p.default for p in M.METHODS["sgs"].params}
+    assert (sgs["k"], sgs["num_batches"], sgs["every"], sgs["pipeline"], sgs["warmup"], sgs["method"]) == (
+        declared["sgs_k"],
+        declared["sgs_batches"],
+        declared["sgs_every"],
+        declared["sgs_pipeline"],
+        declared["sgs_warmup"],
+        declared["sgs_dependence"],
+    )
+    fixed = defaults(cdgrad.FixedSpatialScaling)
+    assert (fixed["edge"], fixed["corner"]) == tuple(
+        M.METHODS["sgs-fixed"].param(p).default for p in ("sgs_edge", "sgs_corner")
+    )
     assert defaults(OperatorNormClipper)["every"] == M.METHODS["opnorm"].param("clip_every").default
 
 

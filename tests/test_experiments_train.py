@@ -45,6 +45,25 @@ def test_methods_change_the_training():
         assert _curves(train(TINY.replace(**changes), 0)) != _curves(base)
 
 
+def test_sgs_pipelines_train_differently_and_the_authors_one_leaves_the_run_stream_alone():
+    """The authors' pipeline measures on batches of its own generator in eval mode: its runs differ from the cdgrad
+    pipeline's, and from plain SGD once G is measured; the default pipeline keeps the earlier numbers."""
+    sgs = TINY.replace(method="sgs", sgs_every=2, sgs_batches=2)
+    authors = train(sgs.replace(sgs_pipeline="authors"), 0)
+    assert _curves(authors) != _curves(train(sgs, 0))
+    assert _curves(authors) != _curves(train(TINY, 0))
+    assert _curves(train(sgs.replace(sgs_pipeline="cdgrad"), 0)) == _curves(train(sgs, 0))
+
+
+def test_fixed_and_post_optimizer_scalings_change_the_training():
+    """sgs-fixed differs from SGD; on the update (Adam) it differs from the same scaling on the gradient."""
+    adam = TINY.replace(optimizer="adam", lr=0.01)
+    fixed = adam.replace(method="sgs-fixed", sgs_edge=2.0, sgs_corner=4.0)
+    on_gradient, on_update = train(fixed, 0), train(fixed.replace(sgs_on="update"), 0)
+    assert _curves(on_gradient) != _curves(train(adam, 0))
+    assert _curves(on_update) != _curves(on_gradient)
+
+
 def test_learns_the_synthetic_task():
     result = train(TINY.replace(epochs=15, eval_every=15), 0)
     assert result["final"]["test_acc"] > 60.0  # 4 classes: chance is 25 %
@@ -69,6 +88,9 @@ def _interrupt_after(k):
         {"method": "sobolev", "lam": 2.0, "beta": 0.1, "schedule": "step", "step_every": 2},
         {"method": "h0", "lam": 2.0, "optimizer": "adam", "lr": 0.01},
         {"method": "sgs", "sgs_every": 2, "sgs_batches": 2},
+        {"method": "sgs", "sgs_every": 2, "sgs_batches": 2, "sgs_pipeline": "authors", "augment": True},
+        {"method": "sgs", "sgs_every": 2, "sgs_warmup": 1},
+        {"method": "sgs-fixed", "sgs_on": "update", "optimizer": "adam", "lr": 0.01},
         {"method": "opnorm", "clip_norm": 1.0, "clip_every": 3},
     ],
 )

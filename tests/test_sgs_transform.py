@@ -222,6 +222,9 @@ def test_state_dict_round_trip_and_mismatches():
         "bins": 7,
         "method": "autocorr",
         "min_kernel": 2,
+        "pipeline": "cdgrad",
+        "diagonal_removal": False,
+        "warmup": 0,
     }
     other = SpatialGradientScaling(make_net(seed=5))
     other.load_state_dict(state)
@@ -479,3 +482,51 @@ def test_diverged_inputs_name_the_layer_and_change_nothing():
     with pytest.raises(ValueError, match="layer 'a'.*finite"):
         net(x)
     assert all(torch.equal(before[k], v) for k, v in sgs.scalings.items())
+
+
+# ------------------------------------------------------------------------------------------ fixed scaling
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 5), (3, 5), (1, 3)])
+@pytest.mark.parametrize("edge, corner", [(2.0, 4.0), (0.5, 3.0), (1.0, 1.0)])
+def test_fixed_scaling_has_its_ratios_and_mean_one(kernel, edge, corner):
+    from cdgrad.sgs import fixed_scaling
+
+    g = fixed_scaling(kernel, edge, corner)
+    kh, kw = kernel
+    centre = g[kh // 2, kw // 2]
+    assert abs(float(g.mean()) - 1.0) < 1e-15
+    for i in range(kh):
+        for j in range(kw):
+            if (i, j) == (kh // 2, kw // 2):
+                continue
+            ratio = edge if i == kh // 2 or j == kw // 2 else corner
+            assert abs(float(centre / g[i, j]) - ratio) < 1e-12, (i, j)
+
+
+def test_fixed_scaling_equals_an_sgs_transform_loaded_with_the_same_g():
+    """Two routes to G * grad: the fixed transform, and SpatialGradientScaling with G loaded by hand."""
+    import cdgrad
+    from cdgrad.sgs import fixed_scaling
+
+    net = make_net()
+    fixed = cdgrad.FixedSpatialScaling(edge=1.5, corner=3.0)
+    sgs = SpatialGradientScaling(net)
+    state = sgs.state_dict()
+    state["scalings"] = {name: fixed_scaling(tuple(m.kernel_size), 1.5, 3.0) for name, m in sgs.layers.items()}
+    sgs.load_state_dict(state)
+    g = torch.Generator().manual_seed(0)
+    for name, m in sgs.layers.items():
+        grad = torch.randn(m.weight.shape, generator=g, dtype=F64)
+        assert fixed.select(m.weight)
+        torch.testing.assert_close(fixed(grad, m.weight), sgs(grad, m.weight), rtol=0, atol=1e-15, msg=name)
+
+
+def test_warmup_delays_the_first_measurement():
+    sgs = SpatialGradientScaling(make_net(), every=3, warmup=2)
+    assert [e for e in range(12) if sgs.due(e)] == [2, 5, 8, 11]
+    assert [e for e in range(7) if SpatialGradientScaling(make_net(), every=3).due(e)] == [0, 3, 6]
+    sgs.begin_epoch(1)
+    assert not sgs.armed
+    sgs.begin_epoch(2)
+    assert sgs.armed
+    with pytest.raises(ValueError, match="warmup"):
+        SpatialGradientScaling(make_net(), warmup=-1)

@@ -4,11 +4,17 @@ import cdgrad
 handle = cdgrad.attach(optimizer, cdgrad.ChannelDirected("sobolev", lam=1.0, beta=0.1))
 """
 
-from .attach import AttachHandle, attach
+from .attach import AttachHandle, UpdateHandle, attach, attach_update
 from .functional import centralize, laplacian_smooth, reweighted_h0, sobolev
 from .norm_bounds import clip_reshaped_norm, conv_norm_gram, conv_norm_power, reshaped_norm, reshaped_norm_power
 from .reparam import merge, reparameterize
-from .sgs import SpatialGradientScaling, normalized_mutual_information, sgs_scaling, spatial_dependence
+from .sgs import (
+    FixedSpatialScaling,
+    SpatialGradientScaling,
+    normalized_mutual_information,
+    sgs_scaling,
+    spatial_dependence,
+)
 from .spectral import (
     OperatorNormClipper,
     clip_operator_norm,
@@ -33,6 +39,8 @@ __version__ = "0.1.0"
 __all__ = [
     "attach",
     "AttachHandle",
+    "attach_update",
+    "UpdateHandle",
     "reweighted_h0",
     "sobolev",
     "laplacian_smooth",
@@ -59,6 +67,7 @@ __all__ = [
     "reparameterize",
     "merge",
     "SpatialGradientScaling",
+    "FixedSpatialScaling",
     "normalized_mutual_information",
     "sgs_scaling",
     "spatial_dependence",

@@ -35,7 +35,7 @@ from .transforms import Masked, _check_transform
 from .transforms_base import GradientTransform
 from .validation import FLOAT_DTYPES
 
-__all__ = ["attach", "AttachHandle", "weight_updating_optimizer"]
+__all__ = ["attach", "attach_update", "AttachHandle", "UpdateHandle", "weight_updating_optimizer"]
 
 _FLOATING = frozenset(FLOAT_DTYPES)
 _WRAPPED = ("base_optimizer", "optimizer", "_optimizer")  # SAM; Lookahead, accelerate; Lightning
@@ -174,3 +174,60 @@ def attach(
             if id(p) not in known:
                 raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the optimizer")
     return AttachHandle(optimizer, transform, chosen)
+
+
+class UpdateHandle:
+    """Returned by `attach_update`; `remove()` detaches (also usable as a context manager)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, transform: GradientTransform) -> None:
+        self.optimizer = optimizer
+        self.transform = transform
+        self._before: list[tuple[Tensor, Tensor]] = []
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._snapshot),
+            optimizer.register_step_post_hook(self._rewrite),
+        ]
+
+    def _snapshot(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        select = self.transform.select
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None and select(p)]
+        self.transform.check([p.grad for p in params], params)  # bad input raises before the step changes anything
+        with torch.no_grad():
+            self._before = [(p, p.detach().clone()) for p in params]
+
+    def _rewrite(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        before, self._before = self._before, []
+        if not before:
+            return
+        with torch.no_grad():
+            params = [p for p, _ in before]
+            updates = [p.detach() - old for p, old in before]
+            self.transform.transform_(updates, params)
+            for (p, old), update in zip(before, updates, strict=True):
+                p.copy_(old + update)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._before = []
+
+    def __enter__(self) -> UpdateHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def attach_update(optimizer: torch.optim.Optimizer, transform: GradientTransform) -> UpdateHandle:
+    """Make every `optimizer.step()` apply `transform` to the step's *update* instead of the gradient:
+
+        w <- w_before + T(w_after - w_before)
+
+    for each parameter the transform selects (and that has a gradient): the post-optimizer variant of a scaling
+    (the SGS paper's "Adagrad*", where `G` multiplies Adagrad's update rather than its input).  For plain SGD
+    without momentum or weight decay and a linear `T` this equals `attach`; with any optimizer state it differs.
+    A step that GradScaler skips runs neither hook; wrappers are unwrapped as by `attach`.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return UpdateHandle(weight_updating_optimizer(optimizer), _check_transform(transform, "transform"))

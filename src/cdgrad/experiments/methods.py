@@ -6,7 +6,9 @@
     sobolev     lam, beta, direction, scope, convention      periodic H1~ solve along the axis (+ beta f)
     ls          sigma, direction, scope                      (I - sigma L)^-1 f                  (Osher et al.)
     centralize  scope                                        f - mean over (I, H, W)               (Yong et al.)
-    sgs         sgs_k, sgs_batches, sgs_every                G * f, G from input-feature MI       (SGS)
+    sgs         sgs_k, sgs_batches, sgs_every, sgs_warmup,   G * f, G from input-feature MI       (SGS)
+                sgs_dependence, sgs_pipeline, sgs_on         (sgs_on=update: G * the optimizer's update)
+    sgs-fixed   sgs_edge, sgs_corner, sgs_on                 G * f, G fixed by two ratios (the paper's grid)
     opnorm      clip_norm, clip_every, clip_projection       f; every clip_every steps each conv is projected
                                                              to ||conv|| <= clip_norm at its input size
 
@@ -97,6 +99,52 @@ PARAMS: dict[str, Param] = {
             name="sgs_every", type=int, default=5, minimum=1, help="spatial gradient scaling: epochs between estimates"
         ),
         Param(
+            name="sgs_pipeline",
+            type=str,
+            default="cdgrad",
+            choices=("cdgrad", "authors"),
+            help="spatial gradient scaling: 'cdgrad' (training-mode capture, channel mean then k-transform) or "
+            "'authors' (the authors' code: eval-mode capture of padded inputs, k-transform per channel)",
+        ),
+        Param(
+            name="sgs_dependence",
+            type=str,
+            default="mi",
+            choices=("mi", "autocorr"),
+            help="spatial gradient scaling: dependence measure, normalised mutual information or autocorrelation",
+        ),
+        Param(
+            name="sgs_warmup",
+            type=int,
+            default=0,
+            minimum=0,
+            help="spatial gradient scaling: epochs of plain gradients before the first estimate",
+        ),
+        Param(
+            name="sgs_on",
+            type=str,
+            default="gradient",
+            choices=("gradient", "update"),
+            help="spatial gradient scaling: scale the gradient (before the optimizer) or the optimizer's update "
+            "(after it: the paper's post-optimizer variant, 'Adagrad*')",
+        ),
+        Param(
+            name="sgs_edge",
+            type=float,
+            default=2.0,
+            minimum=0.0,
+            exclusive_minimum=True,
+            help="fixed spatial scaling: ratio of the centre tap to the other taps of the centre row and column",
+        ),
+        Param(
+            name="sgs_corner",
+            type=float,
+            default=4.0,
+            minimum=0.0,
+            exclusive_minimum=True,
+            help="fixed spatial scaling: ratio of the centre tap to the corner taps",
+        ),
+        Param(
             name="clip_norm",
             type=float,
             default=1.0,
@@ -127,6 +175,7 @@ class Built:
 
     transform: GradientTransform | None = None
     clipper: OperatorNormClipper | None = None
+    on_update: bool = False  # the transform acts on the optimizer's update (cdgrad.attach_update), not the gradient
 
 
 # build(values, model, sample) -> Built; `values` maps each of the method's parameters to its resolved value
@@ -223,8 +272,23 @@ def _sgs(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Bu
     from cdgrad.sgs import SpatialGradientScaling
 
     return Built(
-        transform=SpatialGradientScaling(model, k=v["sgs_k"], num_batches=v["sgs_batches"], every=v["sgs_every"])
+        transform=SpatialGradientScaling(
+            model,
+            k=v["sgs_k"],
+            num_batches=v["sgs_batches"],
+            every=v["sgs_every"],
+            method=v["sgs_dependence"],
+            pipeline=v["sgs_pipeline"],
+            warmup=v["sgs_warmup"],
+        ),
+        on_update=v["sgs_on"] == "update",
     )
+
+
+def _sgs_fixed(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
+    from cdgrad.sgs import FixedSpatialScaling
+
+    return Built(transform=FixedSpatialScaling(v["sgs_edge"], v["sgs_corner"]), on_update=v["sgs_on"] == "update")
 
 
 def _opnorm(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
@@ -307,9 +371,20 @@ for _method in (
         "sgs",
         "spatial gradient scaling",
         "G * f, G from the mutual information of input features",
-        (PARAMS["sgs_k"], PARAMS["sgs_batches"], PARAMS["sgs_every"]),
+        tuple(
+            PARAMS[n]
+            for n in ("sgs_k", "sgs_batches", "sgs_every", "sgs_warmup", "sgs_dependence", "sgs_pipeline", "sgs_on")
+        ),
         _sgs,
         order=(),
+    ),
+    Method(
+        "sgs-fixed",
+        "fixed spatial gradient scaling",
+        "G * f, G fixed: centre / edge = sgs_edge, centre / corner = sgs_corner, mean 1",
+        (PARAMS["sgs_edge"], PARAMS["sgs_corner"], PARAMS["sgs_on"]),
+        _sgs_fixed,
+        order=("sgs_edge", "sgs_corner"),
     ),
     Method(
         "opnorm",
@@ -373,9 +448,19 @@ class AttachedMethod:
     clipper: OperatorNormClipper | None = None
     handles: list[Any] = field(default_factory=list)
 
-    def begin_epoch(self, epoch: int) -> None:
-        if self.transform is not None:
-            self.transform.begin_epoch(epoch)
+    def begin_epoch(self, epoch: int, batches: Callable[[int], list[torch.Tensor]] | None = None) -> None:
+        """The transform's epoch hook; a transform that measures in eval mode (SGS with the authors' pipeline)
+        measures now on `batches(n)`, n input batches drawn for it, when it is due."""
+        if self.transform is None:
+            return
+        self.transform.begin_epoch(epoch)
+        from cdgrad.sgs import SpatialGradientScaling
+
+        sgs = self.transform
+        if isinstance(sgs, SpatialGradientScaling) and sgs.config()["pipeline"] == "authors" and sgs.due(epoch):
+            if batches is None:
+                raise ValueError("this method measures in eval mode at the start of an epoch: pass batches=")
+            sgs.measure(batches(sgs.config()["num_batches"]))
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -409,7 +494,8 @@ def attach_method(
     if built.transform is not None:
         import cdgrad
 
-        out.handles.append(cdgrad.attach(optimizer, built.transform))
+        attach = cdgrad.attach_update if built.on_update else cdgrad.attach
+        out.handles.append(attach(optimizer, built.transform))
     if built.clipper is not None:
         out.handles.append(built.clipper.attach(optimizer))
     return out

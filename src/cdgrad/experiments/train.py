@@ -23,6 +23,7 @@ names below are re-exported from here.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -90,6 +91,25 @@ def _restore(run: Setup, state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
+def measurement_batches(
+    config: RunConfig, ds: data_mod.Dataset, seed: int, epoch: int, count: int
+) -> list[torch.Tensor]:
+    """`count` normalised training batches for a method that measures at the start of `epoch` (SGS with the
+    authors' pipeline), drawn with a generator of their own (seeded by seed and epoch): the run's own random
+    stream is untouched, and every rank of a distributed run draws the same batches."""
+    gen = torch.Generator(device=ds.train_x.device).manual_seed(1_000_003 * seed + epoch)
+    n = len(ds.train_x)
+    idx = torch.randperm(n, generator=gen, device=ds.train_x.device)[: count * config.batch_size]
+    out = []
+    for start in range(0, len(idx), config.batch_size):
+        chunk = idx[start : start + config.batch_size]
+        x = ds.train_x[chunk]
+        if config.augment:
+            x = data_mod.augment_crop_flip(x, pad=4, generator=gen)
+        out.append(data_mod.normalize(x, ds.mean, ds.std))
+    return out
+
+
 def train(
     config: RunConfig,
     seed: int,
@@ -153,7 +173,7 @@ def train(
         for epoch in range(start_epoch, config.epochs):
             # ---- one epoch
             t0 = time.perf_counter()
-            method.begin_epoch(epoch)
+            method.begin_epoch(epoch, functools.partial(measurement_batches, config, ds, seed, epoch))
             net.train()
             perm = torch.randperm(n, generator=gen, device=device)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)

@@ -5,12 +5,18 @@ dependence matrix `S` of a layer's input maps) and `transform` (`G = sgs_scaling
 `SpatialGradientScaling` gradient transform).  See `cdgrad.sgs.transform` for the method.
 """
 
-from .dependence import spatial_dependence
+from .dependence import authors_channel_dependence, spatial_dependence
+from .fixed import FixedSpatialScaling, fixed_scaling
 from .nmi import normalized_mutual_information
-from .transform import SpatialGradientScaling, sgs_scaling
+from .transform import PIPELINES, SpatialGradientScaling, authors_sgs_scaling, sgs_scaling
 
 __all__ = [
+    "FixedSpatialScaling",
+    "PIPELINES",
     "SpatialGradientScaling",
+    "authors_channel_dependence",
+    "authors_sgs_scaling",
+    "fixed_scaling",
     "normalized_mutual_information",
     "sgs_scaling",
     "spatial_dependence",

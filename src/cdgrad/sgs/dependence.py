@@ -14,7 +14,7 @@ from torch import Tensor
 from ..validation import check_choice, check_pair, check_tensor
 from .nmi import _buffer, _check_bins, _codes, _fold, _index_dtype, _nmi_from_joint, _sturges
 
-__all__ = ["spatial_dependence"]
+__all__ = ["authors_channel_dependence", "spatial_dependence"]
 
 _METHODS = ("mi", "autocorr")
 
@@ -246,3 +246,89 @@ def spatial_dependence(
     method = _check_method(method)
     dil = check_pair(dilation, "dilation")
     return _dependence(features, ks, bins, method, dil).to(features.dtype)
+
+
+# ------------------------------------------------------------------------------ the authors' pipeline
+def _nmi_without_diagonal(p: Tensor, q: Tensor) -> float:
+    """NMI of paired float64 samples as the authors' code computes it with diagonal removal: pairs with a zero on
+    either side dropped, Sturges bins over `[min, max + 1e-12)` (values at or above the upper edge are not
+    counted, as in fast_histogram), the joint histogram's diagonal zeroed; 0 where undefined."""
+    keep = (p != 0) & (q != 0)
+    if not bool(keep.any()):
+        return 0.0
+    p, q = p[keep], q[keep]
+    bins = _sturges(p.numel())
+    codes = []
+    inside = torch.ones_like(p, dtype=torch.bool)
+    for v in (p, q):
+        lo, hi = v.min(), v.max() + 1e-12
+        code = torch.floor((v - lo) * (bins / (hi - lo)))
+        inside &= (v < hi) & (code < bins)
+        codes.append(code)
+    joint_index = (codes[0][inside] * bins + codes[1][inside]).long()
+    joint = torch.bincount(joint_index, minlength=bins * bins).view(bins, bins)
+    joint.fill_diagonal_(0)
+    if int(joint.sum()) == 0:
+        return 0.0
+    value = float(_nmi_from_joint_or_nan(joint))
+    return 0.0 if value != value else value
+
+
+def _nmi_from_joint_or_nan(joint: Tensor) -> Tensor:
+    """(H(P) + H(Q) - H(P,Q)) / H(P,Q) from one joint histogram, NaN where H(P,Q) = 0 (the authors' 0/0)."""
+    c = joint.to(torch.float64)
+    total = c.sum()
+
+    def entropy(counts: Tensor) -> Tensor:
+        pr = counts / total
+        h: Tensor = -torch.special.xlogy(pr, pr).sum()
+        return h
+
+    h_pq = entropy(c)
+    out: Tensor = (entropy(c.sum(1)) + entropy(c.sum(0)) - h_pq) / h_pq
+    return out
+
+
+def authors_channel_dependence(
+    features: Tensor,
+    kernel_size: int | tuple[int, int],
+    padding: int | tuple[int, int] = 0,
+    diagonal_removal: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Per-channel NMI maps `(C, k_h, k_w)` (float64) as the authors' code measures them, and the (C,) mask of the
+    channels that enter its channel average.
+
+    The input maps are zero-padded by the layer's `padding` first (the authors' forward hook pads before it
+    measures). Without `diagonal_removal` the maps are `spatial_dependence`'s per-channel maps of the padded input
+    (a channel constant over the whole padded batch is left out: the authors' NaN, skipped by their nanmean).
+    With it (the authors' ImageNet setting): `_nmi_without_diagonal` per channel and displacement (every channel
+    enters the average; undefined values count as 0, as there). The centre entry is 1.
+    """
+    _check_features(features)
+    kh, kw = check_pair(kernel_size, "kernel_size")
+    ph, pw = check_pair(padding, "padding", minimum=0)
+    x = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+    with torch.no_grad():
+        x = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+        if not diagonal_removal:
+            return _per_channel_mi(x, kh, kw, None, (1, 1))
+        x = x.to(torch.float64)
+        lo, hi = x.amin(), x.amax()
+        _check_finite_range(lo.reshape(1), hi.reshape(1))
+        n, c, h, w = x.shape
+        dep = torch.zeros(c, kh, kw, dtype=torch.float64, device=x.device)
+        dep[:, kh // 2, kw // 2] = 1.0
+        done: dict[tuple[int, int], tuple[int, int]] = {}
+        for i, j, di, dj in _displacements(kh, kw, (1, 1)):
+            if (-di, -dj) in done:  # the mirrored displacement sees the same pixel pairs, swapped
+                dep[:, i, j] = dep[:, done[(-di, -dj)][0], done[(-di, -dj)][1]]
+                continue
+            done[(di, dj)] = (i, j)
+            if abs(di) >= h or abs(dj) >= w:
+                continue
+            rows, cols = _region(di, dj, h, w)
+            centre = x[:, :, rows, cols]
+            neighbour = x[:, :, rows.start + di : rows.stop + di, cols.start + dj : cols.stop + dj]
+            for ch in range(c):
+                dep[ch, i, j] = _nmi_without_diagonal(centre[:, ch].reshape(-1), neighbour[:, ch].reshape(-1))
+        return dep, torch.ones(c, dtype=torch.bool, device=x.device)

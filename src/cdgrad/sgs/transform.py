@@ -21,7 +21,7 @@ its gradient (SGD, momentum, coupled weight decay); SGS replaces the hand-picked
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,11 +29,13 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..transforms_base import Commit, GradientTransform, config_fields, state_fields
-from ..validation import check_int, check_positive, check_tensor
-from .dependence import _check_method, _dependence
+from ..validation import check_choice, check_int, check_positive, check_tensor
+from .dependence import _check_method, _dependence, authors_channel_dependence
 from .nmi import _check_bins
 
-__all__ = ["SpatialGradientScaling", "sgs_scaling"]
+__all__ = ["PIPELINES", "SpatialGradientScaling", "authors_sgs_scaling", "sgs_scaling"]
+
+PIPELINES = ("cdgrad", "authors")
 
 
 def sgs_scaling(S: Tensor, k: float = 5.0) -> Tensor:
@@ -58,14 +60,42 @@ def sgs_scaling(S: Tensor, k: float = 5.0) -> Tensor:
     return g / mean
 
 
+def authors_sgs_scaling(
+    features: Tensor,
+    kernel_size: int | tuple[int, int],
+    padding: int | tuple[int, int] = 0,
+    k: float = 5.0,
+    diagonal_removal: bool = False,
+) -> Tensor:
+    """`G` as the authors' code computes it (docs/sgs.md, "Two pipelines"), float64 `(k_h, k_w)`.
+
+    The per-channel NMI maps of the input zero-padded by the layer's padding (`authors_channel_dependence`), the
+    k-transform applied to each channel's map, then the mean over channels, normalised to mean 1:
+    `G = mean_c T(S_c) / mean(mean_c T(S_c))`, `T(s) = k s / ((k-1) s + 1)`.  (`sgs_scaling(spatial_dependence(x))`
+    instead averages the maps first and measures the unpadded input: `G = T(mean_c S_c) / mean(...)`.)
+    """
+    k = check_positive(k, "k")
+    dep, alive = authors_channel_dependence(features, kernel_size, padding, diagonal_removal)
+    if not bool(alive.any()):
+        return torch.ones(dep.shape[1:], dtype=torch.float64, device=dep.device)
+    transformed = k * dep[alive] / ((k - 1.0) * dep[alive] + 1.0)
+    s = transformed.mean(dim=0)
+    return s / s.mean()
+
+
 # -------------------------------------------------------------------------------------------- transform
 class SpatialGradientScaling(GradientTransform):
     """Spatial gradient scaling: `grad <- G * grad` for each conv weight `(O, I, k_h, k_w)`, `G` `(k_h, k_w)`.
 
     `G = sgs_scaling(spatial_dependence(inputs), k)` per layer, from the inputs of `num_batches`
-    training-mode forward passes captured after `begin_epoch(epoch)` with `epoch % every == 0`. Layers:
+    training-mode forward passes captured after `begin_epoch(epoch)` when `due(epoch)`: `epoch % every == 0`, or
+    with `warmup` epochs of plain gradients first, `epoch >= warmup` and `(epoch - warmup) % every == 0`. Layers:
     every `nn.Conv2d` of `model` whose kernel has at least `min_kernel` elements (default 2: all but
     1x1). Before the first capture `G` is all ones (plain gradients).
+
+    `pipeline="authors"` computes `G` as the authors' code does (`authors_sgs_scaling`: inputs zero-padded by each
+    layer's padding, the k-transform per channel before the channel mean; `diagonal_removal` their ImageNet
+    option); `measure(batches)` captures as they do, in eval mode without gradients.
     """
 
     homogeneous = True  # G * grad is linear in the gradient
@@ -79,12 +109,26 @@ class SpatialGradientScaling(GradientTransform):
         bins: int | None = None,
         method: str = "mi",
         min_kernel: int = 2,
+        pipeline: str = "cdgrad",
+        diagonal_removal: bool = False,
+        warmup: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._hyper = self._validate(
-            dict(k=k, num_batches=num_batches, every=every, bins=bins, method=method, min_kernel=min_kernel)
+            dict(
+                k=k,
+                num_batches=num_batches,
+                every=every,
+                bins=bins,
+                method=method,
+                min_kernel=min_kernel,
+                pipeline=pipeline,
+                diagonal_removal=diagonal_removal,
+                warmup=warmup,
+            )
         )
+        self._measuring = False
         self.model = model
         self._hooks: list[Any] = []
         self._armed = False
@@ -93,11 +137,25 @@ class SpatialGradientScaling(GradientTransform):
         self._setup_layers()
 
     # ----------------------------------------------------------------------------------------- config
-    _KEYS = ("k", "num_batches", "every", "bins", "method", "min_kernel")
+    _KEYS = ("k", "num_batches", "every", "bins", "method", "min_kernel", "pipeline", "diagonal_removal", "warmup")
+    # keys newer than some saved states: their defaults
+    _ADDED = {"pipeline": "cdgrad", "diagonal_removal": False, "warmup": 0}
 
     @staticmethod
     def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        if isinstance(cfg, Mapping):
+            cfg = {**SpatialGradientScaling._ADDED, **cfg}
         config_fields(cfg, "SpatialGradientScaling", SpatialGradientScaling._KEYS)
+        pipeline = check_choice(cfg["pipeline"], "pipeline", PIPELINES)
+        if not isinstance(cfg["diagonal_removal"], bool):
+            raise TypeError(f"diagonal_removal must be True or False, got {cfg['diagonal_removal']!r}")
+        if (cfg["diagonal_removal"] or pipeline == "authors") and (cfg["method"] != "mi" or cfg["bins"] is not None):
+            raise ValueError(
+                "pipeline='authors' and diagonal_removal measure mutual information with Sturges bins: they need "
+                f"method='mi' and bins=None, got method={cfg['method']!r}, bins={cfg['bins']!r}"
+            )
+        if cfg["diagonal_removal"] and pipeline != "authors":
+            raise ValueError("diagonal_removal is an option of pipeline='authors'")
         return dict(
             k=check_positive(cfg["k"], "k"),
             num_batches=check_int(cfg["num_batches"], "num_batches", minimum=1),
@@ -105,6 +163,9 @@ class SpatialGradientScaling(GradientTransform):
             bins=_check_bins(cfg["bins"]),
             method=_check_method(cfg["method"]),
             min_kernel=check_int(cfg["min_kernel"], "min_kernel", minimum=1),
+            pipeline=pipeline,
+            diagonal_removal=cfg["diagonal_removal"],
+            warmup=check_int(cfg["warmup"], "warmup", minimum=0),
         )
 
     def config(self) -> dict[str, Any]:
@@ -149,7 +210,7 @@ class SpatialGradientScaling(GradientTransform):
 
     def _make_capture(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def capture(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            if self._armed and self.model.training:
+            if self._armed and (self.model.training or self._measuring):
                 x = inputs[0].detach()  # held by reference: autograd already forbids in-place edits
                 self._captured.setdefault(name, []).append((x if x.dim() == 4 else x.unsqueeze(0), x._version))
 
@@ -161,6 +222,26 @@ class SpatialGradientScaling(GradientTransform):
             if self._seen >= self._hyper["num_batches"]:
                 self.update()
 
+    def measure(self, batches: Iterable[Tensor]) -> None:
+        """Measure `G` as the authors' code does: forward `batches` (model inputs) through the model in eval mode
+        without gradients, capturing every scaled layer's input, then `update()`; the model's mode is restored."""
+        if not self._hooks:
+            raise RuntimeError("the hooks of this SpatialGradientScaling were removed; build a new one")
+        was_training = self.model.training
+        self._armed, self._seen, self._captured, self._measuring = True, 0, {}, True
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                for x in batches:
+                    self.model(x)
+            if not self._captured:
+                raise ValueError("measure() got no batches: nothing was captured")
+            self.update()
+        finally:
+            self._measuring = False
+            self._armed, self._seen, self._captured = False, 0, {}
+            self.model.train(was_training)
+
     def remove(self) -> None:
         """Remove the forward hooks and drop any captured inputs; the scalings are kept."""
         for h in getattr(self, "_hooks", []):
@@ -170,12 +251,24 @@ class SpatialGradientScaling(GradientTransform):
         self._seen = 0
         self._captured = {}
 
-    def begin_epoch(self, epoch: int) -> None:
-        """Call at the start of every epoch: arms capture when `epoch % every == 0` (epoch 0 included)."""
+    def due(self, epoch: int) -> bool:
+        """Whether `G` is re-measured at the start of `epoch`: `epoch >= warmup` and `(epoch - warmup) % every == 0`
+        (the first measurement right after the `warmup` epochs of plain gradients; epoch 0 when warmup = 0)."""
         epoch = check_int(epoch, "epoch", minimum=0)
+        every: int = self._hyper["every"]
+        warmup: int = self._hyper["warmup"]
+        return epoch >= warmup and (epoch - warmup) % every == 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Call at the start of every epoch: arms capture when `due(epoch)` (epoch 0 included).
+
+        With `pipeline="authors"` nothing is armed: the authors measure in eval mode, by `measure(batches)`,
+        which the training loop calls at the epochs `due` names.
+        """
+        due = self.due(epoch)
         if not self._hooks:
             raise RuntimeError("the hooks of this SpatialGradientScaling were removed; build a new one")
-        if epoch % self._hyper["every"] == 0:
+        if due and self._hyper["pipeline"] != "authors":
             self._armed = True
             self._seen = 0
             self._captured = {}
@@ -210,12 +303,19 @@ class SpatialGradientScaling(GradientTransform):
                     feats = group[0] if len(group) == 1 else torch.cat(group)
                     try:
                         kernel = (int(module.kernel_size[0]), int(module.kernel_size[1]))
+                        if hp["pipeline"] == "authors":  # one call on all the inputs: the k-transform per channel
+                            feats = torch.cat(xs)
+                            padding = (int(module.padding[0]), int(module.padding[1]))
+                            g = authors_sgs_scaling(feats, kernel, padding, hp["k"], hp["diagonal_removal"])
+                            break
                         dilation = (int(module.dilation[0]), int(module.dilation[1]))
                         dep = _dependence(feats, kernel, hp["bins"], hp["method"], dilation, workspace)
                     except ValueError as exc:  # non-finite inputs: name the layer; no scaling has changed
                         raise ValueError(f"layer {name!r}: {exc} (has training diverged?)") from None
                     s += dep.to(s.device) * (feats.shape[0] / total)
-                scalings[name] = sgs_scaling(s, hp["k"])
+                else:
+                    g = sgs_scaling(s, hp["k"])
+                scalings[name] = g.to(s.device)
         self._scalings = scalings
         self._cast = {}
         self._changed()
