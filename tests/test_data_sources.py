@@ -272,6 +272,95 @@ def test_cifar_corrupt_archive(clean_env):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# CIFAR-100 (fine and coarse labels from the same files)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cifar100_payloads(n_train: int = 7, n_test: int = 5) -> dict[str, dict]:
+    """`train` and `test` as the official pickles hold them (bytes keys; fine labels 0..99, coarse 0..19)."""
+    out = {}
+    for name, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        rng = np.random.default_rng(seed)
+        fine = rng.integers(0, 100, n)
+        out[name] = {
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+            b"batch_label": f"{name} batch".encode(),
+            b"fine_labels": [int(v) for v in fine],
+            b"coarse_labels": [int(v) // 5 for v in fine],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        }
+    return out
+
+
+def write_cifar100_tar(path: Path, blobs: dict[str, bytes]) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        members = {**blobs, "meta": pickle.dumps({b"fine_label_names": [b"apple"]}, protocol=2)}
+        for name, payload in members.items():
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def pixel_loop(rows: np.ndarray) -> np.ndarray:
+    out = np.zeros((rows.shape[0], 3, 32, 32), np.uint8)
+    for c in range(3):
+        for i in range(32):
+            for j in range(32):
+                out[:, c, i, j] = rows[:, c * 1024 + 32 * i + j]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["archive", "folder"])
+def test_cifar100_fine_and_coarse_labels(clean_env, monkeypatch, layout):
+    payloads = cifar100_payloads()
+    blobs = {k: pickle.dumps(v, protocol=2) for k, v in payloads.items()}
+    if layout == "archive":
+        write_cifar100_tar(clean_env / "cifar-100-python.tar.gz", blobs)
+    else:
+        folder = clean_env / "cifar100" / "cifar-100-python"  # found as root/cifar100 for both label sets
+        folder.mkdir(parents=True)
+        for name, blob in blobs.items():
+            (folder / name).write_bytes(blob)
+    for name, key, classes in (("cifar100", b"fine_labels", 100), ("cifar100-coarse", b"coarse_labels", 20)):
+        ds = D.load_dataset(name, root=clean_env, download=False, verify=False)
+        assert ds.name == name and ds.num_classes == classes
+        np.testing.assert_array_equal(ds.train_x.numpy(), pixel_loop(payloads["train"][b"data"]))
+        np.testing.assert_array_equal(ds.test_x.numpy(), pixel_loop(payloads["test"][b"data"]))
+        np.testing.assert_array_equal(ds.train_y.numpy(), payloads["train"][key])
+        np.testing.assert_array_equal(ds.test_y.numpy(), payloads["test"][key])
+        with pytest.raises(D.ChecksumError, match="cifar-100-python.tar.gz" if layout == "archive" else "train"):
+            D.load_dataset(name, root=clean_env, download=False)
+    if layout == "archive":  # with the archive's md5 declared official, the checked load reads it
+        md5 = hashlib.md5((clean_env / "cifar-100-python.tar.gz").read_bytes()).hexdigest()
+        monkeypatch.setitem(sources._MD5["cifar100"], "cifar-100-python.tar.gz", {"gz": md5})
+        assert D.load_dataset("cifar100", root=clean_env, download=False).train_x.shape == (7, 3, 32, 32)
+
+
+def test_cifar100_bad_files(clean_env):
+    payloads = cifar100_payloads()
+    payloads["train"][b"fine_labels"][3] = 100
+    blobs = {k: pickle.dumps(v, protocol=2) for k, v in payloads.items()}
+    write_cifar100_tar(clean_env / "cifar-100-python.tar.gz", blobs)
+    with pytest.raises(D.DatasetFormatError, match=r"cifar-100-python/train.*\[0, 100\)"):
+        D.load_dataset("cifar100", root=clean_env, download=False, verify=False)
+    del payloads["test"][b"coarse_labels"]
+    payloads["train"][b"fine_labels"][3] = 1
+    blobs = {k: pickle.dumps(v, protocol=2) for k, v in payloads.items()}
+    write_cifar100_tar(clean_env / "cifar-100-python.tar.gz", blobs)
+    with pytest.raises(D.DatasetFormatError, match="cifar-100-python/test.*'coarse_labels' must be a list"):
+        D.load_dataset("cifar100-coarse", root=clean_env, download=False, verify=False)
+    write_cifar100_tar(clean_env / "cifar-100-python.tar.gz", {"train": blobs["train"]})
+    with pytest.raises(D.DatasetFormatError, match="lacks.*cifar-100-python/test"):
+        D.load_dataset("cifar100", root=clean_env, download=False, verify=False)
+    with pytest.raises(D.DatasetNotFoundError, match=r"cifar-100-python.tar.gz \(or the extracted cifar-100-python/"):
+        D.load_dataset("cifar100", download=False)  # the isolated environment holds no copy
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Lookup and download
 # ----------------------------------------------------------------------------------------------------------
 
@@ -413,7 +502,9 @@ def test_bad_arguments():
     accepted = re.escape(repr(D.dataset_names()))
     with pytest.raises(ValueError, match=rf"name must be one of {accepted}, got 'svhn'"):
         D.load_dataset("svhn")
-    with pytest.raises(ValueError, match=r"name must be one of \('mnist', 'fashion-mnist', 'cifar10'\)"):
+    with pytest.raises(
+        ValueError, match=r"name must be one of \('mnist', 'fashion-mnist', 'cifar10', 'cifar100', 'cifar100-coarse'\)"
+    ):
         D.find_dataset_dir("MNIST")
     with pytest.raises(TypeError, match="download"):
         D.load_dataset("mnist", download="yes")

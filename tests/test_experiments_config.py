@@ -126,6 +126,7 @@ LEGACY_IDENTITY_DEFAULTS = {
     "lr_decay": 0.1,
     "clip_projection": None,
     "sgs_pipeline": None,
+    "warmup_epochs": 0,
     "sgs_warmup": None,
     "sgs_dependence": None,
     "sgs_on": None,

@@ -85,6 +85,7 @@ def _interrupt_after(k):
     "changes",
     [
         {"method": "none", "augment": True},
+        {"method": "none", "schedule": "cosine", "warmup_epochs": 2},
         {"method": "sobolev", "lam": 2.0, "beta": 0.1, "schedule": "step", "step_every": 2},
         {"method": "h0", "lam": 2.0, "optimizer": "adam", "lr": 0.01},
         {"method": "sgs", "sgs_every": 2, "sgs_batches": 2},
@@ -142,16 +143,25 @@ def test_evaluate_matches_a_plain_loop():
 
 
 @pytest.mark.parametrize(
-    "schedule, decay, expected",
+    "schedule, decay, warmup, expected",
     [
-        ("step", 0.1, [1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01]),
-        ("step", 0.95, [1.0, 1.0, 1.0, 0.95, 0.95, 0.95, 0.9025]),  # Sedghi et al.'s exponential decay
-        ("constant", 0.1, [1.0] * 7),
-        ("cosine", 0.1, [0.5 * (1 + math.cos(math.pi * e / 7)) for e in range(7)]),
+        ("cosine", 0.1, 2, [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]),
+        ("step", 0.1, 2, [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 0.1, 0.1]),
+        ("constant", 0.1, 1, [0.5] + [1.0] * 6),
+    ]
+    + [
+        (schedule, decay, 0, expected)
+        for schedule, decay, expected in [
+            ("step", 0.1, [1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01]),
+            ("step", 0.95, [1.0, 1.0, 1.0, 0.95, 0.95, 0.95, 0.9025]),  # Sedghi et al.'s exponential decay
+            ("constant", 0.1, [1.0] * 7),
+            ("cosine", 0.1, [0.5 * (1 + math.cos(math.pi * e / 7)) for e in range(7)]),
+        ]
     ],
 )
-def test_schedules(schedule, decay, expected):
-    config = RunConfig(lr=1.0, epochs=7, step_every=3, schedule=schedule, lr_decay=decay)
+def test_schedules(schedule, decay, warmup, expected):
+    """Per-epoch lr against closed forms; warm-up W: lr (e+1)/(W+1), then the schedule over the other epochs."""
+    config = RunConfig(lr=1.0, epochs=7, step_every=3, schedule=schedule, lr_decay=decay, warmup_epochs=warmup)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = make_scheduler(config, opt)
     got = []

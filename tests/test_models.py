@@ -12,6 +12,7 @@ from torch import nn
 from cdgrad.experiments.models import (
     MODEL_REGISTRY,
     MODELS,
+    VGG11_CFG,
     VGG16_CFG,
     CifarResNet,
     ShortcutA,
@@ -106,6 +107,24 @@ def test_without_batchnorm(name):
     assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
+def test_vgg11_and_resnet18_parameter_counts():
+    """VGG-11 by the VGG formula; ResNet-18 by its own: stem, 8 basic blocks (3 with 1x1 projections), fc."""
+    assert count_parameters(build_model("vgg11")) == vgg_formula(VGG11_CFG) == 9_231_114
+    assert count_parameters(build_model("vgg11", num_classes=100)) == vgg_formula(VGG11_CFG, 3, 100)
+
+    def block(cin: int, c: int, projection: bool) -> int:
+        return 9 * cin * c + 9 * c * c + 4 * c + ((cin * c + 2 * c) if projection else 0)
+
+    def resnet18(classes: int, cin: int = 3) -> int:
+        total = 9 * cin * 64 + 2 * 64
+        for cin_, c in ((64, 64), (64, 128), (128, 256), (256, 512)):
+            total += block(cin_, c, cin_ != c) + block(c, c, False)
+        return total + 512 * classes + classes
+
+    assert count_parameters(build_model("resnet18")) == resnet18(10) == 11_173_962
+    assert count_parameters(build_model("resnet18", num_classes=100, in_channels=1)) == resnet18(100, 1)
+
+
 def test_vgg16_parameter_count():
     assert count_parameters(build_model("vgg16")) == vgg_formula(VGG16_CFG) == 14_728_266
     m = build_model("vgg16", num_classes=100, in_channels=1, image_size=28)
@@ -171,7 +190,7 @@ def test_gradients_flow(name):
         for m, nxt in zip(mods, mods[1:], strict=False)
         if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d) and m.bias is not None
     }
-    assert bool(cancelled) == (name == "vgg16")
+    assert bool(cancelled) == name.startswith("vgg")
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
         if id(p) in cancelled:
@@ -288,7 +307,7 @@ def test_compiles_without_graph_breaks(name):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="name must be one of") as info:
-        build_model("resnet18")
+        build_model("resnet19")
     for name in MODELS:
         assert name in str(info.value)
     with pytest.raises(ValueError, match="shortcut must be 'A' or 'B'"):

@@ -105,6 +105,9 @@ class RunConfig:
         ("step", "cosine", "constant"),
     )
     step_every: int = _f(40, "epochs between lr decays (schedule 'step')", minimum=1)
+    warmup_epochs: int = _f(
+        0, "epochs of linear learning-rate warm-up, lr (e+1)/(W+1), before the schedule runs over the rest", minimum=0
+    )
     lr_decay: float = _f(
         0.1,
         "factor lr is multiplied by every step_every epochs (schedule 'step'; Sedghi et al. use 0.95)",

@@ -27,6 +27,8 @@ __all__ = [
     "MODELS",
     "MODEL_REGISTRY",
     "VGG",
+    "VGG11_CFG",
+    "ResNet18",
     "VGG16_CFG",
     "BasicBlock",
     "CifarResNet",
@@ -39,11 +41,12 @@ __all__ = [
 ]
 
 # the built-in networks; see also `model_names`
-MODELS = ("cnn2", "resnet8", "resnet20", "resnet32", "resnet56", "vgg16")
+MODELS = ("cnn2", "resnet8", "resnet20", "resnet32", "resnet56", "vgg16", "vgg11", "resnet18")
 
 VGG16_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )  # fmt: skip
+VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
 def init_weights(model: nn.Module) -> nn.Module:
@@ -221,8 +224,42 @@ class CifarResNet(nn.Module):
         return out
 
 
+class ResNet18(nn.Module):
+    """The CIFAR ResNet-18 of the SGS paper's tables (the common CIFAR adaptation of He et al.'s ImageNet net).
+
+    ``conv3x3(in -> 64) -> BN -> ReLU`` (no max-pool), four stages of two `BasicBlock` s with 64, 128, 256, 512
+    channels (the first block of stages 2-4 has stride 2, option-B projection shortcuts), global average pooling,
+    ``linear(512 -> num_classes)``. 11,173,962 parameters for 10 classes and 3 input channels.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, batchnorm: bool = True) -> None:
+        super().__init__()
+        _positive_int(num_classes, "num_classes")
+        _positive_int(in_channels, "in_channels")
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=not batchnorm)
+        self.bn1 = _norm(64, batchnorm)
+        stages: list[nn.Module] = []
+        in_planes = 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(
+                nn.Sequential(
+                    BasicBlock(in_planes, planes, stride, "B", batchnorm), BasicBlock(planes, planes, 1, "B", batchnorm)
+                )
+            )
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(512, num_classes)
+        init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        out: Tensor = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return out
+
+
 # ----------------------------------------------------------------------------------------------------------
-# VGG-16 with batch norm
+# VGG with batch norm
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -242,8 +279,8 @@ class VGG(nn.Module):
     Each integer ``c`` of ``cfg`` is ``conv3x3(c, padding 1, with bias) -> BN -> ReLU``; each ``"M"`` is a
     2x2 max-pool (ceil mode, so 28x28 inputs reach 1x1 as 32x32 ones do). Classifier: a single
     ``linear(512 s^2 -> num_classes)`` on the flattened features, ``s`` the final side (1 for 28 and 32).
-    With `VGG16_CFG`, 10 classes and 3 input channels: 14,728,266 parameters. ``batchnorm=False`` leaves the
-    BNs out.
+    With `VGG16_CFG`, 10 classes and 3 input channels: 14,728,266 parameters (`VGG11_CFG`: 9,231,114).
+    ``batchnorm=False`` leaves the BNs out.
     """
 
     def __init__(
@@ -329,7 +366,20 @@ def _vgg16(num_classes: int, in_channels: int, image_size: int, batchnorm: bool 
 MODEL_REGISTRY.register("cnn2", ModelEntry(CNN2), builtin=True)
 for _depth in (8, 20, 32, 56):
     MODEL_REGISTRY.register(f"resnet{_depth}", ModelEntry(_resnet(_depth), ("shortcut", "batchnorm")), builtin=True)
+
+
+def _vgg11(num_classes: int, in_channels: int, image_size: int, batchnorm: bool = True) -> nn.Module:
+    return VGG(VGG11_CFG, num_classes, in_channels, image_size, batchnorm=batchnorm)
+
+
+def _resnet18(num_classes: int, in_channels: int, image_size: int, batchnorm: bool = True) -> nn.Module:
+    _positive_int(image_size, "image_size")
+    return ResNet18(num_classes, in_channels, batchnorm=batchnorm)
+
+
 MODEL_REGISTRY.register("vgg16", ModelEntry(_vgg16, ("batchnorm",)), builtin=True)
+MODEL_REGISTRY.register("vgg11", ModelEntry(_vgg11, ("batchnorm",)), builtin=True)
+MODEL_REGISTRY.register("resnet18", ModelEntry(_resnet18, ("batchnorm",)), builtin=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

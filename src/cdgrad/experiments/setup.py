@@ -64,11 +64,23 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 def make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: lr * lr_decay**floor(epoch/step_every) ('step'), cosine to 0, or constant."""
+    """Per-epoch schedule: lr * lr_decay**floor(epoch/step_every) ('step'), cosine to 0, or constant.
+
+    With `warmup_epochs` W > 0 the lr first rises linearly, lr * (e + 1) / (W + 1) in epoch e < W, and the
+    schedule then runs over the remaining epochs (cosine reaches 0 at the last one).
+    """
+    lr_sched = torch.optim.lr_scheduler
+    warmup = config.warmup_epochs
+    main: lr_sched.LRScheduler
     if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    gamma = config.lr_decay if config.schedule == "step" else 1.0
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_every, gamma=gamma)
+        main = lr_sched.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs - warmup))
+    else:
+        gamma = config.lr_decay if config.schedule == "step" else 1.0
+        main = lr_sched.StepLR(optimizer, step_size=config.step_every, gamma=gamma)
+    if warmup == 0:
+        return main
+    ramp = lr_sched.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+    return lr_sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
 @dataclasses.dataclass

@@ -250,12 +250,16 @@ def _get(d: dict[object, object], key: str) -> object:
     return d.get(key)
 
 
-def read_cifar_batch(buf: bytes, source: str | os.PathLike[str] = "<bytes>") -> tuple[np.ndarray, np.ndarray]:
-    """Parse one CIFAR-10 python batch: a pickled dict with ``data`` uint8 ``(n, 3072)`` and ``labels``.
+def read_cifar_batch(
+    buf: bytes, source: str | os.PathLike[str] = "<bytes>", labels: str = "labels", classes: int = CIFAR_CLASSES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Parse one CIFAR python batch: a pickled dict with ``data`` uint8 ``(n, 3072)`` and the label list ``labels``
+    (CIFAR-10: ``labels``; CIFAR-100: ``fine_labels`` (100 classes) or ``coarse_labels`` (20)).
 
     Returns images uint8 ``(n, 3, 32, 32)`` (rows are channel-major: 1024 red, 1024 green, 1024 blue)
-    and labels int64 ``(n,)``. Unpickling admits only numpy's array reconstruction.
+    and labels int64 ``(n,)`` in ``[0, classes)``. Unpickling admits only numpy's array reconstruction.
     """
+    label_key = labels
     source = str(source)
     try:
         obj = RestrictedUnpickler(io.BytesIO(buf), source).load()
@@ -265,27 +269,30 @@ def read_cifar_batch(buf: bytes, source: str | os.PathLike[str] = "<bytes>") -> 
         raise DatasetFormatError(f"{source}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise DatasetFormatError(f"{source}: a CIFAR-10 batch must be a dict, got {type(obj).__name__}")
-    data, labels = _get(obj, "data"), _get(obj, "labels")
+    data, labels_list = _get(obj, "data"), _get(obj, label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DatasetFormatError(f"{source}: 'data' must be a uint8 array of shape (n, 3072), got {desc}")
-    if not isinstance(labels, list | tuple | np.ndarray):
-        raise DatasetFormatError(f"{source}: 'labels' must be a list of ints, got {type(labels).__name__}")
+    if not isinstance(labels_list, list | tuple | np.ndarray):
+        raise DatasetFormatError(f"{source}: {label_key!r} must be a list of ints, got {type(labels_list).__name__}")
     try:
-        y = np.asarray(labels, dtype=np.int64)
+        y = np.asarray(labels_list, dtype=np.int64)
     except (TypeError, ValueError, OverflowError):
-        raise DatasetFormatError(f"{source}: 'labels' must be a list of ints") from None
+        raise DatasetFormatError(f"{source}: {label_key!r} must be a list of ints") from None
     if y.shape != (data.shape[0],):
         raise DatasetFormatError(f"{source}: {data.shape[0]} images but labels of shape {y.shape}")
-    check_labels(y, CIFAR_CLASSES, source)
+    check_labels(y, classes, source)
     return data.reshape(-1, 3, 32, 32), y
 
 
-def read_cifar_archive(raw: bytes, source: str | os.PathLike[str], members: Iterable[str]) -> dict[str, bytes]:
+def read_cifar_archive(
+    raw: bytes, source: str | os.PathLike[str], members: Iterable[str], limit: int = CIFAR_BATCH_LIMIT
+) -> dict[str, bytes]:
     """The named members of a (gzipped or plain) tar archive, read as a stream in memory.
 
-    Nothing is extracted to disk; other members are skipped. A wanted member larger than `CIFAR_BATCH_LIMIT`
-    (by its tar header) is refused before it is read. Missing members are simply absent from the result.
+    Nothing is extracted to disk; other members are skipped. A wanted member larger than `limit` bytes (by its
+    tar header; default `CIFAR_BATCH_LIMIT`, twice a CIFAR-10 batch) is refused before it is read. Missing
+    members are simply absent from the result.
     """
     wanted = set(members)
     out: dict[str, bytes] = {}
@@ -294,10 +301,9 @@ def read_cifar_archive(raw: bytes, source: str | os.PathLike[str], members: Iter
             for member in tar:
                 if member.name not in wanted or not member.isfile():
                     continue
-                if member.size > CIFAR_BATCH_LIMIT:
+                if member.size > limit:
                     raise DatasetFormatError(
-                        f"{source}:{member.name}: {member.size} bytes, more than a CIFAR-10 batch can hold "
-                        f"({CIFAR_BATCH_LIMIT})"
+                        f"{source}:{member.name}: {member.size} bytes, more than a CIFAR batch can hold ({limit})"
                     )
                 f = tar.extractfile(member)
                 if f is None:  # pragma: no cover - regular files always have a reader

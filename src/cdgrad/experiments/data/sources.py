@@ -5,6 +5,9 @@ The readers parse the published files directly (no torchvision):
 * MNIST / Fashion-MNIST: the four IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
   ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``), each gzipped (``.gz``) or not.
 * CIFAR-10: ``cifar-10-python.tar.gz`` or its extracted ``cifar-10-batches-py/`` folder.
+* CIFAR-100: ``cifar-100-python.tar.gz`` or its extracted ``cifar-100-python/`` folder (``train``, ``test``);
+  ``cifar100`` reads the 100 fine labels, ``cifar100-coarse`` the 20 coarse ones, from the same files (looked
+  up under the name ``cifar100``).
 
 Where the files are looked up (`find_dataset_dir`): the ``root`` argument, then the ``CDGRAD_DATA``
 environment variable (one directory or several joined by ``os.pathsep``), then ``~/.cache/cdgrad/data/<name>``
@@ -25,6 +28,7 @@ import os
 import tempfile
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +59,7 @@ __all__ = [
     "read_idx",
 ]
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "cifar100-coarse")
 
 ENV_VAR = "CDGRAD_DATA"
 _SYSTEM_DATASETS_DIR = Path("/usr/share/datasets")
@@ -119,6 +123,11 @@ _MD5: dict[str, dict[str, dict[str, str]]] = {
         "data_batch_5": {"raw": "482c414d41f54cd18b22e5b47cb7c3cb"},
         "test_batch": {"raw": "40351d587109b95175f43aff81a1287e"},
     },
+    "cifar100": {
+        "cifar-100-python.tar.gz": {"gz": "eb9058c3a382ffc7106e4002c42a8d85"},
+        "train": {"raw": "16019d7e3df5f24257cddd939b257f8d"},
+        "test": {"raw": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
+    },
 }
 
 _MIRRORS: dict[str, tuple[str, ...]] = {
@@ -128,15 +137,56 @@ _MIRRORS: dict[str, tuple[str, ...]] = {
         "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
     ),
     "cifar10": ("https://www.cs.toronto.edu/~kriz/",),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/",),
 }
 
-_CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
-_CIFAR_FOLDER = "cifar-10-batches-py"
-_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-_CIFAR_TEST = "test_batch"
-_CIFAR_BATCHES = (*_CIFAR_TRAIN, _CIFAR_TEST)
 
-_NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": CIFAR_CLASSES}
+@dataclass(frozen=True)
+class _Cifar:
+    """The files of a CIFAR variant: the archive, its folder, the batches and which labels to read."""
+
+    files: str  # the data set whose files these are (its checksums, download and cache folder)
+    archive: str
+    folder: str
+    train: tuple[str, ...]
+    test: str
+    labels: str
+    classes: int
+    limit: int  # the most bytes one batch may hold (twice the official size)
+
+    @property
+    def batches(self) -> tuple[str, ...]:
+        return (*self.train, self.test)
+
+
+_C10 = _Cifar(
+    "cifar10",
+    "cifar-10-python.tar.gz",
+    "cifar-10-batches-py",
+    tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test_batch",
+    "labels",
+    CIFAR_CLASSES,
+    CIFAR_BATCH_LIMIT,
+)
+_C100 = _Cifar(
+    "cifar100",
+    "cifar-100-python.tar.gz",
+    "cifar-100-python",
+    ("train",),
+    "test",
+    "fine_labels",
+    100,
+    2 * 50_000 * 3_072,
+)
+_CIFAR: dict[str, _Cifar] = {
+    "cifar10": _C10,
+    "cifar100": _C100,
+    "cifar100-coarse": replace(_C100, labels="coarse_labels", classes=20),  # the same files, the 20 superclasses
+}
+_CIFAR_ARCHIVE, _CIFAR_FOLDER = _C10.archive, _C10.folder  # CIFAR-10's, for messages
+
+_NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, **{name: spec.classes for name, spec in _CIFAR.items()}}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -183,8 +233,8 @@ def _verify(path: Path, raw: bytes, content: bytes | None, known: dict[str, str]
         )
 
 
-def _gunzip_batch(raw: bytes, path: Path) -> bytes:
-    return gunzip(raw, path, CIFAR_BATCH_LIMIT)
+def _gunzip_batch(limit: int) -> Callable[[bytes, Path], bytes]:
+    return lambda raw, path: gunzip(raw, path, limit)
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -216,19 +266,25 @@ def _idx_path(d: Path, base: str) -> Path | None:
     return None
 
 
-def _cifar_batches_dir(d: Path) -> Path | None:
-    for folder in (d / _CIFAR_FOLDER, d):
-        if all((folder / b).is_file() for b in _CIFAR_BATCHES):
+def _cifar_batches_dir(d: Path, spec: _Cifar) -> Path | None:
+    for folder in (d / spec.folder, d):
+        if all((folder / b).is_file() for b in spec.batches):
             return folder
     return None
 
 
+def _files_of(name: str) -> str:
+    """The data set whose files `name` reads (cifar100-coarse reads cifar100's)."""
+    return _CIFAR[name].files if name in _CIFAR else name
+
+
 def _missing(name: str, d: Path) -> list[str]:
     """Required files absent from directory ``d``; empty when ``d`` holds the data set."""
-    if name == "cifar10":
-        if (d / _CIFAR_ARCHIVE).is_file() or _cifar_batches_dir(d) is not None:
+    if name in _CIFAR:
+        spec = _CIFAR[name]
+        if (d / spec.archive).is_file() or _cifar_batches_dir(d, spec) is not None:
             return []
-        return [_CIFAR_ARCHIVE]
+        return [spec.archive]
     return [f"{b}.gz" for b in _IDX_FILES if _idx_path(d, b) is None]
 
 
@@ -251,14 +307,15 @@ def check_root(name: str, root: str | os.PathLike[str] | None) -> Path | None:
 def _candidates(name: str, root: str | os.PathLike[str] | None) -> list[Path]:
     """Directories searched, in order: root, $CDGRAD_DATA, the standard locations."""
     out: list[Path] = []
+    folder = _files_of(name)
     r = check_root(name, root)
     if r is not None:
-        out += [r, r / name]
+        out += [r, r / folder]
     for entry in os.environ.get(ENV_VAR, "").split(os.pathsep):
         if entry:
             e = Path(entry).expanduser()
-            out += [e, e / name]
-    out += [_cache_root() / name, _SYSTEM_DATASETS_DIR / name]
+            out += [e, e / folder]
+    out += [_cache_root() / folder, _SYSTEM_DATASETS_DIR / folder]
     return out
 
 
@@ -277,17 +334,18 @@ def find_dataset_dir(name: str, root: str | os.PathLike[str] | None = None) -> P
     for d in candidates:
         if d.is_dir() and not _missing(name, d):
             return d
-    raise DatasetNotFoundError(_not_found_message(name, candidates, _missing(name, _cache_root() / name)))
+    raise DatasetNotFoundError(_not_found_message(name, candidates, _missing(name, _cache_root() / _files_of(name))))
 
 
 def _not_found_message(name: str, searched: Sequence[Path], missing: Sequence[str], note: str = "") -> str:
     where = "\n".join(f"  {d}" for d in dict.fromkeys(searched))
-    alt = " (or the extracted cifar-10-batches-py/ folder)" if name == "cifar10" else " (gzipped or not)"
+    alt = f" (or the extracted {_CIFAR[name].folder}/ folder)" if name in _CIFAR else " (gzipped or not)"
+    folder = _files_of(name)
     return (
         f"data set {name!r} not found. Missing files: {', '.join(missing)}{alt}.\n"
         f"Searched:\n{where}\n"
-        f"Put the files in {_cache_root() / name}, or in a directory given as root=... or in the "
-        f"environment variable {ENV_VAR}=/path/to/dir (the directory itself or its '{name}' subdirectory)."
+        f"Put the files in {_cache_root() / folder}, or in a directory given as root=... or in the "
+        f"environment variable {ENV_VAR}=/path/to/dir (the directory itself or its '{folder}' subdirectory)."
         + (f"\n{note}" if note else "")
     )
 
@@ -307,13 +365,13 @@ def fetch_url(url: str, dest: Path, timeout: float) -> None:
 
 
 def _official_files(name: str) -> list[str]:
-    return [_CIFAR_ARCHIVE] if name == "cifar10" else [f"{b}.gz" for b in _IDX_FILES]
+    return [_CIFAR[name].archive] if name in _CIFAR else [f"{b}.gz" for b in _IDX_FILES]
 
 
 def _download_one(name: str, fname: str, md5: str, target: Path, fetch: Fetch) -> list[str] | None:
     """Fetch ``fname`` into ``target`` from the first mirror that serves it intact; the errors otherwise."""
     errors: list[str] = []
-    for base in _MIRRORS[name]:
+    for base in _MIRRORS[_files_of(name)]:
         url = base + fname
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -346,12 +404,12 @@ def download_dataset(name: str, dest: str | os.PathLike[str] | None = None, fetc
     """
     _check_name(name)
     fetch = fetch if fetch is not None else fetch_url
-    target = Path(dest) if dest is not None else _cache_root() / name
+    target = Path(dest) if dest is not None else _cache_root() / _files_of(name)
     missing = _missing(name, target) if target.is_dir() else _official_files(name)
     failures: list[str] = []
     for fname in missing:
-        key = fname if name == "cifar10" else fname.removesuffix(".gz")
-        errors = _download_one(name, fname, _MD5[name][key]["gz"], target, fetch)
+        key = fname if name in _CIFAR else fname.removesuffix(".gz")
+        errors = _download_one(name, fname, _MD5[_files_of(name)][key]["gz"], target, fetch)
         if errors is not None:
             failures.append(f"{fname} ({'; '.join(errors)})")
     if failures:
@@ -386,28 +444,28 @@ def _load_idx_set(name: str, d: Path, verify: bool) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def _load_cifar(d: Path, verify: bool) -> tuple[np.ndarray, ...]:
-    folder = _cifar_batches_dir(d)
+def _load_cifar(d: Path, verify: bool, spec: _Cifar) -> tuple[np.ndarray, ...]:
+    folder = _cifar_batches_dir(d, spec)
     blobs: dict[str, tuple[bytes, str]] = {}
     if folder is not None:
-        for b in _CIFAR_BATCHES:
+        for b in spec.batches:
             path = folder / b
-            blobs[b] = (_read_checked(path, "cifar10", b, verify, _gunzip_batch), str(path))
+            blobs[b] = (_read_checked(path, spec.files, b, verify, _gunzip_batch(spec.limit)), str(path))
     else:
-        archive = d / _CIFAR_ARCHIVE
+        archive = d / spec.archive
         raw = _read_bytes(archive)
         if verify:  # before anything is decompressed
-            _verify(archive, raw, raw if raw[:2] != GZIP_MAGIC else None, _MD5["cifar10"][_CIFAR_ARCHIVE])
-        names = {f"{_CIFAR_FOLDER}/{b}": b for b in _CIFAR_BATCHES}
-        members = read_cifar_archive(raw, archive, names)
+            _verify(archive, raw, raw if raw[:2] != GZIP_MAGIC else None, _MD5[spec.files][spec.archive])
+        names = {f"{spec.folder}/{b}": b for b in spec.batches}
+        members = read_cifar_archive(raw, archive, names, spec.limit)
         blobs = {names[m]: (buf, f"{archive}:{m}") for m, buf in members.items()}
-        absent = [f"{_CIFAR_FOLDER}/{b}" for b in _CIFAR_BATCHES if b not in blobs]
+        absent = [f"{spec.folder}/{b}" for b in spec.batches if b not in blobs]
         if absent:
             raise DatasetFormatError(f"{archive}: archive lacks the members {', '.join(absent)}")
-    parts = {b: read_cifar_batch(buf, src) for b, (buf, src) in blobs.items()}
-    train_x = np.concatenate([parts[b][0] for b in _CIFAR_TRAIN])
-    train_y = np.concatenate([parts[b][1] for b in _CIFAR_TRAIN])
-    return train_x, train_y, parts[_CIFAR_TEST][0], parts[_CIFAR_TEST][1]
+    parts = {b: read_cifar_batch(buf, src, spec.labels, spec.classes) for b, (buf, src) in blobs.items()}
+    train_x = np.concatenate([parts[b][0] for b in spec.train])
+    train_y = np.concatenate([parts[b][1] for b in spec.train])
+    return train_x, train_y, parts[spec.test][0], parts[spec.test][1]
 
 
 def load_official(
@@ -434,7 +492,7 @@ def load_official(
             raise DatasetNotFoundError(
                 _not_found_message(name, _candidates(name, root), _missing_or_all(name), note=f"Download failed: {e}")
             ) from None
-    arrays = _load_cifar(d, verify) if name == "cifar10" else _load_idx_set(name, d, verify)
+    arrays = _load_cifar(d, verify, _CIFAR[name]) if name in _CIFAR else _load_idx_set(name, d, verify)
     train_x, train_y, test_x, test_y = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
     mean, std = channel_stats(train_x)
     return Dataset(name, train_x, train_y, test_x, test_y, _NUM_CLASSES[name], mean, std)
@@ -466,7 +524,7 @@ def load_dataset(
 
 
 def _missing_or_all(name: str) -> list[str]:
-    target = _cache_root() / name
+    target = _cache_root() / _files_of(name)
     return _missing(name, target) if target.is_dir() else _official_files(name)
 
 
