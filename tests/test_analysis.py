@@ -323,3 +323,39 @@ def test_singular_value_ratios_against_a_dense_svd():
     assert torch.equal(zeros, torch.zeros(6, dtype=torch.float64))
     with pytest.raises(ValueError, match="spectrum"):
         singular_value_ratios(torch.zeros(0))
+
+
+def test_kernel_magnitude_against_a_loop():
+    from cdgrad.analysis import kernel_magnitude
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(5, 3, 3, 5, generator=g, dtype=torch.float64)
+    expected = torch.zeros(3, 5, dtype=torch.float64)
+    for i in range(3):
+        for j in range(5):
+            expected[i, j] = sum(abs(float(w[o, c, i, j])) for o in range(5) for c in range(3)) / 15
+    expected /= expected.mean()
+    torch.testing.assert_close(kernel_magnitude(w), expected, rtol=0, atol=1e-14)
+    assert torch.equal(kernel_magnitude(torch.zeros(2, 2, 3, 3)), torch.ones(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="conv weight"):
+        kernel_magnitude(torch.zeros(3, 3))
+
+
+def test_analyze_plots_the_scalings_a_sgs_checkpoint_holds(tmp_path):
+    """A toolkit checkpoint of an SGS run carries G per layer: analyze writes sgs_scalings.png; without, not."""
+    from cdgrad.experiments.analyze import SGS_PLOT, load_sgs_scalings
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3))
+    g = torch.rand(3, 3, dtype=torch.float64) + 0.5
+    ckpt = {
+        "model": model.state_dict(),
+        "method": {"transform": {"type": "SpatialGradientScaling", "scalings": {"0": g, "1": g}}},
+    }
+    torch.save(ckpt, tmp_path / "sgs.pt")
+    assert set(load_sgs_scalings(tmp_path / "sgs.pt")) == {"0", "1"}
+    analyze(tmp_path / "sgs.pt", tmp_path / "a", 8)
+    assert (tmp_path / "a" / SGS_PLOT).is_file() and (tmp_path / "a" / "kernel_magnitude.png").is_file()
+    torch.save({"model": model.state_dict()}, tmp_path / "plain.pt")
+    assert load_sgs_scalings(tmp_path / "plain.pt") is None
+    analyze(tmp_path / "plain.pt", tmp_path / "b", 8)
+    assert not (tmp_path / "b" / SGS_PLOT).exists()

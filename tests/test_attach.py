@@ -490,3 +490,32 @@ def test_attach_update_bad_input_and_remove():
         o.step()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_attach_update_with_a_closure():
+    """step(closure) computes the gradients after the pre-hook: the update is still transformed, as without one."""
+
+    def run(with_closure: bool, attached: bool = True) -> list[torch.Tensor]:
+        model = init(small_net())
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if attached:
+            cdgrad.attach_update(opt, cdgrad.ChannelDirected("sobolev", 0.5, 0.2))
+        for step in range(3):
+            opt.zero_grad(set_to_none=True)
+
+            def closure(step=step):
+                opt.zero_grad()
+                loss = loss_fn(model, step)
+                loss.backward()
+                return loss
+
+            if with_closure:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for p, q in zip(run(True), run(False), strict=True):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, q) for p, q in zip(run(True), run(True, attached=False), strict=True))

@@ -43,10 +43,13 @@ def test_describe_can_omit_parameters():
     assert M.describe(c, omit=("lam", "convention")) == "sobolev beta=1"
 
 
+LEGACY_METHODS = ["none", "h0", "sobolev", "ls", "centralize", "sgs", "opnorm"]
+
+
 def legacy_order(c: RunConfig) -> tuple:
     """The report order before the registry: method, then direction, convention, beta, lam, sigma."""
     return (
-        ["none", "h0", "sobolev", "ls", "centralize", "sgs", "opnorm"].index(c.method),
+        LEGACY_METHODS.index(c.method),
         c.direction or "",
         c.convention or "",
         c.beta or 0.0,
@@ -58,7 +61,8 @@ def legacy_order(c: RunConfig) -> tuple:
 def test_report_order_is_the_legacy_one():
     from cdgrad.experiments.presets import PRESETS
 
-    configs = {M.describe(c): c for p in PRESETS.values() for c, _ in p.runs()}
+    # the methods that existed before the registry (later ones have no legacy order to keep)
+    configs = {M.describe(c): c for p in PRESETS.values() for c, _ in p.runs() if c.method in LEGACY_METHODS}
     configs.update(
         {
             M.describe(c): c

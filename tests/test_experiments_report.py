@@ -221,3 +221,14 @@ def test_wall_time_relative_to_the_baseline():
     assert "| 3.00x |" in lines[5]
     (alone,) = report.summarize(runs[2:4])
     assert report.markdown([alone]).splitlines()[4].endswith("| - | - |")
+
+
+def test_sgs_published_numbers_only_for_the_papers_setting():
+    c100 = RunConfig(dataset="cifar100", model="vgg11", batch_size=128, lr=0.1)
+    assert report.published(c100) == 70.8
+    assert report.published(c100.replace(method="sgs")) == 73.2
+    assert report.published(c100.replace(model="resnet18", method="sgs")) == 78.8
+    assert report.published(c100.replace(method="sgs", sgs_on="update")) is None  # not the paper's variant
+    assert report.published(c100.replace(method="dbb")) is None  # no number known here
+    assert report.published(c100.replace(batch_size=64)) is None
+    assert report.published(c100.replace(optimizer="adam")) is None

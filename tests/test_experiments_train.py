@@ -64,6 +64,25 @@ def test_fixed_and_post_optimizer_scalings_change_the_training():
     assert _curves(on_update) != _curves(on_gradient)
 
 
+def test_reparameterised_training_is_the_plain_model_after_merging():
+    """Method repvgg trains a ResNet-8 of RepVGG blocks: it differs from plain training, and its model, merged, loads
+    into the plain ResNet-8 of the same config and computes what the blocks compute."""
+    import cdgrad
+    from cdgrad.experiments.setup import build, make_model
+
+    config = TINY.replace(model="resnet8", epochs=2, eval_every=1)
+    rep = train(config.replace(method="repvgg"), 0)
+    assert _curves(rep) != _curves(train(config, 0))
+    ds = load_data(config)
+    run = build(config.replace(method="repvgg"), 0, ds, torch.device("cpu"))
+    assert any(isinstance(m, cdgrad.reparam.RepBlock) for m in run.model.modules())
+    x = torch.randn(4, *ds.train_x.shape[1:])
+    branched = run.model.eval()(x).detach()
+    plain = make_model(config, ds)
+    plain.load_state_dict(cdgrad.merge(run.model).state_dict())
+    assert torch.allclose(plain.eval()(x), branched, atol=1e-5, rtol=1e-5)
+
+
 def test_learns_the_synthetic_task():
     result = train(TINY.replace(epochs=15, eval_every=15), 0)
     assert result["final"]["test_acc"] > 60.0  # 4 classes: chance is 25 %
@@ -92,6 +111,7 @@ def _interrupt_after(k):
         {"method": "sgs", "sgs_every": 2, "sgs_batches": 2, "sgs_pipeline": "authors", "augment": True},
         {"method": "sgs", "sgs_every": 2, "sgs_warmup": 1},
         {"method": "sgs-fixed", "sgs_on": "update", "optimizer": "adam", "lr": 0.01},
+        {"method": "dbb", "model": "resnet8"},
         {"method": "opnorm", "clip_norm": 1.0, "clip_every": 3},
     ],
 )

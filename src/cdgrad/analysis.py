@@ -17,9 +17,10 @@ from torch import Tensor
 
 from ._conv_spectrum import _check_finite, _check_weight, _input_size
 from .spectral import conv_operator_norm, conv_singular_values
-from .validation import check_int
+from .validation import check_int, check_tensor
 
 __all__ = [
+    "kernel_magnitude",
     "axis_correlation",
     "channel_correlation_histogram",
     "channel_correlation_matrix",
@@ -148,6 +149,18 @@ def channel_mean_std(weight: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
     _check_weight(weight)
     rows = _channels(weight, _check_dim(dim))
     return rows.mean(dim=1), rows.std(dim=1, correction=0)
+
+
+def kernel_magnitude(weight: Tensor) -> Tensor:
+    """The average kernel magnitude `M[i, j] = mean over (o, c) of |W[o, c, i, j]|`, normalised to mean 1 (float64,
+    `(k_h, k_w)`): where in its receptive field a conv layer puts its weight (the SGS paper's Fig. 6)."""
+    check_tensor(weight, "weight")
+    if weight.dim() != 4 or weight.numel() == 0:
+        raise ValueError(f"weight must be a non-empty conv weight (O, I, k_h, k_w), got shape {tuple(weight.shape)}")
+    _check_finite(weight, "weight")
+    m = weight.detach().to(torch.float64).abs().mean(dim=(0, 1))
+    mean = m.mean()
+    return m / mean if mean > 0 else torch.ones_like(m)
 
 
 def singular_value_spectrum(weight: Tensor, input_size: int | tuple[int, int]) -> Tensor:

@@ -189,14 +189,16 @@ class UpdateHandle:
         ]
 
     def _snapshot(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # every selected trainable parameter: a step given a closure computes its gradients after this hook
         select = self.transform.select
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None and select(p)]
-        self.transform.check([p.grad for p in params], params)  # bad input raises before the step changes anything
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad and select(p)]
+        with_grad = [p for p in params if p.grad is not None]
+        self.transform.check([p.grad for p in with_grad], with_grad)  # raises before the step changes anything
         with torch.no_grad():
             self._before = [(p, p.detach().clone()) for p in params]
 
     def _rewrite(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        before, self._before = self._before, []
+        before, self._before = [(p, old) for p, old in self._before if p.grad is not None], []
         if not before:
             return
         with torch.no_grad():

@@ -14,6 +14,8 @@ Writes a Markdown table (one row per conv layer) and four PNG plots:
 from __future__ import annotations
 
 import argparse
+import collections
+import itertools
 import math
 import os
 from collections.abc import Mapping
@@ -31,12 +33,20 @@ from ..analysis import (
     channel_correlation_histogram,
     channel_mean_std,
     correlation_profile,
+    kernel_magnitude,
     singular_value_ratios,
     singular_value_spectrum,
     summarize_state_dict,
 )
 
-__all__ = ["add_analyze_arguments", "analyze", "analyze_state_dict", "load_state_dict", "run_analyze"]
+__all__ = [
+    "add_analyze_arguments",
+    "analyze",
+    "analyze_state_dict",
+    "load_sgs_scalings",
+    "load_state_dict",
+    "run_analyze",
+]
 
 PLOTS = (
     "correlation_vs_distance.png",
@@ -44,7 +54,9 @@ PLOTS = (
     "channel_mean_std.png",
     "singular_values.png",
     "singular_value_ratios.png",
+    "kernel_magnitude.png",
 )
+SGS_PLOT = "sgs_scalings.png"  # written when the checkpoint holds spatial gradient scalings
 
 
 def load_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -60,6 +72,16 @@ def load_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} must hold a state_dict (name -> tensor) or a dict with a 'model' state_dict")
     return dict(state)
+
+
+def load_sgs_scalings(source: str | os.PathLike[str]) -> dict[str, Tensor] | None:
+    """The spatial gradient scalings `G` (layer -> `(k_h, k_w)`) a toolkit checkpoint holds, or None."""
+    ckpt = torch.load(Path(source), weights_only=True, map_location="cpu")
+    transform = ckpt.get("method", {}).get("transform", {}) if isinstance(ckpt, Mapping) else {}
+    scalings = transform.get("scalings") if isinstance(transform, Mapping) else None
+    if not isinstance(scalings, Mapping) or not all(isinstance(g, Tensor) for g in scalings.values()):
+        return None
+    return {str(k): g.to(torch.float64) for k, g in scalings.items()}
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -143,7 +165,49 @@ def analyze_state_dict(
     _plot_mean_std(weights, out / PLOTS[2])
     _plot_spectra(spectra, label, out / PLOTS[3])
     _plot_ratios(spectra, label, out / PLOTS[4])
+    _plot_kernel_magnitude(weights, out / PLOTS[5])
     return table
+
+
+def _heatmaps(ax_grid: Any, mats: list[tuple[str, Tensor]], vmax: float) -> Any:
+    image = None
+    for ax, (title, m) in zip(ax_grid, mats, strict=False):
+        image = ax.imshow(m.tolist(), cmap="viridis", vmin=0.0, vmax=vmax)
+        for (i, j), v in zip(
+            itertools.product(range(m.shape[0]), range(m.shape[1])), m.flatten().tolist(), strict=True
+        ):
+            ax.text(
+                j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 * vmax else "black", fontsize=7
+            )
+        ax.set(title=title, xticks=[], yticks=[])
+    for ax in list(ax_grid)[len(mats) :]:
+        ax.axis("off")
+    return image
+
+
+def _plot_matrices(mats: list[tuple[str, Tensor]], title: str, path: Path) -> None:
+    """Heat maps of `(k_h, k_w)` matrices: the mean over all of them first, then up to 15 of them."""
+    counts = collections.Counter(tuple(m.shape) for _, m in mats)
+    commonest = counts.most_common(1)[0][0]  # the mean is over the layers of the commonest kernel shape
+    mean = torch.stack([m for _, m in mats if tuple(m.shape) == commonest]).mean(0)
+    shown = [(f"mean of {counts[commonest]} layers", mean), *mats[:15]]
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig = _figure(figsize=(2.4 * cols, 2.4 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    vmax = max(float(m.max()) for _, m in shown)
+    _heatmaps(axes, shown, vmax)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+
+
+def _plot_kernel_magnitude(weights: dict[str, Tensor], path: Path) -> None:
+    mats = [(name, kernel_magnitude(w)) for name, w in weights.items()]
+    _plot_matrices(mats, "Average kernel magnitude mean |W| over (O, I), each layer normalised to mean 1", path)
+
+
+def _plot_scalings(scalings: dict[str, Tensor], path: Path) -> None:
+    _plot_matrices(list(scalings.items()), "Spatial gradient scalings G at the end of training", path)
 
 
 def _plot_correlation(weights: dict[str, Tensor], max_distance: int, path: Path) -> None:
@@ -235,8 +299,13 @@ def analyze(
     input_size: int | tuple[int, int] | Mapping[str, Any] = 32,
     **kw: Any,
 ) -> str:
-    """``analyze_state_dict`` of the checkpoint at ``source`` (loaded with ``weights_only=True`` on CPU)."""
-    return analyze_state_dict(load_state_dict(source), out_dir, input_size, **kw)
+    """``analyze_state_dict`` of the checkpoint at ``source`` (loaded with ``weights_only=True`` on CPU); a toolkit
+    checkpoint of an SGS run also gets ``sgs_scalings.png``, the final `G` of every layer."""
+    table = analyze_state_dict(load_state_dict(source), out_dir, input_size, **kw)
+    scalings = load_sgs_scalings(source)
+    if scalings:
+        _plot_scalings(scalings, Path(out_dir) / SGS_PLOT)
+    return table
 
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:

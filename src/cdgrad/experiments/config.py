@@ -233,11 +233,16 @@ def validate(config: RunConfig) -> None:
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
     check_types(config)
     validate_method(config)
-    if not config.batchnorm and "batchnorm" not in MODEL_REGISTRY.get(config.model).keywords:
-        with_option = [n for n in MODEL_REGISTRY.names() if "batchnorm" in MODEL_REGISTRY.get(n).keywords]
+    with_option = [n for n in MODEL_REGISTRY.names() if "batchnorm" in MODEL_REGISTRY.get(n).keywords]
+    if not config.batchnorm and config.model not in with_option:
         raise ValueError(
             f"batchnorm=False: model {config.model!r} has no batch-norm option; accepted models: "
             f"{', '.join(with_option)}"
+        )
+    if METHODS.get(config.method).reshape is not None and (config.model not in with_option or not config.batchnorm):
+        raise ValueError(
+            f"method {config.method!r} re-parameterises conv + BatchNorm pairs: it needs batchnorm=True and a model "
+            f"with batch norm; accepted models: {', '.join(with_option)}"
         )
     try:
         device = torch.device(config.device)

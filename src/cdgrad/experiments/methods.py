@@ -9,6 +9,8 @@
     sgs         sgs_k, sgs_batches, sgs_every, sgs_warmup,   G * f, G from input-feature MI       (SGS)
                 sgs_dependence, sgs_pipeline, sgs_on         (sgs_on=update: G * the optimizer's update)
     sgs-fixed   sgs_edge, sgs_corner, sgs_on                 G * f, G fixed by two ratios (the paper's grid)
+    acb, repvgg, dbb   -                                     f, on a network whose conv + BN pairs are
+                                                             multi-branch blocks (cdgrad.reparam)
     opnorm      clip_norm, clip_every, clip_projection       f; every clip_every steps each conv is projected
                                                              to ||conv|| <= clip_norm at its input size
 
@@ -199,6 +201,9 @@ class Method:
     build: Builder
     order: tuple[str, ...] | None = None
     check: Callable[[dict[str, Any]], None] | None = None
+    # a method that changes the network (structural re-parameterisation) rebuilds it here, in place, before
+    # the optimizer is created
+    reshape: Callable[[nn.Module], None] | None = None
     param_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -310,6 +315,22 @@ def _none(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> B
     return Built()
 
 
+def _reparameterizer(kind: str) -> Callable[[nn.Module], None]:
+    def reshape(model: nn.Module) -> None:
+        from cdgrad.reparam import reparameterize
+
+        reparameterize(model, kind)
+
+    return reshape
+
+
+_REPARAM = (
+    ("acb", "ACNet asymmetric convolution blocks", "k x k + 1 x k + k x 1 branches with BNs, merged after training"),
+    ("repvgg", "RepVGG blocks", "k x k + 1 x 1 (+ identity) branches with BNs, merged after training"),
+    ("dbb", "Diverse Branch Blocks", "k x k, 1 x 1, 1 x 1 -> k x k, 1 x 1 -> avg-pool branches with BNs, merged"),
+)
+
+
 def _library_check(build: Builder) -> Callable[[dict[str, Any]], None]:
     """Validation by the library itself: build the transform for a parameterless model."""
 
@@ -394,6 +415,7 @@ for _method in (
         _opnorm,
         order=(),
     ),
+    *(Method(name, summary, update, (), _none, reshape=_reparameterizer(name)) for name, summary, update in _REPARAM),
 ):
     register_method(_method, builtin=True)
 
@@ -425,6 +447,14 @@ def validate_method(config: RunConfig) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- building
+
+
+def reshape_model(config: RunConfig, model: nn.Module) -> nn.Module:
+    """`model` rebuilt in place by `config.method` when the method changes the network (acb, repvgg, dbb)."""
+    reshape = METHODS.get(config.method).reshape
+    if reshape is not None:
+        reshape(model)
+    return model
 
 
 def build_method(config: RunConfig, model: nn.Module, sample: torch.Tensor | None = None) -> Built:

@@ -108,8 +108,21 @@ for _model, _opt, _batches, _rows in (
         PUBLISHED_TABLE2[(_model, _opt, _b)] = {m: r[_i] for m, r in zip(("none", "sobolev", "h0"), _rows, strict=True)}
 
 
+# The SGS paper (CIFAR-100 test accuracy, %, as the authors' repository README quotes the paper): model -> method.
+PUBLISHED_SGS_CIFAR100: dict[str, dict[str, float]] = {
+    "vgg11": {"none": 70.8, "sgs": 73.2},
+    "vgg16": {"none": 74.9, "sgs": 76.2},
+    "resnet18": {"none": 77.8, "sgs": 78.8},
+}
+
+
 def published(config: RunConfig) -> float | None:
-    """The paper's number for this configuration, where Table 2 has one (CIFAR-10, output direction)."""
+    """The paper's number for this configuration, where one is known: the channel-directed paper's Table 2
+    (CIFAR-10, output direction) or the SGS paper's CIFAR-100 table (SGD, batch 128, SGS on the gradient)."""
+    if config.dataset == "cifar100" and config.optimizer == "sgd" and config.batch_size == 128:
+        if config.method == "sgs" and (config.sgs_on or "gradient") != "gradient":
+            return None
+        return PUBLISHED_SGS_CIFAR100.get(config.model, {}).get(config.method)
     if config.dataset != "cifar10" or config.direction not in (None, "output"):
         return None
     return PUBLISHED_TABLE2.get((config.model, config.optimizer, config.batch_size), {}).get(config.method)

@@ -44,14 +44,17 @@ def subset(ds: data_mod.Dataset, n_train: int, n_test: int) -> data_mod.Dataset:
 
 
 def make_model(config: RunConfig, ds: data_mod.Dataset) -> nn.Module:
-    """The network `config.model` for the images and classes of `ds`."""
+    """The network `config.model` for the images and classes of `ds` (re-parameterised when the method is acb,
+    repvgg or dbb)."""
+    from cdgrad.experiments.methods import reshape_model
     from cdgrad.experiments.models import build_model
 
     in_channels, image_size = ds.train_x.shape[1], ds.train_x.shape[-1]
     options = {} if config.batchnorm else {"batchnorm": False}  # models without the option keep their signature
-    return build_model(
+    model = build_model(
         config.model, num_classes=ds.num_classes, in_channels=in_channels, image_size=image_size, **options
     )
+    return reshape_model(config, model)
 
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
