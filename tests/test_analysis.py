@@ -342,20 +342,19 @@ def test_kernel_magnitude_against_a_loop():
 
 
 def test_analyze_plots_the_scalings_a_sgs_checkpoint_holds(tmp_path):
-    """A toolkit checkpoint of an SGS run carries G per layer: analyze writes sgs_scalings.png; without, not."""
-    from cdgrad.experiments.analyze import SGS_PLOT, load_sgs_scalings
+    """A toolkit checkpoint of an SGS run carries G per layer at the first measurement and at the end: analyze
+    plots both; a checkpoint without scalings gets neither plot."""
+    from cdgrad.experiments.analyze import SGS_PLOTS, load_sgs_scalings
 
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3))
     g = torch.rand(3, 3, dtype=torch.float64) + 0.5
-    ckpt = {
-        "model": model.state_dict(),
-        "method": {"transform": {"type": "SpatialGradientScaling", "scalings": {"0": g, "1": g}}},
-    }
-    torch.save(ckpt, tmp_path / "sgs.pt")
-    assert set(load_sgs_scalings(tmp_path / "sgs.pt")) == {"0", "1"}
+    transform = {"type": "SpatialGradientScaling", "scalings": {"0": g, "1": 2 * g}, "first_scalings": {"0": g}}
+    torch.save({"model": model.state_dict(), "method": {"transform": transform}}, tmp_path / "sgs.pt")
+    start, end = load_sgs_scalings(tmp_path / "sgs.pt")
+    assert set(start) == {"0"} and set(end) == {"0", "1"} and torch.equal(end["1"], 2 * g)
     analyze(tmp_path / "sgs.pt", tmp_path / "a", 8)
-    assert (tmp_path / "a" / SGS_PLOT).is_file() and (tmp_path / "a" / "kernel_magnitude.png").is_file()
+    assert all((tmp_path / "a" / name).is_file() for name in (*SGS_PLOTS, "kernel_magnitude.png"))
     torch.save({"model": model.state_dict()}, tmp_path / "plain.pt")
     assert load_sgs_scalings(tmp_path / "plain.pt") is None
     analyze(tmp_path / "plain.pt", tmp_path / "b", 8)
-    assert not (tmp_path / "b" / SGS_PLOT).exists()
+    assert not any((tmp_path / "b" / name).exists() for name in SGS_PLOTS)

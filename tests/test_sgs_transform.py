@@ -530,3 +530,33 @@ def test_warmup_delays_the_first_measurement():
     assert sgs.armed
     with pytest.raises(ValueError, match="warmup"):
         SpatialGradientScaling(make_net(), warmup=-1)
+
+
+def test_first_scalings_keep_the_start_of_training():
+    """Figs. 4-5 of the SGS paper set G at the start of training beside G at the end: the first measurement is
+    kept (and saved), later ones only change `scalings`; states without it load with none."""
+    net = make_net()
+    sgs = SpatialGradientScaling(net, num_batches=1, every=1)
+    assert sgs.first_scalings == {}
+    sgs.begin_epoch(0)
+    net(batches(1, seed=1)[0])
+    first = sgs.scalings
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(-2.0).add_(0.3)  # other weights: other inputs for the later layers
+    sgs.begin_epoch(1)
+    net(batches(1, seed=7)[0] * 3)
+    later = sgs.scalings
+    assert any(not torch.allclose(first[n], later[n]) for n in first)
+    assert sgs.first_scalings.keys() == first.keys()
+    assert all(torch.equal(sgs.first_scalings[n], first[n]) for n in first)
+    state = sgs.state_dict()
+    other = SpatialGradientScaling(make_net(seed=3))
+    other.load_state_dict(state)
+    assert all(torch.equal(other.first_scalings[n], first[n]) for n in first)
+    old = {k: v for k, v in state.items() if k != "first_scalings"}
+    other.load_state_dict(old)
+    assert other.first_scalings == {} and all(torch.equal(other.scalings[n], later[n]) for n in later)
+    with pytest.raises(ValueError, match="first_scalings are for layers"):
+        other.load_state_dict({**state, "first_scalings": {"nowhere": torch.ones(3, 3)}})
+    assert other.first_scalings == {}

@@ -56,7 +56,8 @@ PLOTS = (
     "singular_value_ratios.png",
     "kernel_magnitude.png",
 )
-SGS_PLOT = "sgs_scalings.png"  # written when the checkpoint holds spatial gradient scalings
+# written when the checkpoint holds spatial gradient scalings: G at the first measurement and at the end
+SGS_PLOTS = ("sgs_scalings_start.png", "sgs_scalings_end.png")
 
 
 def load_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -74,14 +75,18 @@ def load_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
     return dict(state)
 
 
-def load_sgs_scalings(source: str | os.PathLike[str]) -> dict[str, Tensor] | None:
-    """The spatial gradient scalings `G` (layer -> `(k_h, k_w)`) a toolkit checkpoint holds, or None."""
+def load_sgs_scalings(source: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+    """The spatial gradient scalings a toolkit checkpoint holds, `(at the first measurement, at the end)`, each
+    layer -> `G` `(k_h, k_w)`; None when it holds none."""
     ckpt = torch.load(Path(source), weights_only=True, map_location="cpu")
     transform = ckpt.get("method", {}).get("transform", {}) if isinstance(ckpt, Mapping) else {}
-    scalings = transform.get("scalings") if isinstance(transform, Mapping) else None
-    if not isinstance(scalings, Mapping) or not all(isinstance(g, Tensor) for g in scalings.values()):
-        return None
-    return {str(k): g.to(torch.float64) for k, g in scalings.items()}
+    out = []
+    for key in ("first_scalings", "scalings"):
+        scalings = transform.get(key, {}) if isinstance(transform, Mapping) else {}
+        if not isinstance(scalings, Mapping) or not all(isinstance(g, Tensor) for g in scalings.values()):
+            return None
+        out.append({str(k): g.to(torch.float64) for k, g in scalings.items()})
+    return (out[0], out[1]) if out[1] else None
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -206,10 +211,6 @@ def _plot_kernel_magnitude(weights: dict[str, Tensor], path: Path) -> None:
     _plot_matrices(mats, "Average kernel magnitude mean |W| over (O, I), each layer normalised to mean 1", path)
 
 
-def _plot_scalings(scalings: dict[str, Tensor], path: Path) -> None:
-    _plot_matrices(list(scalings.items()), "Spatial gradient scalings G at the end of training", path)
-
-
 def _plot_correlation(weights: dict[str, Tensor], max_distance: int, path: Path) -> None:
     fig = _figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
@@ -300,11 +301,13 @@ def analyze(
     **kw: Any,
 ) -> str:
     """``analyze_state_dict`` of the checkpoint at ``source`` (loaded with ``weights_only=True`` on CPU); a toolkit
-    checkpoint of an SGS run also gets ``sgs_scalings.png``, the final `G` of every layer."""
+    checkpoint of an SGS run also gets `SGS_PLOTS`: every layer's `G` at its first measurement and at the end."""
     table = analyze_state_dict(load_state_dict(source), out_dir, input_size, **kw)
     scalings = load_sgs_scalings(source)
-    if scalings:
-        _plot_scalings(scalings, Path(out_dir) / SGS_PLOT)
+    if scalings is not None:
+        for when, found, name in zip(("first measurement", "end of training"), scalings, SGS_PLOTS, strict=True):
+            if found:
+                _plot_matrices(list(found.items()), f"Spatial gradient scalings G at the {when}", Path(out_dir) / name)
     return table
 
 

@@ -183,6 +183,11 @@ class SpatialGradientScaling(GradientTransform):
         return {name: g.clone() for name, g in self._scalings.items()}
 
     @property
+    def first_scalings(self) -> dict[str, Tensor]:
+        """`G` of each layer at its first measurement (float64 copies; empty before any): the start of training."""
+        return {name: g.clone() for name, g in self._first.items()}
+
+    @property
     def armed(self) -> bool:
         """Whether the next training-mode forward passes are being captured."""
         return self._armed
@@ -202,6 +207,7 @@ class SpatialGradientScaling(GradientTransform):
             name: torch.ones(m.kernel_size, dtype=torch.float64, device=m.weight.device)
             for name, m in self._layers.items()
         }
+        self._first: dict[str, Tensor] = {}  # each layer's G at its first measurement
         self._cast: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
         self._by_id: dict[int, str] = {}
         for name, m in self._layers.items():
@@ -316,6 +322,8 @@ class SpatialGradientScaling(GradientTransform):
                 else:
                     g = sgs_scaling(s, hp["k"])
                 scalings[name] = g.to(s.device)
+        for name in captured:
+            self._first.setdefault(name, scalings[name].clone())
         self._scalings = scalings
         self._cast = {}
         self._changed()
@@ -365,26 +373,25 @@ class SpatialGradientScaling(GradientTransform):
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """`{"type", "config", "scalings": {layer name: G (float64, CPU)}}`; captured inputs are not saved."""
+        """`{"type", "config", "scalings": {layer name: G (float64, CPU)}, "first_scalings": {layer name: G at its
+        first measurement}}`; captured inputs are not saved."""
         return {
             "type": type(self).__name__,
             "config": copy.deepcopy(self.config()),
             "scalings": {name: g.detach().cpu().clone() for name, g in self._scalings.items()},
+            "first_scalings": {name: g.detach().cpu().clone() for name, g in self._first.items()},
         }
 
-    def _loader(self, state: Any) -> Commit:
-        """Hyper-parameters and scalings saved from the same architecture; validated before any change."""
-        fields = state_fields(state, "SpatialGradientScaling", ("config", "scalings"))
-        hyper = self._validate(fields["config"])
-        layers = self._select_layers(hyper["min_kernel"])
-        scalings = fields["scalings"]
+    @staticmethod
+    def _checked_scalings(scalings: Any, layers: Mapping[str, nn.Conv2d], key: str, every: bool) -> dict[str, Tensor]:
+        """`state_dict[key]` checked against `layers` (all of them when `every`, else a subset), as float64 copies."""
         if not isinstance(scalings, Mapping):
-            raise TypeError(f"state_dict['scalings'] must be a dict of tensors, got {type(scalings).__name__}")
-        if set(scalings) != set(layers):
-            raise ValueError(f"state_dict scalings are for layers {sorted(scalings)}, this model has {sorted(layers)}")
+            raise TypeError(f"state_dict[{key!r}] must be a dict of tensors, got {type(scalings).__name__}")
+        if (set(scalings) != set(layers)) if every else not set(scalings) <= set(layers):
+            raise ValueError(f"state_dict {key} are for layers {sorted(scalings)}, this model has {sorted(layers)}")
         loaded = {}
-        for name, m in layers.items():
-            g = scalings[name]
+        for name in scalings:
+            g, m = scalings[name], layers[name]
             if not isinstance(g, torch.Tensor) or not g.is_floating_point():
                 raise TypeError(f"scaling of layer {name!r} must be a floating torch.Tensor")
             if tuple(g.shape) != tuple(m.kernel_size):
@@ -392,11 +399,24 @@ class SpatialGradientScaling(GradientTransform):
             if not torch.isfinite(g).all() or (g < 0).any():
                 raise ValueError(f"scaling of layer {name!r} must contain only finite values >= 0")
             loaded[name] = g.detach().to(device=m.weight.device, dtype=torch.float64).clone()
+        return loaded
+
+    def _loader(self, state: Any) -> Commit:
+        """Hyper-parameters and scalings saved from the same architecture; validated before any change.  States
+        saved before `first_scalings` existed load with none."""
+        if isinstance(state, Mapping) and "first_scalings" not in state:
+            state = {**state, "first_scalings": {}}
+        fields = state_fields(state, "SpatialGradientScaling", ("config", "scalings", "first_scalings"))
+        hyper = self._validate(fields["config"])
+        layers = self._select_layers(hyper["min_kernel"])
+        loaded = self._checked_scalings(fields["scalings"], layers, "scalings", every=True)
+        first = self._checked_scalings(fields["first_scalings"], layers, "first_scalings", every=False)
 
         def commit() -> None:
             self._hyper = hyper
             self._setup_layers()
             self._scalings = loaded
+            self._first = first
             self._changed()
 
         return commit
