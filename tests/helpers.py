@@ -268,17 +268,19 @@ def write_cifar_tar(path, batches: dict, extra: bool = True):
     return path
 
 
-def expected_cifar(payloads: dict):
+def cifar_images(rows):
     """Images by a per-pixel loop over the official layout: row[c * 1024 + 32 i + j] is pixel (c, i, j)."""
+    out = _np.zeros((rows.shape[0], 3, 32, 32), _np.uint8)
+    for c in range(3):
+        for i in range(32):
+            for j in range(32):
+                out[:, c, i, j] = rows[:, c * 1024 + 32 * i + j]
+    return out
 
-    def images(rows):
-        out = _np.zeros((rows.shape[0], 3, 32, 32), _np.uint8)
-        for c in range(3):
-            for i in range(32):
-                for j in range(32):
-                    out[:, c, i, j] = rows[:, c * 1024 + 32 * i + j]
-        return out
 
+def expected_cifar(payloads: dict):
+    """(train_x, train_y, test_x, test_y) of CIFAR-10 payloads, the images by `cifar_images`."""
+    images = cifar_images
     train = [payloads[b] for b in CIFAR_BATCHES[:5]]
     train_x = images(_np.concatenate([p[b"data"] for p in train]))
     train_y = _np.concatenate([p[b"labels"] for p in train])

@@ -19,6 +19,7 @@ from cdgrad.experiments.data import sources
 from helpers import (
     IDX_NAMES,
     SHARED_DATA,
+    cifar_images,
     cifar_payloads,
     expected_cifar,
     idx_bytes,
@@ -305,15 +306,6 @@ def write_cifar100_tar(path: Path, blobs: dict[str, bytes]) -> Path:
     return path
 
 
-def pixel_loop(rows: np.ndarray) -> np.ndarray:
-    out = np.zeros((rows.shape[0], 3, 32, 32), np.uint8)
-    for c in range(3):
-        for i in range(32):
-            for j in range(32):
-                out[:, c, i, j] = rows[:, c * 1024 + 32 * i + j]
-    return out
-
-
 @pytest.mark.parametrize("layout", ["archive", "folder"])
 def test_cifar100_fine_and_coarse_labels(clean_env, monkeypatch, layout):
     payloads = cifar100_payloads()
@@ -328,8 +320,8 @@ def test_cifar100_fine_and_coarse_labels(clean_env, monkeypatch, layout):
     for name, key, classes in (("cifar100", b"fine_labels", 100), ("cifar100-coarse", b"coarse_labels", 20)):
         ds = D.load_dataset(name, root=clean_env, download=False, verify=False)
         assert ds.name == name and ds.num_classes == classes
-        np.testing.assert_array_equal(ds.train_x.numpy(), pixel_loop(payloads["train"][b"data"]))
-        np.testing.assert_array_equal(ds.test_x.numpy(), pixel_loop(payloads["test"][b"data"]))
+        np.testing.assert_array_equal(ds.train_x.numpy(), cifar_images(payloads["train"][b"data"]))
+        np.testing.assert_array_equal(ds.test_x.numpy(), cifar_images(payloads["test"][b"data"]))
         np.testing.assert_array_equal(ds.train_y.numpy(), payloads["train"][key])
         np.testing.assert_array_equal(ds.test_y.numpy(), payloads["test"][key])
         with pytest.raises(D.ChecksumError, match="cifar-100-python.tar.gz" if layout == "archive" else "train"):

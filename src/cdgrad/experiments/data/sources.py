@@ -184,7 +184,6 @@ _CIFAR: dict[str, _Cifar] = {
     "cifar100": _C100,
     "cifar100-coarse": replace(_C100, labels="coarse_labels", classes=20),  # the same files, the 20 superclasses
 }
-_CIFAR_ARCHIVE, _CIFAR_FOLDER = _C10.archive, _C10.folder  # CIFAR-10's, for messages
 
 _NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, **{name: spec.classes for name, spec in _CIFAR.items()}}
 
