@@ -67,11 +67,50 @@ def _synthetic_loader(*args: object, **kwargs: object):
     return synthetic_dataset()
 
 
+def dense_synthetic_dataset(n_train: int = 24, n_test: int = 8, size: int = 32, classes: int = 3):
+    """A tiny generated segmentation data set: per image, squares of classes 1..classes-1 (each class its own
+    grey level) on a background of class 0, plus noise; pixels on a square's border are labelled 255 (ignored)."""
+    from cdgrad.experiments.data import Dataset
+
+    g = torch.Generator().manual_seed(4321)
+
+    def make(n: int):
+        y = torch.zeros(n, size, size, dtype=torch.int64)
+        for i in range(n):
+            for c in range(1, classes):
+                side = int(torch.randint(size // 4, size // 2, (1,), generator=g))
+                top, left = (int(v) for v in torch.randint(0, size - side, (2,), generator=g))
+                y[i, top : top + side, left : left + side] = 255
+                y[i, top + 1 : top + side - 1, left + 1 : left + side - 1] = c
+        level = torch.linspace(0.1, 0.9, classes + 1)
+        x = level[y.clamp(max=classes)] + 0.1 * torch.rand(n, size, size, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8).unsqueeze(1), y
+
+    train_x, train_y = make(n_train)
+    test_x, test_y = make(n_test)
+    return Dataset("synthetic-dense", train_x, train_y, test_x, test_y, classes, mean=(0.5,), std=(0.25,))
+
+
+class Interrupt(Exception):
+    """Raised by `interrupt_after` to stop a run the way a kill would, after a checkpoint."""
+
+
+def interrupt_after(epoch: int):
+    """A `train` callback that raises `Interrupt` after epoch `epoch` (its checkpoint is written)."""
+
+    def callback(e, curves):
+        if e == epoch:
+            raise Interrupt
+
+    return callback
+
+
 def register_fixtures() -> None:
-    """Make "synthetic" and "tiny" available to the toolkit in this process (idempotent)."""
+    """Make "synthetic", "synthetic-dense" and "tiny" available to the toolkit in this process (idempotent)."""
     from cdgrad.experiments import data, models
 
     data.register_dataset("synthetic", _synthetic_loader)
+    data.register_dataset("synthetic-dense", lambda *args, **kwargs: dense_synthetic_dataset())
     models.register_model("tiny", tiny_net)
 
 

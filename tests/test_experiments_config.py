@@ -37,10 +37,29 @@ def _value(draw, p):
     return draw(st.floats(lo + (0.1 if p.exclusive_minimum or p.name == "lam" else 0.0), lo + 20.0))
 
 
+DENSE = {  # task -> (data sets, models)
+    "segmentation": (("voc2012", "fashion-mnist-scenes"), ("unet-small", "unet-resnet50")),
+    "synthesis": (("cityscapes", "mnist-scenes"), ("spade-small", "spade")),
+}
+
+
 @st.composite
 def configs(draw):
     method = draw(st.sampled_from(list(METHODS)))
     m = METHODS[method]
+    task = draw(st.sampled_from(["classification", "classification", *DENSE]))
+    dense = {}
+    if task != "classification" and m.reshape is None:
+        dense = {
+            "task": task,
+            "dataset": draw(st.sampled_from(DENSE[task][0])),
+            "model": draw(st.sampled_from(DENSE[task][1])),
+            "crop": draw(st.integers(0, 512)),
+        }
+        if task == "synthesis":
+            dense["lr_d"] = draw(st.one_of(st.none(), st.floats(1e-5, 1.0)))
+            dense["fid_extractor"] = draw(st.sampled_from(["classifier", "inception"]))
+            dense["fid_weights"] = draw(st.sampled_from([None, "/weights/pt_inception.pth"]))
     values = {
         "dataset": draw(st.sampled_from(data_mod.DATASETS)),
         # a method that re-parameterises conv + BN pairs needs a model with batch norm
@@ -57,6 +76,7 @@ def configs(draw):
         "train_subset": draw(st.integers(0, 60000)),
         "data_root": draw(st.sampled_from([None, "/data/x", "rel/dir"])),
         "method": method,
+        **dense,
     }
     for p in m.params:
         if draw(st.booleans()):
@@ -133,6 +153,10 @@ LEGACY_IDENTITY_DEFAULTS = {
     "sgs_on": None,
     "sgs_edge": None,
     "sgs_corner": None,
+    "task": "classification",
+    "crop": 0,
+    "lr_d": None,
+    "fid_extractor": "classifier",
 }
 
 
@@ -170,10 +194,10 @@ def test_task_is_an_identity_field_from_the_task_registry(monkeypatch):
     from cdgrad.experiments import tasks
 
     assert RunConfig().task == "classification" and "task" in cfg.identity_dict(RunConfig())
-    with pytest.raises(ValueError, match="task must be one of.*classification"):
-        cfg.validate(RunConfig(task="segmentation"))
-    monkeypatch.setitem(tasks.TASKS, "segmentation", tasks.TASKS["classification"])
-    other = RunConfig(task="segmentation")
+    with pytest.raises(ValueError, match="task must be one of .*'segmentation', 'synthesis'.*got 'detection'"):
+        cfg.validate(RunConfig(task="detection"))
+    monkeypatch.setitem(tasks.TASKS, "detection", tasks.TASKS["classification"])
+    other = RunConfig(task="detection")
     cfg.validate(other)
     assert cfg.run_key(other, 0) != cfg.run_key(RunConfig(), 0)
     # an old stored config without the field reads back as the default task, with the same key

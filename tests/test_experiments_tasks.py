@@ -48,7 +48,8 @@ def test_the_training_loop_takes_its_loss_from_the_task(monkeypatch):
     monkeypatch.setitem(TASKS, "counted", counted)
     base = train(TINY, 0)
     same = train(TINY.replace(task="counted"), 0)
-    assert calls == ["mean"] * (TINY.epochs * 4)  # every step of 256 / 64 batches
+    # every step of 256 / 64 batches, then the evaluation of the 128 test images (one batch, summed)
+    assert calls == (["mean"] * 4 + ["sum"]) * TINY.epochs
     assert same["curves"]["train_loss"] == base["curves"]["train_loss"]
 
     smoothed = dataclasses.replace(

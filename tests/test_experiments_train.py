@@ -8,7 +8,7 @@ import torch
 
 from cdgrad.experiments.config import RunConfig
 from cdgrad.experiments.train import Progress, evaluate, load_data, make_scheduler, train
-from helpers import SHARED_DATA, register_fixtures, synthetic_dataset
+from helpers import SHARED_DATA, Interrupt, interrupt_after, register_fixtures, synthetic_dataset
 
 register_fixtures()
 
@@ -88,18 +88,6 @@ def test_learns_the_synthetic_task():
     assert result["final"]["test_acc"] > 60.0  # 4 classes: chance is 25 %
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _interrupt_after(k):
-    def callback(epoch, curves):
-        if epoch == k:
-            raise Interrupt
-
-    return callback
-
-
 @pytest.mark.parametrize(
     "changes",
     [
@@ -120,7 +108,7 @@ def test_resume_after_interruption_gives_identical_numbers(tmp_path, changes):
     full = train(config, 3)
     ckpt = str(tmp_path / "run.pt")
     with pytest.raises(Interrupt):
-        train(config, 3, checkpoint=ckpt, callback=_interrupt_after(2))
+        train(config, 3, checkpoint=ckpt, callback=interrupt_after(2))
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 2 and len(state["curves"]["epoch"]) == 2
     torch.manual_seed(12345)  # the global RNG state of the new process is irrelevant
@@ -157,9 +145,9 @@ def test_evaluate_matches_a_plain_loop():
     ) / len(x)
     acc_ref = 100.0 * sum(int(model(x[i : i + 1]).argmax() == ds.test_y[i]) for i in range(len(x))) / len(x)
     model = model.float()
-    loss, acc = evaluate(model, ds.test_x, ds.test_y, (0.5,), (0.25,), batch_size=50)
+    loss, scores = evaluate(model, ds.test_x, ds.test_y, (0.5,), (0.25,), batch_size=50)
     assert loss == pytest.approx(loss_ref, rel=1e-5)
-    assert acc == acc_ref
+    assert scores == {"acc": acc_ref}
 
 
 @pytest.mark.parametrize(

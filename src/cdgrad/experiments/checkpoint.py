@@ -20,6 +20,7 @@ import torch
 
 from cdgrad._files import fsync_dir, torch_save_durably
 from cdgrad.experiments.config import RunConfig, from_dict, identity_dict
+from cdgrad.experiments.tasks import BASE_CURVES, TASKS
 
 __all__ = [
     "CURVES",
@@ -30,7 +31,7 @@ __all__ = [
     "set_aside",
 ]
 
-CURVES = ("epoch", "train_loss", "train_acc", "test_epoch", "test_loss", "test_acc", "epoch_time")
+CURVES = BASE_CURVES  # the curves of a classification run; a task declares its own (`Task.curves`)
 ORPHAN_AGE_S = 3600.0  # a temporary file this old is an orphan whoever wrote it
 _TMP = re.compile(r"(?:\.tmp|^\.probe)(\d+)$")  # `<name>.tmp<pid>`, and the results folder's write probe
 
@@ -69,10 +70,12 @@ def _check_structure(path: str, state: Any) -> dict[str, Any]:
         if not isinstance(state.get(key), kind):
             raise bad(f"entry {key!r} missing or not a {kind.__name__}")
     curves = state["curves"]
-    if any(not isinstance(curves.get(k), list) for k in CURVES):
+    task = state["config"].get("task", "classification")
+    keys = TASKS[task].curves if task in TASKS else CURVES
+    if any(not isinstance(curves.get(k), list) for k in keys):
         raise bad("curves incomplete")
     epoch = state["epoch"]
-    if epoch < 1 or any(len(curves[k]) != epoch for k in ("epoch", "train_loss", "train_acc", "epoch_time")):
+    if epoch < 1 or any(len(curves[k]) != epoch for k in keys if not k.startswith("test_")):
         raise bad(f"epoch {epoch} does not match the curves")
     return state
 

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from cdgrad.experiments.config import RunConfig, add_config_arguments, config_from_args, parse_overrides, run_key
+from cdgrad.experiments.tasks import get_task
 
 DEFAULT_RESULTS = "results"
 
@@ -155,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     main = is_main_process()
     if store is not None and key in store.done_keys():
         run = store.runs([key])[0]
-        what = f"test acc {run.final['test_acc']:.2f}%" if run.status == "completed" else run.status
+        what = get_task(config.task).headline(run.final) if run.status == "completed" else run.status
         print(
             f"run {key} is already {'complete' if run.status == 'completed' else 'stored'}: {what} "
             f"(results: {store.path})"
@@ -189,13 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     c = metrics["curves"]
     for i, e in enumerate(c["epoch"]):
-        test = (
-            f"  test loss {c['test_loss'][c['test_epoch'].index(e)]:.4f} acc "
-            f"{c['test_acc'][c['test_epoch'].index(e)]:.2f}%"
-            if e in c["test_epoch"]
-            else ""
-        )
-        print(f"epoch {e:3d}  train loss {c['train_loss'][i]:.4f} acc {c['train_acc'][i]:.2f}%{test}")
+        print(f"epoch {e:3d}  {epoch_line(c, i)}")
     if metrics["status"] == "diverged":
         print(f"run {key} diverged at epoch {c['epoch'][-1]}: the training loss is not finite", file=sys.stderr)
     print(
@@ -229,12 +224,14 @@ def _report(
         text.append(f"Published: {preset.published}.\n")
     diverged = sum(run.status == "diverged" for run in found)
     stored = f"{len(found)} of {len(runs)} runs complete" + (f" ({diverged} diverged)" if diverged else "")
-    text.append(f"{stored}. Metric: final test accuracy. Produced by `{command}`.\n")
+    metric = get_task(runs[0][0].task).primary.label if runs else "test accuracy (%)"
+    text.append(f"{stored}. Metric: final {metric}. Produced by `{command}`.\n")
     settings = summarize(found)
     text.append(markdown(settings) if found else "(no completed runs yet)\n")
     if out_dir is not None and found:
         os.makedirs(out_dir, exist_ok=True)
-        paths = [] if args.no_plots else make_plots(settings, out_dir, name, preset.plots)
+        store = ResultStore(args.results)
+        paths = [] if args.no_plots else make_plots(settings, out_dir, name, preset.plots, store.model_path)
         if paths:
             text.append("Plots: " + ", ".join(f"`{p}`" for p in paths) + "\n")
         _write_durably(os.path.join(out_dir, f"{name}.md"), "\n".join(text))
@@ -361,6 +358,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not had_group and _has_process_group():  # set up by `train` / `run` under torchrun
             sys.modules["torch.distributed"].destroy_process_group()
+
+
+def epoch_line(curves: dict[str, list[float]], i: int) -> str:
+    """Epoch `i`'s training curves, and its evaluation if there was one, e.g. `train loss 0.4123 acc 85.10%  test
+    loss 0.4410 acc 84.20%` (each metric of the run's task: `miou` for segmentation, `fid` for synthesis)."""
+
+    def part(prefix: str, j: int) -> str:
+        keys = [k for k in curves if k.startswith(prefix) and k != "test_epoch"]
+        return " ".join(
+            f"{k[len(prefix) :].replace('_loss', ' loss')} {curves[k][j]:.4f}"
+            if "loss" in k or "fid" in k
+            else f"{k[len(prefix) :]} {curves[k][j]:.2f}%"
+            for k in keys
+        )
+
+    e = curves["epoch"][i]
+    test = f"  test {part('test_', curves['test_epoch'].index(e))}" if e in curves["test_epoch"] else ""
+    return f"train {part('train_', i)}{test}"
 
 
 def _has_process_group() -> bool:

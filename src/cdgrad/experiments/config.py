@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cdgrad.experiments import dense_models as _dense_models  # noqa: F401  (registers unet-* and spade*)
 from cdgrad.experiments.data import DATASET_REGISTRY
 from cdgrad.experiments.methods import METHODS, PARAMS, defaults_text, validate_method
 from cdgrad.experiments.models import MODEL_REGISTRY
@@ -86,7 +87,12 @@ class RunConfig:
     swap_train_test: bool = _f(False, "Fig. 6 protocol: train on the test split, evaluate on the training split")
     train_subset: int = _f(0, "train on the first N training images only (0 = all)", minimum=0)
     test_subset: int = _f(0, "evaluate on the first N test images only (0 = all)", minimum=0)
-    augment: bool = _f(False, "random crop (pad 4) and horizontal flip on every batch (CIFAR protocol)")
+    augment: bool = _f(
+        False,
+        "random crop (pad 4) and horizontal flip on every batch (CIFAR protocol); dense tasks: random scale "
+        "(0.5-2), crop (see crop) and flip of image and label map together",
+    )
+    crop: int = _f(0, "dense tasks with augment: side of the random training crop (0 = the image size)", minimum=0)
     # model and optimisation
     model: str = _f("cnn2", "network", MODEL_REGISTRY.names)
     batchnorm: bool = _f(
@@ -114,6 +120,29 @@ class RunConfig:
         minimum=0.0,
         maximum=1.0,
         exclusive_minimum=True,
+    )
+    lr_d: float | None = _f(
+        None,
+        "synthesis: the discriminator's learning rate (unset: 4 x lr, the two time-scale rule of SPADE)",
+        minimum=0.0,
+        exclusive_minimum=True,
+    )
+    fid_extractor: str = _f(
+        "classifier",
+        "synthesis: features of the FID, 'inception' (the standard network; weights from fid_weights) or "
+        "'classifier' (a small CNN trained once per data set to tell which classes a label map holds)",
+        ("classifier", "inception"),
+    )
+    fid_weights: str | None = _f(
+        None,
+        "synthesis with fid_extractor=inception: path of pt_inception-2015-12-05-6726825d.pth (see docs/dense.md)",
+        identity=False,
+    )
+    fid_stats: str | None = _f(
+        None,
+        "synthesis: an .npz file with the real test images' feature mean and covariance (keys mu, sigma, as "
+        "pytorch-fid writes them) in fid_extractor's features, used instead of computing them",
+        identity=False,
     )
     # gradient method: one field per parameter of cdgrad.experiments.methods.PARAMS
     method: str = _f("none", "gradient method (see `cdgrad list --methods`)", METHODS.names)
@@ -244,12 +273,26 @@ def validate(config: RunConfig) -> None:
             f"method {config.method!r} re-parameterises conv + BatchNorm pairs: it needs batchnorm=True and a model "
             f"with batch norm; accepted models: {', '.join(with_option)}"
         )
+    _validate_task(config)
     try:
         device = torch.device(config.device)
     except RuntimeError:
         raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:0; got {config.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={config.device!r} but CUDA is not available; use device=cpu")
+
+
+def _validate_task(config: RunConfig) -> None:
+    """The model must be one of the task's networks; the synthesis options must fit the task (the Inception
+    weights file is checked with the data, before training: `cdgrad.experiments.synthesis.check_fid_source`)."""
+    from cdgrad.experiments.tasks import get_task, task_models
+
+    task = get_task(config.task)
+    accepted = task_models(task)
+    if config.model not in accepted:
+        raise ValueError(f"task {task.name!r}: model must be one of {', '.join(accepted)}, got {config.model!r}")
+    if task.name != "synthesis" and any(v is not None for v in (config.lr_d, config.fid_weights, config.fid_stats)):
+        raise ValueError("lr_d, fid_weights and fid_stats apply to task 'synthesis' only; leave them unset")
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:

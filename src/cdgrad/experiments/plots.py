@@ -4,6 +4,10 @@ curves   test accuracy per epoch, mean over seeds with a +-1 std band           
 hist     histogram of final test accuracies per method                        (paper Fig. 5 left)
 lambda   final test accuracy vs lambda for every method with a `lam`, SGD as a band  (paper Fig. 6)
 walltime test error against cumulative wall time, mean over seeds       (Sedghi et al. Fig. 4)
+samples  dense tasks: the first test images with their label maps beside each method's prediction (segmentation)
+         or rendering (synthesis), from the stored final models (runs with `save_model`)
+
+The metric is the task's primary one (classification: test accuracy; segmentation: mean IoU; synthesis: FID).
 
 Line labels are the method registry's (`cdgrad.experiments.methods.describe`); diverged runs are left out.
 """
@@ -11,6 +15,7 @@ Line labels are the method registry's (`cdgrad.experiments.methods.describe`); d
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,8 +23,18 @@ import numpy as np
 
 from cdgrad.experiments.methods import METHODS, describe
 from cdgrad.experiments.report import Row, Setting, completed, setting_title
+from cdgrad.experiments.tasks import get_task
 
-KINDS = ("curves", "hist", "lambda", "walltime")
+KINDS = ("curves", "hist", "lambda", "walltime", "samples")  # "samples": dense tasks with stored models only
+
+
+def _metric_label(settings: Sequence[Setting]) -> str:
+    """The axis label of the settings' primary metric, e.g. `test accuracy (%)`."""
+    return (
+        get_task(settings[0].rows[0].config.task).primary.label
+        if settings and settings[0].rows
+        else "test accuracy (%)"
+    )
 
 
 def _figure(n: int, width: float = 5.5, height: float = 4.0) -> tuple[Any, Any, list[Any]]:
@@ -72,7 +87,7 @@ def _per_epoch_panels(
 
 
 def _draw_accuracy(ax: Any, row: Row, epochs: list[int], runs: list[Any]) -> None:
-    accs = np.array([r.curves["test_acc"] for r in runs])
+    accs = np.array([r.curves[get_task(row.config.task).primary_curve] for r in runs])
     m = accs.mean(0)
     (line,) = ax.plot(epochs, m, marker="." if len(epochs) < 30 else None, label=row.label)
     if len(accs) > 1:
@@ -81,8 +96,8 @@ def _draw_accuracy(ax: Any, row: Row, epochs: list[int], runs: list[Any]) -> Non
 
 
 def plot_curves(settings: Sequence[Setting], path: str) -> str:
-    """Test accuracy per evaluated epoch, mean over seeds with a +-1 std band."""
-    return _per_epoch_panels(settings, path, _draw_accuracy, "epoch", "test accuracy (%)")
+    """The primary metric (test accuracy, mean IoU, FID) per evaluated epoch, mean over seeds with a +-1 std band."""
+    return _per_epoch_panels(settings, path, _draw_accuracy, "epoch", _metric_label(settings))
 
 
 def plot_hist(settings: Sequence[Setting], path: str) -> str:
@@ -101,7 +116,7 @@ def plot_hist(settings: Sequence[Setting], path: str) -> str:
                 linewidth=0.8,
                 label=f"{row.label} (n={len(row.accs)})",
             )
-        ax.set_xlabel("final test accuracy (%)")
+        ax.set_xlabel(f"final {_metric_label(settings)}")
         ax.set_ylabel("runs")
         ax.yaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)
@@ -137,7 +152,8 @@ def plot_lambda(settings: Sequence[Setting], path: str) -> str:
 
 def _draw_error_vs_time(ax: Any, row: Row, epochs: list[int], runs: list[Any]) -> None:
     elapsed = np.array([np.cumsum(r.curves["epoch_time"])[np.array(epochs) - 1] for r in runs])
-    errors = 100.0 - np.array([r.curves["test_acc"] for r in runs])
+    task = get_task(row.config.task)
+    errors = np.array([[task.error(v) for v in r.curves[task.primary_curve]] for r in runs])
     ax.plot(elapsed.mean(0), errors.mean(0), marker="." if len(epochs) < 30 else None, label=row.label)
 
 
@@ -157,11 +173,109 @@ def _save(plt: Any, fig: Any, path: str) -> str:
     return path
 
 
+def _label_colours(num_classes: int) -> Any:
+    """A colour map for label maps: class 0 black, the others tab10/tab20 colours, 255 (ignored) white."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    base = plt.get_cmap("tab10" if num_classes <= 11 else "tab20")
+    colours = [(0.0, 0.0, 0.0, 1.0)] + [base((c - 1) % base.N) for c in range(1, num_classes)]
+    return ListedColormap(colours + [(1.0, 1.0, 1.0, 1.0)])
+
+
+def sample_panels(run: Any, state: dict[str, Any], count: int) -> tuple[Any, Any, Any, int]:
+    """(inputs, truths, outputs, num_classes) of the first `count` test examples of a dense-task run: label maps
+    (N, H, W) and images (N, C, H, W), uint8 for images; `state` is the run's final checkpoint."""
+    import torch
+
+    from cdgrad.experiments.data import normalize
+    from cdgrad.experiments.setup import load_data, make_model
+
+    config = run.config
+    ds = load_data(config)
+    x, y = ds.test_x[:count], ds.test_y[:count]
+    if config.task == "segmentation":
+        model = make_model(config, ds)
+        model.load_state_dict(state["model"])
+        model.eval()
+        with torch.no_grad():
+            pred = model(normalize(x, ds.mean, ds.std)).argmax(1)
+        return x, y, pred, ds.num_classes
+    from cdgrad.experiments.dense_models import spade_generator
+    from cdgrad.experiments.synthesis import render
+
+    g = spade_generator(config.model, ds.num_classes, tuple(x.shape[2:]), x.shape[1])
+    g.load_state_dict(state["model"])
+    return y, x, render(g, y, ds.num_classes, count), ds.num_classes
+
+
+def plot_samples(
+    settings: Sequence[Setting], path: str, model_path: Callable[[str], str] | None = None, count: int = 6
+) -> str:
+    """The first `count` test examples of the first setting: segmentation, image / true mask / each method's
+    predicted mask; synthesis, label map / real image / each method's rendering (each method's lowest seed
+    with a stored model; rows without one are left out)."""
+    import torch
+
+    setting = settings[0]
+    shown = []
+    for row in setting.rows:
+        for run in sorted(completed(setting.runs[row.label]), key=lambda r: r.seed):
+            if model_path is not None and os.path.exists(model_path(run.key)):
+                shown.append((row.label, run, torch.load(model_path(run.key), map_location="cpu", weights_only=True)))
+                break
+    if not shown:
+        raise ValueError("plot 'samples' needs stored models: run the preset with save_model=true")
+    panels = [(label, sample_panels(run, state, count)) for label, run, state in shown]
+    first, truth, _, classes = panels[0][1]
+    task = shown[0][1].config.task
+    names = ("label map", "real image") if task == "synthesis" else ("image", "true mask")
+    rows = [(names[0], first), (names[1], truth)] + [(label, out) for label, (_, _, out, _) in panels]
+    plt, fig, axes = _grid(len(rows), count)
+    cmap = _label_colours(classes)
+    for r, (label, data) in enumerate(rows):
+        for c in range(count):
+            ax = axes[r][c]
+            item = data[c]
+            if item.dim() == 2:  # a label map
+                ax.imshow(item.clamp(max=classes).numpy(), cmap=cmap, vmin=0, vmax=classes, interpolation="nearest")
+            else:
+                image = item.permute(1, 2, 0).numpy()
+                ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(textwrap.fill(label, 16), fontsize=7)
+    fig.suptitle(setting_title(setting.setting), fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _grid(rows: int, cols: int) -> tuple[Any, Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.6, 1.3 * rows + 0.4), squeeze=False)
+    return plt, fig, axes
+
+
 PLOTTERS = {"curves": plot_curves, "hist": plot_hist, "lambda": plot_lambda, "walltime": plot_walltime}
 
 
-def make_plots(settings: Sequence[Setting], out_dir: str, prefix: str, kinds: Sequence[str] = KINDS) -> list[str]:
-    """Write `<out_dir>/<prefix>_<kind>.png` for each kind; returns the paths written."""
+def make_plots(
+    settings: Sequence[Setting],
+    out_dir: str,
+    prefix: str,
+    kinds: Sequence[str] = KINDS[:-1],
+    model_path: Callable[[str], str] | None = None,
+) -> list[str]:
+    """Write `<out_dir>/<prefix>_<kind>.png` for each kind; returns the paths written. `model_path(key)`: where
+    the stored final model of run `key` lives (for 'samples')."""
     if not settings:
         return []
-    return [PLOTTERS[k](settings, os.path.join(out_dir, f"{prefix}_{k}.png")) for k in kinds]
+    return [
+        plot_samples(settings, os.path.join(out_dir, f"{prefix}_{k}.png"), model_path)
+        if k == "samples"
+        else PLOTTERS[k](settings, os.path.join(out_dir, f"{prefix}_{k}.png"))
+        for k in kinds
+    ]

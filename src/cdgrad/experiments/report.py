@@ -33,6 +33,7 @@ from scipy import stats
 from cdgrad.experiments.config import FIELDS, METHOD_FIELDS, RunConfig, identity_dict
 from cdgrad.experiments.methods import describe, sort_key
 from cdgrad.experiments.store import Run
+from cdgrad.experiments.tasks import TASKS, Task, get_task
 
 # ------------------------------------------------------------------------------------------------ statistics
 
@@ -89,10 +90,21 @@ def variance_test(a: Sequence[float], b: Sequence[float]) -> float:
         return float(stats.levene(a, b, center="median").pvalue)
 
 
-def error_reduction(acc_base: float, acc: float) -> float:
-    """The paper's relative error reduction `(err_base - err) / err_base`, accuracies in percent."""
-    err_base, err = 100.0 - acc_base, 100.0 - acc
+def error_reduction(acc_base: float, acc: float, task: Task | None = None) -> float:
+    """The paper's relative error reduction `(err_base - err) / err_base`, accuracies in percent (err = 100 - acc);
+    for a task whose primary metric is itself an error (FID), err is the metric."""
+    task = task or TASKS["classification"]
+    err_base, err = task.error(acc_base), task.error(acc)
     return (err_base - err) / err_base if err_base > 0 else math.nan
+
+
+# the column of a final metric in the tables
+COLUMNS = {
+    "test_acc": "test acc %",
+    "test_miou": "test mIoU %",
+    "test_fid": "FID",
+    "gap_miou": "mIoU gap, train - test",
+}
 
 
 # --------------------------------------------------------------------------------------- published numbers
@@ -145,10 +157,11 @@ class Row:
 
     label: str
     config: RunConfig
-    accs: list[float]
+    accs: list[float]  # the primary metric of each completed run (classification: test accuracy), by seed
     mean: float
     std: float
     ci: tuple[float, float]
+    extra: dict[str, tuple[float, float]] = field(default_factory=dict)  # the task's `report` metrics: mean, std
     reduction: float | None = None
     p_value: float | None = None
     variance_p: float | None = None
@@ -208,7 +221,9 @@ def summarize(runs: Sequence[Run]) -> list[Setting]:
     for skey, by_label in groups.items():
         rows = []
         for label, group in by_label.items():
-            accs = [r.final["test_acc"] for r in sorted(completed(group), key=lambda r: r.seed)]
+            task = get_task(group[0].config.task)
+            done = sorted(completed(group), key=lambda r: r.seed)
+            accs = [r.final[task.primary.name] for r in done]
             m, s = mean_std(accs)
             times = [r.wall_s for r in completed(group)]
             rows.append(
@@ -219,6 +234,7 @@ def summarize(runs: Sequence[Run]) -> list[Setting]:
                     m,
                     s,
                     confidence_interval(accs),
+                    extra={k: mean_std([r.final[k] for r in done]) for k in task.report},
                     paper=published(group[0].config),
                     diverged=len(group) - len(completed(group)),
                     seconds=sum(times) / len(times) if times else math.nan,
@@ -231,7 +247,7 @@ def summarize(runs: Sequence[Run]) -> list[Setting]:
         if base is not None:
             for r in rows:
                 if r is not base:
-                    r.reduction = error_reduction(base.mean, r.mean)
+                    r.reduction = error_reduction(base.mean, r.mean, get_task(r.config.task))
                     r.p_value = welch_test(r.accs, base.accs)[2]
                     r.variance_p = variance_test(r.accs, base.accs)
         out.append(setting)
@@ -295,11 +311,14 @@ def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
         base = st.baseline
         has_paper = any(r.paper is not None for r in st.rows)
         has_diverged = any(r.diverged for r in st.rows)
+        task = get_task(st.setting.get("task", "classification"))
         out.append(f"{'#' * heading_level} {setting_title(st.setting, varying)}\n")
         head = (
             ["method", "seeds"]
             + (["diverged"] if has_diverged else [])
-            + ["test acc % (mean ± std)", "95% CI", "error reduction vs SGD", "Welch p vs SGD"]
+            + [f"{COLUMNS.get(task.primary.name, task.primary.name)} (mean ± std)", "95% CI"]
+            + [f"{COLUMNS.get(k, k)} (mean ± std)" for k in task.report]
+            + ["error reduction vs SGD" if task.primary.percent else "reduction vs SGD", "Welch p vs SGD"]
             + ["equal-variance p vs SGD", "wall time vs SGD"]
             + (["paper"] if has_paper else [])
         )
@@ -321,6 +340,7 @@ def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
                 *([str(r.diverged)] if has_diverged else []),
                 f"{_fmt(r.mean)} ± {_fmt(r.std)}",
                 f"[{_fmt(r.ci[0])}, {_fmt(r.ci[1])}]",
+                *(f"{_fmt(r.extra[k][0])} ± {_fmt(r.extra[k][1])}" for k in task.report),
                 red,
                 "-" if r is base else _fmt(r.p_value, ".2g"),
                 "-" if r is base else _fmt(r.variance_p, ".2g"),

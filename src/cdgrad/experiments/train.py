@@ -41,7 +41,7 @@ from cdgrad.experiments.evaluation import evaluate, evaluate_sharded
 from cdgrad.experiments.launch import init_from_env
 from cdgrad.experiments.progress import Progress
 from cdgrad.experiments.setup import Setup, build, load_data, make_model, make_optimizer, make_scheduler, subset
-from cdgrad.experiments.tasks import get_task
+from cdgrad.experiments.tasks import check_dataset, get_task
 
 __all__ = [
     "CURVES",
@@ -104,7 +104,9 @@ def measurement_batches(
     for start in range(0, len(idx), config.batch_size):
         chunk = idx[start : start + config.batch_size]
         x = ds.train_x[chunk]
-        if config.augment:
+        if config.augment and ds.dense:
+            x = data_mod.scale_crop_flip(x, ds.train_y[chunk], config.crop or x.shape[-1], generator=gen)[0]
+        elif config.augment:
             x = data_mod.augment_crop_flip(x, pad=4, generator=gen)
         out.append(data_mod.normalize(x, ds.mean, ds.std))
     return out
@@ -121,7 +123,9 @@ def train(
 ) -> dict[str, Any]:
     """Train `config` from seed `seed`; return per-epoch curves, final metrics, wall time and status.
 
-    Loss and metrics are the task's (classification: mean cross-entropy, accuracy in percent). `train_*` are
+    Loss and metrics are the task's (classification: mean cross-entropy, accuracy in percent; segmentation: also mean
+    IoU, and the final `train_*` and `gap_*` = train - test from one more evaluation, of the unaugmented training
+    split; image synthesis runs its own loop, `cdgrad.experiments.synthesis`). `train_*` curves are
     running averages over the epoch's batches; `test_*` are measured at epochs `test_epoch` (every `eval_every`,
     always the last). `status` is "completed", or "diverged" when the epoch's training loss was not finite
     (training stops after that epoch, which is evaluated; no checkpoint is written for it). `dataset` (from
@@ -134,16 +138,20 @@ def train(
     validate(config)
     seed = check_seed(seed)
     task = get_task(config.task)
+    if task.fit is not None:  # a task with a loop of its own (image synthesis: two networks)
+        return task.fit(config, seed, dataset=dataset, checkpoint=checkpoint, progress=progress, callback=callback)
+    assert task.loss is not None and task.stats is not None and task.summarize is not None
     dist_info = init_from_env()
     rank, world = dist_info if dist_info is not None else (0, 1)
     device = torch.device(config.device)
     ds = (dataset if dataset is not None else load_data(config)).to(device)
+    check_dataset(task, ds.dense, config.dataset)
     n = len(ds.train_x)
 
     # ---- set-up, then the checkpoint's state (a file that does not fit is set aside and the run starts afresh)
     state = _resume_state(checkpoint, config, seed, rank, world)
     run = build(config, seed, ds, device)
-    curves: dict[str, list[Any]] = {k: [] for k in CURVES}
+    curves: dict[str, list[Any]] = {k: [] for k in task.curves}
     start_epoch, elapsed = 0, 0.0
     if state is not None and checkpoint is not None:
         try:
@@ -177,11 +185,13 @@ def train(
             net.train()
             perm = torch.randperm(n, generator=gen, device=device)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            correct = torch.zeros((), device=device, dtype=torch.int64)
+            sums: torch.Tensor | int = 0  # the task's batch statistics, summed
             for i in range(steps):
                 idx = perm[i * config.batch_size : (i + 1) * config.batch_size]
                 x, y = ds.train_x[idx], ds.train_y[idx]
-                if config.augment:  # on the uint8 batch: zero padding is black, as in torchvision
+                if config.augment and task.dense:  # image and label map together
+                    x, y = data_mod.scale_crop_flip(x, y, config.crop or x.shape[-1], generator=gen)
+                elif config.augment:  # on the uint8 batch: zero padding is black, as in torchvision
                     x = data_mod.augment_crop_flip(x, pad=4, generator=gen)
                 if world > 1:  # this rank's rows of the global batch (augmented whole: same random draws)
                     x, y = x[rank::world], y[rank::world]
@@ -198,29 +208,32 @@ def train(
                 torch.autograd.backward(loss)  # = loss.backward()
                 optimizer.step()
                 loss_sum += batch_loss
-                correct += task.score(logits.detach(), y)
+                sums = sums + task.stats(logits.detach(), y)
                 bar.update(info=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}" if bar.enabled else None)
             run.scheduler.step()
+            assert isinstance(sums, torch.Tensor)
             if world > 1:
-                sums = torch.stack([loss_sum, correct.to(torch.float64)])
-                torch.distributed.all_reduce(sums)
-                loss_sum, correct = sums[0], sums[1].round().to(torch.int64)
+                total = torch.cat([loss_sum.reshape(1), sums.to(torch.float64)])
+                torch.distributed.all_reduce(total)
+                loss_sum, sums = total[0], total[1:].round().to(torch.int64)
             curves["epoch"].append(epoch + 1)
             curves["train_loss"].append(loss_sum.item() / n)
-            curves["train_acc"].append(100.0 * correct.item() / n)
+            for key, value in task.summarize(sums).items():
+                curves[f"train_{key}"].append(value)
             diverged = not math.isfinite(curves["train_loss"][-1])  # the same on every rank (all-reduced)
 
             # ---- evaluation
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs or diverged:
                 if world == 1:
-                    test_loss, test_acc = evaluate(
+                    test_loss, scores = evaluate(
                         model, ds.test_x, ds.test_y, ds.mean, ds.std, config.eval_batch_size, task
                     )
                 else:
-                    test_loss, test_acc = evaluate_sharded(model, ds, config.eval_batch_size, rank, world, task)
+                    test_loss, scores = evaluate_sharded(model, ds, config.eval_batch_size, rank, world, task)
                 curves["test_epoch"].append(epoch + 1)
                 curves["test_loss"].append(test_loss)
-                curves["test_acc"].append(test_acc)
+                for key, value in scores.items():
+                    curves[f"test_{key}"].append(value)
             curves["epoch_time"].append(time.perf_counter() - t0)
             elapsed += curves["epoch_time"][-1]
             if diverged:
@@ -252,5 +265,12 @@ def train(
         method.remove()
         torch.set_num_threads(threads)
 
-    final = {k: curves[k][-1] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+    final = {k: curves[k][-1] for k in ("train_loss", "test_loss")}
+    for key in task.summary_metrics:
+        final[f"train_{key}"], final[f"test_{key}"] = curves[f"train_{key}"][-1], curves[f"test_{key}"][-1]
+    if task.dense:  # the training metrics of a dense task: the same evaluation on the training split
+        _, scores = evaluate(model, ds.train_x, ds.train_y, ds.mean, ds.std, config.eval_batch_size, task)
+        for key, value in scores.items():
+            final[f"train_{key}"] = value
+            final[f"gap_{key}"] = value - final[f"test_{key}"]
     return {"curves": curves, "final": final, "wall_s": elapsed, "status": status}

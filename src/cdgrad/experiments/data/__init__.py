@@ -12,13 +12,23 @@
 from cdgrad.experiments.data.augment import augment_crop_flip, crop_flip, crop_flip_params
 from cdgrad.experiments.data.dataset import (
     DATASET_REGISTRY,
+    IGNORE_INDEX,
     Dataset,
     channel_stats,
     dataset_names,
     normalize,
     register_dataset,
 )
+from cdgrad.experiments.data.dense import CITYSCAPES_TRAIN_IDS, read_cityscapes, read_voc, scale_crop_flip
 from cdgrad.experiments.data.formats import DatasetFormatError, UnsafePickleError, parse_idx, read_cifar_batch
+from cdgrad.experiments.data.scenes import (
+    SCENE_DATASETS,
+    SceneLayout,
+    compose_scenes,
+    render_scenes,
+    scene_layouts,
+    scenes_dataset,
+)
 from cdgrad.experiments.data.sources import (
     DATASETS,
     ChecksumError,
@@ -31,15 +41,20 @@ from cdgrad.experiments.data.sources import (
 )
 
 __all__ = [
+    "CITYSCAPES_TRAIN_IDS",
     "DATASETS",
     "DATASET_REGISTRY",
+    "IGNORE_INDEX",
+    "SCENE_DATASETS",
     "ChecksumError",
     "Dataset",
     "DatasetFormatError",
     "DatasetNotFoundError",
+    "SceneLayout",
     "UnsafePickleError",
     "augment_crop_flip",
     "channel_stats",
+    "compose_scenes",
     "crop_flip",
     "crop_flip_params",
     "dataset_names",
@@ -50,6 +65,12 @@ __all__ = [
     "normalize",
     "parse_idx",
     "read_cifar_batch",
+    "read_cityscapes",
     "read_idx",
+    "read_voc",
     "register_dataset",
+    "render_scenes",
+    "scale_crop_flip",
+    "scene_layouts",
+    "scenes_dataset",
 ]

@@ -23,6 +23,7 @@ from cdgrad.experiments.registry import Registry
 
 __all__ = [
     "DATASET_REGISTRY",
+    "IGNORE_INDEX",
     "Dataset",
     "Loader",
     "channel_stats",
@@ -33,13 +34,18 @@ __all__ = [
 ]
 
 
+IGNORE_INDEX = 255  # the label of a pixel without a class in a label map (PascalVOC's boundaries, Cityscapes' void)
+
+
 @dataclass
 class Dataset:
     """Images and labels of one data set, kept whole in memory.
 
-    ``train_x``/``test_x``: uint8 ``(N, C, H, W)``; ``train_y``/``test_y``: int64 ``(N,)`` in
-    ``[0, num_classes)``. ``mean``/``std``: per-channel mean and (population) standard deviation of
-    ``train_x / 255``, the constants `normalize` expects. ``swapped`` is True after `swap_train_test`.
+    ``train_x``/``test_x``: uint8 ``(N, C, H, W)``; ``train_y``/``test_y``: int64, either ``(N,)`` class labels
+    in ``[0, num_classes)`` or ``(N, H, W)`` per-pixel label maps (dense tasks: segmentation, synthesis) whose
+    values are in ``[0, num_classes)`` or `IGNORE_INDEX` (255, a pixel without a label). ``mean``/``std``:
+    per-channel mean and (population) standard deviation of ``train_x / 255``, the constants `normalize`
+    expects. ``swapped`` is True after `swap_train_test`.
     """
 
     name: str
@@ -57,18 +63,26 @@ class Dataset:
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
             if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
                 raise TypeError(f"{split}_x must be a uint8 tensor of shape (N, C, H, W)")
-            if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != x.shape[:1]:
-                raise TypeError(f"{split}_y must be an int64 tensor of shape ({x.shape[0]},)")
+            dense = (x.shape[0], *x.shape[2:])
+            if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape not in (x.shape[:1], dense):
+                raise TypeError(f"{split}_y must be an int64 tensor of shape ({x.shape[0]},) or {dense}")
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
             raise ValueError(
                 f"train_x and test_x must have the same image shape, got {tuple(self.train_x.shape[1:])} "
                 f"and {tuple(self.test_x.shape[1:])}"
             )
+        if (self.train_y.dim() == 1) != (self.test_y.dim() == 1):
+            raise ValueError("train_y and test_y must both be class labels or both be label maps")
         channels = self.train_x.shape[1]
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"mean and std must have one value per channel ({channels})")
+
+    @property
+    def dense(self) -> bool:
+        """True when the labels are per-pixel label maps ``(N, H, W)``."""
+        return self.train_y.dim() == 3
 
     def to(self, device: torch.device | str) -> Dataset:
         """A copy with all four tensors on ``device``."""
