@@ -19,7 +19,7 @@ from typing import IO, Any
 import torch
 
 from cdgrad._files import fsync_dir, torch_save_durably
-from cdgrad.experiments.config import RunConfig, from_dict, identity_dict
+from cdgrad.experiments.config import RunConfig, from_dict, identity_dict, to_dict
 from cdgrad.experiments.tasks import BASE_CURVES, TASKS
 
 __all__ = [
@@ -27,6 +27,8 @@ __all__ = [
     "CorruptCheckpointError",
     "read_checkpoint",
     "remove_orphans",
+    "resume_state",
+    "run_entries",
     "save_checkpoint",
     "set_aside",
 ]
@@ -38,6 +40,22 @@ _TMP = re.compile(r"(?:\.tmp|^\.probe)(\d+)$")  # `<name>.tmp<pid>`, and the res
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint file that cannot be read, or does not hold what a checkpoint holds; the message names it."""
+
+
+def run_entries(
+    config: RunConfig, seed: int, epoch: int, elapsed: float, world: int, curves: dict[str, list[Any]]
+) -> dict[str, Any]:
+    """The entries every checkpoint holds beside the run's own state: its config, seed, epoch, elapsed time,
+    world size, curves and torch's global random state."""
+    return {
+        "config": to_dict(config),
+        "seed": seed,
+        "epoch": epoch,
+        "elapsed": elapsed,
+        "world_size": world,
+        "curves": curves,
+        "torch_rng": torch.get_rng_state(),
+    }
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
@@ -167,3 +185,21 @@ def remove_orphans(folder: str, max_age_s: float = ORPHAN_AGE_S) -> list[str]:
         except OSError:  # removed meanwhile by another process
             continue
     return removed
+
+
+def resume_state(
+    checkpoint: str | None, config: RunConfig, seed: int, rank: int = 0, world: int = 1
+) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None (no file, or a corrupt one, which rank 0 sets aside)."""
+    if checkpoint is None or not os.path.exists(checkpoint):
+        return None
+    try:
+        state: dict[str, Any] | None = read_checkpoint(checkpoint, config, seed, world)
+        problem = None
+    except CorruptCheckpointError as exc:
+        state, problem = None, str(exc)
+    if world > 1:
+        torch.distributed.barrier()  # every rank has read the file before rank 0 may move it
+    if problem is not None and rank == 0:
+        set_aside(checkpoint, problem)
+    return state

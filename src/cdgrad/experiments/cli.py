@@ -216,7 +216,8 @@ def _report(
     from cdgrad.experiments.store import ResultStore
 
     preset = get_preset(name)
-    found = ResultStore(args.results).runs([run_key(c, s) for c, s in runs])
+    store = ResultStore(args.results)
+    found = store.runs([run_key(c, s) for c, s in runs])
     text = [f"## {preset.name}: {preset.title}\n"]
     if preset.cuts:
         text.append(f"Reduced protocol: {preset.cuts}.\n")
@@ -230,7 +231,6 @@ def _report(
     text.append(markdown(settings) if found else "(no completed runs yet)\n")
     if out_dir is not None and found:
         os.makedirs(out_dir, exist_ok=True)
-        store = ResultStore(args.results)
         paths = [] if args.no_plots else make_plots(settings, out_dir, name, preset.plots, store.model_path)
         if paths:
             text.append("Plots: " + ", ".join(f"`{p}`" for p in paths) + "\n")

@@ -25,7 +25,7 @@ from cdgrad.experiments.methods import METHODS, describe
 from cdgrad.experiments.report import Row, Setting, completed, setting_title
 from cdgrad.experiments.tasks import get_task
 
-KINDS = ("curves", "hist", "lambda", "walltime", "samples")  # "samples": dense tasks with stored models only
+KINDS = ("curves", "hist", "lambda", "walltime")  # and "samples": dense tasks with stored models only
 
 
 def _metric_label(settings: Sequence[Setting]) -> str:
@@ -37,12 +37,18 @@ def _metric_label(settings: Sequence[Setting]) -> str:
     )
 
 
-def _figure(n: int, width: float = 5.5, height: float = 4.0) -> tuple[Any, Any, list[Any]]:
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg (file-only) backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _figure(n: int, width: float = 5.5, height: float = 4.0) -> tuple[Any, Any, list[Any]]:
+    plt = _pyplot()
     cols = min(n, 2)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
@@ -87,7 +93,7 @@ def _per_epoch_panels(
 
 
 def _draw_accuracy(ax: Any, row: Row, epochs: list[int], runs: list[Any]) -> None:
-    accs = np.array([r.curves[get_task(row.config.task).primary_curve] for r in runs])
+    accs = np.array([r.curves[get_task(row.config.task).primary.name] for r in runs])
     m = accs.mean(0)
     (line,) = ax.plot(epochs, m, marker="." if len(epochs) < 30 else None, label=row.label)
     if len(accs) > 1:
@@ -153,7 +159,7 @@ def plot_lambda(settings: Sequence[Setting], path: str) -> str:
 def _draw_error_vs_time(ax: Any, row: Row, epochs: list[int], runs: list[Any]) -> None:
     elapsed = np.array([np.cumsum(r.curves["epoch_time"])[np.array(epochs) - 1] for r in runs])
     task = get_task(row.config.task)
-    errors = np.array([[task.error(v) for v in r.curves[task.primary_curve]] for r in runs])
+    errors = np.array([[task.error(v) for v in r.curves[task.primary.name]] for r in runs])
     ax.plot(elapsed.mean(0), errors.mean(0), marker="." if len(epochs) < 30 else None, label=row.label)
 
 
@@ -175,24 +181,21 @@ def _save(plt: Any, fig: Any, path: str) -> str:
 
 def _label_colours(num_classes: int) -> Any:
     """A colour map for label maps: class 0 black, the others tab10/tab20 colours, 255 (ignored) white."""
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    base = plt.get_cmap("tab10" if num_classes <= 11 else "tab20")
+    base = _pyplot().get_cmap("tab10" if num_classes <= 11 else "tab20")
     colours = [(0.0, 0.0, 0.0, 1.0)] + [base((c - 1) % base.N) for c in range(1, num_classes)]
     return ListedColormap(colours + [(1.0, 1.0, 1.0, 1.0)])
 
 
-def sample_panels(run: Any, state: dict[str, Any], count: int) -> tuple[Any, Any, Any, int]:
-    """(inputs, truths, outputs, num_classes) of the first `count` test examples of a dense-task run: label maps
-    (N, H, W) and images (N, C, H, W), uint8 for images; `state` is the run's final checkpoint."""
+def sample_panels(config: Any, state: dict[str, Any], ds: Any, count: int) -> tuple[Any, Any, Any]:
+    """(inputs, truths, outputs) of the first `count` test examples of `ds` for a dense-task run of `config`: label
+    maps (N, H, W) and uint8 images (N, C, H, W); `state` is the run's final checkpoint."""
     import torch
 
     from cdgrad.experiments.data import normalize
-    from cdgrad.experiments.setup import load_data, make_model
+    from cdgrad.experiments.setup import make_model
 
-    config = run.config
-    ds = load_data(config)
     x, y = ds.test_x[:count], ds.test_y[:count]
     if config.task == "segmentation":
         model = make_model(config, ds)
@@ -200,13 +203,13 @@ def sample_panels(run: Any, state: dict[str, Any], count: int) -> tuple[Any, Any
         model.eval()
         with torch.no_grad():
             pred = model(normalize(x, ds.mean, ds.std)).argmax(1)
-        return x, y, pred, ds.num_classes
+        return x, y, pred
     from cdgrad.experiments.dense_models import spade_generator
     from cdgrad.experiments.synthesis import render
 
     g = spade_generator(config.model, ds.num_classes, tuple(x.shape[2:]), x.shape[1])
     g.load_state_dict(state["model"])
-    return y, x, render(g, y, ds.num_classes, count), ds.num_classes
+    return y, x, render(g, y, ds.num_classes, count)
 
 
 def plot_samples(
@@ -226,11 +229,14 @@ def plot_samples(
                 break
     if not shown:
         raise ValueError("plot 'samples' needs stored models: run the preset with save_model=true")
-    panels = [(label, sample_panels(run, state, count)) for label, run, state in shown]
-    first, truth, _, classes = panels[0][1]
-    task = shown[0][1].config.task
-    names = ("label map", "real image") if task == "synthesis" else ("image", "true mask")
-    rows = [(names[0], first), (names[1], truth)] + [(label, out) for label, (_, _, out, _) in panels]
+    from cdgrad.experiments.setup import load_data
+
+    ds = load_data(shown[0][1].config)  # one setting: the same data for every method
+    panels = [(label, sample_panels(run.config, state, ds, count)) for label, run, state in shown]
+    first, truth, _ = panels[0][1]
+    classes = ds.num_classes
+    names = ("label map", "real image") if shown[0][1].config.task == "synthesis" else ("image", "true mask")
+    rows = [(names[0], first), (names[1], truth)] + [(label, out) for label, (_, _, out) in panels]
     plt, fig, axes = _grid(len(rows), count)
     cmap = _label_colours(classes)
     for r, (label, data) in enumerate(rows):
@@ -250,11 +256,7 @@ def plot_samples(
 
 
 def _grid(rows: int, cols: int) -> tuple[Any, Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.6, 1.3 * rows + 0.4), squeeze=False)
     return plt, fig, axes
 
@@ -266,7 +268,7 @@ def make_plots(
     settings: Sequence[Setting],
     out_dir: str,
     prefix: str,
-    kinds: Sequence[str] = KINDS[:-1],
+    kinds: Sequence[str] = KINDS,
     model_path: Callable[[str], str] | None = None,
 ) -> list[str]:
     """Write `<out_dir>/<prefix>_<kind>.png` for each kind; returns the paths written. `model_path(key)`: where

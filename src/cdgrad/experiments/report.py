@@ -98,15 +98,6 @@ def error_reduction(acc_base: float, acc: float, task: Task | None = None) -> fl
     return (err_base - err) / err_base if err_base > 0 else math.nan
 
 
-# the column of a final metric in the tables
-COLUMNS = {
-    "test_acc": "test acc %",
-    "test_miou": "test mIoU %",
-    "test_fid": "FID",
-    "gap_miou": "mIoU gap, train - test",
-}
-
-
 # --------------------------------------------------------------------------------------- published numbers
 
 # Paper Table 2 (CIFAR-10 test accuracy, %): (model, optimizer, batch) -> {method: accuracy}.
@@ -316,8 +307,8 @@ def markdown(settings: Sequence[Setting], heading_level: int = 3) -> str:
         head = (
             ["method", "seeds"]
             + (["diverged"] if has_diverged else [])
-            + [f"{COLUMNS.get(task.primary.name, task.primary.name)} (mean ± std)", "95% CI"]
-            + [f"{COLUMNS.get(k, k)} (mean ± std)" for k in task.report]
+            + [f"{task.primary.column} (mean ± std)", "95% CI"]
+            + [f"{task.metric(k).column} (mean ± std)" for k in task.report]
             + ["error reduction vs SGD" if task.primary.percent else "reduction vs SGD", "Welch p vs SGD"]
             + ["equal-variance p vs SGD", "wall time vs SGD"]
             + (["paper"] if has_paper else [])

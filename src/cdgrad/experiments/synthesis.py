@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdgrad.experiments import data as data_mod
-from cdgrad.experiments.checkpoint import CorruptCheckpointError, read_checkpoint, save_checkpoint, set_aside
-from cdgrad.experiments.config import RunConfig, to_dict
+from cdgrad.experiments.checkpoint import resume_state, run_entries, save_checkpoint
+from cdgrad.experiments.config import RunConfig
 from cdgrad.experiments.dense_models import (
     feature_matching_loss,
     hinge_d_loss,
@@ -144,19 +144,29 @@ def train_presence_classifier(ds: data_mod.Dataset, epochs: int = 3, batch_size:
 FEATURE_DIMS = {"inception": 2048, "classifier": 128}  # the FID feature dimension of each extractor
 
 
-def check_fid_source(config: RunConfig) -> None:
-    """ValueError (naming the file) unless the FID of `config` can be computed: for 'inception', the weights file
-    must be given and hold the FID Inception network; `fid_stats` must hold statistics of the extractor's size."""
-    if config.fid_stats is not None:
-        load_statistics(config.fid_stats, FEATURE_DIMS[config.fid_extractor])
-    if config.fid_extractor != "inception":
-        return
+def _inception(config: RunConfig) -> InceptionV3Features:
+    """The FID Inception network from `fid_weights`; ValueError (FileNotFoundError) naming what is missing."""
     if config.fid_weights is None:
         raise ValueError(
             "fid_extractor=inception needs fid_weights, the path of pt_inception-2015-12-05-6726825d.pth "
             "(see docs/dense.md for where to get it), or fid_extractor=classifier"
         )
-    InceptionV3Features.from_file(config.fid_weights)
+    return InceptionV3Features.from_file(config.fid_weights)
+
+
+def _real_statistics(config: RunConfig) -> tuple[Tensor, Tensor] | None:
+    """The real images' feature statistics from `fid_stats` (checked against the extractor's size), or None."""
+    if config.fid_stats is None:
+        return None
+    return load_statistics(config.fid_stats, FEATURE_DIMS[config.fid_extractor])
+
+
+def check_fid_source(config: RunConfig) -> None:
+    """ValueError (naming the file) unless the FID of `config` can be computed: for 'inception', the weights file
+    must be given and hold the FID Inception network; `fid_stats` must hold statistics of the extractor's size."""
+    _real_statistics(config)
+    if config.fid_extractor == "inception":
+        _inception(config)
 
 
 _CLASSIFIERS: dict[tuple[Any, ...], PresenceClassifier] = {}
@@ -165,8 +175,7 @@ _CLASSIFIERS: dict[tuple[Any, ...], PresenceClassifier] = {}
 def fid_extractor(config: RunConfig, ds: data_mod.Dataset) -> Callable[[Tensor], Tensor]:
     """The FID feature extractor of `config` for `ds`: uint8 images (N, C, H, W) -> (N, D) features."""
     if config.fid_extractor == "inception":
-        assert config.fid_weights is not None
-        net = InceptionV3Features.from_file(config.fid_weights).to(ds.train_x.device).eval()
+        net = _inception(config).to(ds.train_x.device).eval()
         return lambda x: net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
     key = (ds.name, tuple(ds.train_x.shape), int(ds.train_x.sum()), str(ds.train_x.device))
     if key not in _CLASSIFIERS:  # trained once per data set and process (deterministic: seed 0)
@@ -237,23 +246,13 @@ def train_synthesis(
     device = torch.device(config.device)
     ds = (dataset if dataset is not None else load_data(config)).to(device)
     check_dataset(SYNTHESIS, ds.dense, config.dataset)
-    check_fid_source(config)
-    extract = fid_extractor(config, ds)  # before training: a bad weights file fails here
-    if config.fid_stats is not None:
-        real = load_statistics(config.fid_stats, FEATURE_DIMS[config.fid_extractor])
-    else:
+    real = _real_statistics(config)  # before training: a bad statistics or weights file fails here
+    extract = fid_extractor(config, ds)
+    if real is None:
         real = feature_statistics(extract_features(extract, ds.test_x, config.eval_batch_size))
     channels, size = ds.train_x.shape[1], tuple(ds.train_x.shape[2:])
 
-    state = None
-    if checkpoint is not None:
-        import os
-
-        if os.path.exists(checkpoint):
-            try:
-                state = read_checkpoint(checkpoint, config, seed)
-            except CorruptCheckpointError as exc:
-                set_aside(checkpoint, str(exc))
+    state = resume_state(checkpoint, config, seed)
 
     torch.manual_seed(seed)
     g = spade_generator(config.model, ds.num_classes, size, channels).to(device)
@@ -338,15 +337,9 @@ def train_synthesis(
                 save_checkpoint(
                     checkpoint,
                     {
-                        "config": to_dict(config),
-                        "seed": seed,
-                        "epoch": epoch + 1,
-                        "elapsed": elapsed,
-                        "world_size": 1,
+                        **run_entries(config, seed, epoch + 1, elapsed, 1, curves),
                         **_state(g, d, opts, scheds, methods),
                         "generator": gen.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "curves": curves,
                     },
                 )
             if callback is not None:

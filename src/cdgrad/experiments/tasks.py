@@ -23,12 +23,27 @@ from cdgrad.experiments.data.dataset import IGNORE_INDEX
 
 __all__ = ["TASKS", "Metric", "Task", "evaluate_split", "get_task"]
 
-BASE_CURVES = ("epoch", "train_loss", "train_acc", "test_epoch", "test_loss", "test_acc", "epoch_time")
+
+def supervised_curves(summary_metrics: tuple[str, ...]) -> tuple[str, ...]:
+    """The per-epoch curves of a supervised task whose `summarize` returns `summary_metrics`."""
+    return (
+        "epoch",
+        "train_loss",
+        *(f"train_{k}" for k in summary_metrics),
+        "test_epoch",
+        "test_loss",
+        *(f"test_{k}" for k in summary_metrics),
+        "epoch_time",
+    )
+
+
+BASE_CURVES = supervised_curves(("acc",))  # classification's
 
 
 @dataclass(frozen=True)
 class Metric:
-    """One final metric of a run: its key in `metrics["final"]`, a label, and whether higher is better.
+    """One final metric of a run: its key in `metrics["final"]`, a label, whether higher is better, and a short
+    name for one-line summaries and table columns (`test acc`, `FID`; the key when empty).
 
     `percent`: the metric is a percentage of correct answers, so `100 - value` is an error (the paper's error
     reduction); otherwise a lower-is-better metric is itself the error (FID)."""
@@ -37,6 +52,12 @@ class Metric:
     label: str
     higher_is_better: bool
     percent: bool = True
+    short: str = ""
+
+    @property
+    def column(self) -> str:
+        """The metric's column heading in the results tables, e.g. `test acc %`, `FID`."""
+        return (self.short or self.name) + (" %" if self.percent else "")
 
 
 @dataclass(frozen=True)
@@ -67,18 +88,14 @@ class Task:
         return self.metrics[0]
 
     def metric(self, name: str) -> Metric:
+        """The declared metric called `name`."""
         return next(m for m in self.metrics if m.name == name)
 
-    @property
-    def primary_curve(self) -> str:
-        """The per-evaluation curve of the primary metric (`test_acc`, `test_miou`, `test_fid`)."""
-        return self.primary.name
-
     def headline(self, final: dict[str, float]) -> str:
-        """The primary final metric in words, e.g. `test acc 91.23%`, `test mIoU 45.10%`, `FID 12.34`."""
-        name, value = self.primary.name, final[self.primary.name]
-        short = {"test_acc": "test acc", "test_miou": "test mIoU", "test_fid": "FID"}.get(name, name)
-        return f"{short} {value:.2f}{'%' if self.primary.percent else ''}"
+        """The primary final metric in words, e.g. `test acc 91.23%`, `test mIoU 45.10%`, `FID 12.34`. The
+        primary metric's key is also its per-evaluation curve."""
+        p = self.primary
+        return f"{p.short or p.name} {final[p.name]:.2f}{'%' if p.percent else ''}"
 
     def error(self, value: float) -> float:
         """The primary metric as an error: 100 - value for a percentage, the value itself otherwise (FID)."""
@@ -131,7 +148,7 @@ CLASSIFICATION = Task(
     name="classification",
     summary="image classification: cross-entropy loss, accuracy in percent",
     metrics=(
-        Metric("test_acc", "test accuracy (%)", True),
+        Metric("test_acc", "test accuracy (%)", True, short="test acc"),
         Metric("test_loss", "test cross-entropy", False, percent=False),
         Metric("train_acc", "training accuracy (%)", True),
         Metric("train_loss", "training cross-entropy", False, percent=False),
@@ -171,9 +188,11 @@ SEGMENTATION = Task(
     summary="semantic segmentation: per-pixel cross-entropy (label 255 ignored), mean IoU and pixel accuracy; "
     "the final training metrics come from the same evaluation on the (unaugmented) training split",
     metrics=(
-        Metric("test_miou", "test mean IoU (%)", True),
-        Metric("test_acc", "test pixel accuracy (%)", True),
-        Metric("gap_miou", "generalisation gap, train - test mean IoU (points)", False, percent=False),
+        Metric("test_miou", "test mean IoU (%)", True, short="test mIoU"),
+        Metric("test_acc", "test pixel accuracy (%)", True, short="test acc"),
+        Metric(
+            "gap_miou", "generalisation gap, train - test mean IoU (points)", False, False, "mIoU gap, train - test"
+        ),
         Metric("gap_acc", "generalisation gap, train - test pixel accuracy (points)", False, percent=False),
         Metric("train_miou", "training mean IoU (%)", True),
         Metric("train_acc", "training pixel accuracy (%)", True),
@@ -186,7 +205,7 @@ SEGMENTATION = Task(
     loss_count=lambda target: (target != IGNORE_INDEX).sum(),
     summary_metrics=("acc", "miou"),
     dense=True,
-    curves=(*BASE_CURVES, "train_miou", "test_miou"),
+    curves=supervised_curves(("acc", "miou")),
     report=("test_acc", "gap_miou"),
     models=("unet-small", "unet-resnet50"),
 )
@@ -204,7 +223,7 @@ SYNTHESIS = Task(
     summary="image synthesis from label maps (SPADE): hinge GAN loss with feature matching, FID of the test "
     "split's label maps rendered by the generator against the real test images",
     metrics=(
-        Metric("test_fid", "FID (test split)", False, percent=False),
+        Metric("test_fid", "FID (test split)", False, percent=False, short="FID"),
         Metric("train_loss", "generator loss (last epoch's mean)", False, percent=False),
         Metric("train_d_loss", "discriminator loss (last epoch's mean)", False, percent=False),
     ),

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,8 +34,8 @@ from torch import nn
 
 from cdgrad import validation as V
 from cdgrad.experiments import data as data_mod
-from cdgrad.experiments.checkpoint import CURVES, CorruptCheckpointError, read_checkpoint, save_checkpoint, set_aside
-from cdgrad.experiments.config import RunConfig, to_dict, validate
+from cdgrad.experiments.checkpoint import CURVES, read_checkpoint, resume_state, run_entries, save_checkpoint, set_aside
+from cdgrad.experiments.config import RunConfig, validate
 from cdgrad.experiments.evaluation import evaluate, evaluate_sharded
 from cdgrad.experiments.launch import init_from_env
 from cdgrad.experiments.progress import Progress
@@ -66,22 +65,6 @@ load_checkpoint = read_checkpoint  # the former name
 def check_seed(seed: Any, name: str = "seed") -> int:
     """`seed` as a Python int in [0, 2**63 - 1]; ValueError (TypeError for a non-integer) naming `name` otherwise."""
     return V.check_int(seed, name, 0, MAX_SEED)
-
-
-def _resume_state(checkpoint: str | None, config: RunConfig, seed: int, rank: int, world: int) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None (no file, or a corrupt one, which rank 0 sets aside)."""
-    if checkpoint is None or not os.path.exists(checkpoint):
-        return None
-    try:
-        state: dict[str, Any] | None = read_checkpoint(checkpoint, config, seed, world)
-        problem = None
-    except CorruptCheckpointError as exc:
-        state, problem = None, str(exc)
-    if world > 1:
-        torch.distributed.barrier()  # every rank has read the file before rank 0 may move it
-    if problem is not None and rank == 0:
-        set_aside(checkpoint, problem)
-    return state
 
 
 def _restore(run: Setup, state: dict[str, Any], device: torch.device) -> None:
@@ -149,7 +132,7 @@ def train(
     n = len(ds.train_x)
 
     # ---- set-up, then the checkpoint's state (a file that does not fit is set aside and the run starts afresh)
-    state = _resume_state(checkpoint, config, seed, rank, world)
+    state = resume_state(checkpoint, config, seed, rank, world)
     run = build(config, seed, ds, device)
     curves: dict[str, list[Any]] = {k: [] for k in task.curves}
     start_epoch, elapsed = 0, 0.0
@@ -245,14 +228,8 @@ def train(
                 save_checkpoint(
                     checkpoint,
                     {
-                        "config": to_dict(config),
-                        "seed": seed,
-                        "epoch": epoch + 1,
-                        "elapsed": elapsed,
-                        "world_size": world,
+                        **run_entries(config, seed, epoch + 1, elapsed, world, curves),
                         **run.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                        "curves": curves,
                         **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                     },
                 )
