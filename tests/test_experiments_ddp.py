@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
     torch.set_num_threads(1)
     register_fixtures()  # a spawned process registers the test fixtures itself
     from cdgrad.experiments import train as train_mod
-    from cdgrad.experiments.presets import run_all
+    from cdgrad.experiments.runner import run_all
     from cdgrad.experiments.store import ResultStore
 
     writes = {"checkpoint": 0, "store": 0}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cdgrad.experiments import report as report_mod
 from cdgrad.experiments import synthesis
 from cdgrad.experiments.config import RunConfig, validate
-from cdgrad.experiments.presets import prepare
+from cdgrad.experiments.runner import prepare
 from cdgrad.experiments.setup import load_data, make_model
 from cdgrad.experiments.store import ResultStore
 from cdgrad.experiments.synthesis import check_fid_source, presence

@@ -10,7 +10,8 @@ import pytest
 from cdgrad.experiments import presets as presets_mod
 from cdgrad.experiments import train as train_mod
 from cdgrad.experiments.config import RunConfig, run_key, to_dict
-from cdgrad.experiments.presets import Preset, grid, run_all
+from cdgrad.experiments.presets import Preset, grid
+from cdgrad.experiments.runner import run_all
 from cdgrad.experiments.store import ResultStore
 from helpers import register_fixtures
 

@@ -27,7 +27,8 @@ import cdgrad
 from cdgrad.experiments import cli
 from cdgrad.experiments.checkpoint import CorruptCheckpointError, read_checkpoint, save_checkpoint
 from cdgrad.experiments.config import RunConfig, run_key
-from cdgrad.experiments.presets import Preset, run_all
+from cdgrad.experiments.presets import Preset
+from cdgrad.experiments.runner import run_all
 from cdgrad.experiments.store import ResultStore, process_start
 from cdgrad.experiments.train import train
 from helpers import install_preset, register_fixtures, uninstall_preset

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cdgrad.experiments.launch import is_main_process
-    from cdgrad.experiments.presets import prepare
+    from cdgrad.experiments.runner import prepare
     from cdgrad.experiments.store import ResultStore
     from cdgrad.experiments.train import check_seed, train
 
@@ -248,7 +248,7 @@ def _write_durably(path: str, text: str) -> None:
 def cmd_run(args: argparse.Namespace, command: str) -> int:
     from cdgrad.experiments.launch import is_main_process
     from cdgrad.experiments.methods import describe
-    from cdgrad.experiments.presets import run_all
+    from cdgrad.experiments.runner import run_all
     from cdgrad.experiments.store import ResultStore
 
     runs = _preset_runs(args, args.preset)
