@@ -1,4 +1,4 @@
-"""Tests of cdgrad.experiments.dense_models: the UNet and the SPADE networks and losses of the dense tasks."""
+"""Tests of cdgrad.experiments.unet, .spade and .tasks.gan: the UNet and the SPADE networks and losses of the dense tasks."""
 
 from __future__ import annotations
 
@@ -11,20 +11,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from cdgrad.experiments.dense_models import (
+from cdgrad.experiments.spade import (
     SPADE,
     SYNTHESIS_MODELS,
     MultiscaleDiscriminator,
     SPADEGenerator,
     SPADEResBlock,
-    UNet,
-    feature_matching_loss,
-    hinge_d_loss,
-    hinge_g_loss,
     one_hot_labels,
     spade_discriminator,
     spade_generator,
 )
+from cdgrad.experiments.tasks.gan import feature_matching_loss, hinge_d_loss, hinge_g_loss
+from cdgrad.experiments.unet import UNet
 from cdgrad.experiments.models import build_model, count_parameters, model_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")

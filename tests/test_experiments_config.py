@@ -13,12 +13,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cdgrad.experiments import checks
 from cdgrad.experiments import config as cfg
 from cdgrad.experiments import data as data_mod
 from cdgrad.experiments import models as models_mod
-from cdgrad.experiments.config import RunConfig, add_config_arguments, config_from_args, config_to_argv
+from cdgrad.experiments.config import RunConfig
+from cdgrad.experiments.config_cli import add_config_arguments, config_from_args, config_to_argv
 from cdgrad.experiments.methods import METHODS, PARAMS
 from cdgrad.experiments.presets import PRESETS
+
+
+def C(**values):
+    """A config from flat values: fields and method arguments by name (`C(method="h0", lam=2.0)`)."""
+    return cfg.from_dict(values)
+
+
+def flat(config):
+    """The config's fields and method arguments as one flat dict (the form of earlier versions)."""
+    out = {k: v for k, v in cfg.to_dict(config).items() if k != "method_args"}
+    return {**out, **config.method_args}
 
 
 def _parse(argv):
@@ -81,13 +94,13 @@ def configs(draw):
     for p in m.params:
         if draw(st.booleans()):
             values[p.name] = _value(draw, p)
-    return RunConfig(**values)
+    return C(**values)
 
 
 @settings(max_examples=40, deadline=None)
 @given(configs())
 def test_cli_round_trip(config):
-    cfg.validate(config)
+    checks.validate(config)
     assert _parse(config_to_argv(config)) == config
     assert cfg.from_dict(json.loads(json.dumps(cfg.to_dict(config)))) == config
 
@@ -103,7 +116,7 @@ def test_defaults_and_flags_come_from_the_dataclass():
     for name in data_mod.dataset_names() + models_mod.model_names() + tuple(METHODS):
         assert name in text
     c = _parse(["--method", "h0", "--lam", "2.5", "--swap-train-test", "--epochs", "3", "--data-root", "none"])
-    assert (c.method, c.lam, c.swap_train_test, c.epochs, c.data_root) == ("h0", 2.5, True, 3, None)
+    assert (c.method, c.arg("lam"), c.swap_train_test, c.epochs, c.data_root) == ("h0", 2.5, True, 3, None)
 
 
 # -------------------------------------------------------------------------------------------------- run keys
@@ -169,8 +182,8 @@ def test_run_keys_of_every_preset_are_the_legacy_ones():
     n = 0
     for preset in PRESETS.values():
         for config, seed in preset.runs():
-            assert cfg.config_hash(config) == legacy_hash(cfg.to_dict(config)), (preset.name, config)
-            assert cfg.run_key(config, seed) == f"{legacy_hash(cfg.to_dict(config))}-s{seed}"
+            assert cfg.config_hash(config) == legacy_hash(flat(config)), (preset.name, config)
+            assert cfg.run_key(config, seed) == f"{legacy_hash(flat(config))}-s{seed}"
             n += 1
     assert n > 900  # every run of every preset was compared
 
@@ -178,12 +191,14 @@ def test_run_keys_of_every_preset_are_the_legacy_ones():
 @settings(max_examples=60, deadline=None)
 @given(configs())
 def test_run_key_is_the_legacy_one(config):
-    assert cfg.config_hash(config) == legacy_hash(cfg.to_dict(config))
-    assert set(cfg.identity_dict(config)) == set(LEGACY_IDENTITY_DEFAULTS) | {"task"}
+    assert cfg.config_hash(config) == legacy_hash(flat(config))
+    fields = set(cfg.identity_dict(config)) - set(config.method_args)
+    assert fields == {k for k in LEGACY_IDENTITY_DEFAULTS if k not in PARAMS} | {"task"}
+    assert set(config.method_args) <= set(METHODS[config.method].param_names)
 
 
 def test_run_key_ignores_paths_device_threads_but_not_hyper_parameters():
-    a = RunConfig(method="h0", lam=2.0)
+    a = C(method="h0", lam=2.0)
     assert cfg.run_key(a, 0) == cfg.run_key(a.replace(data_root="/x", threads=3, device="cpu"), 0)
     assert cfg.run_key(a, 0) != cfg.run_key(a, 1)
     assert cfg.run_key(a, 0) != cfg.run_key(a.replace(lam=2.5), 0)
@@ -195,10 +210,10 @@ def test_task_is_an_identity_field_from_the_task_registry(monkeypatch):
 
     assert RunConfig().task == "classification" and "task" in cfg.identity_dict(RunConfig())
     with pytest.raises(ValueError, match="task must be one of .*'segmentation', 'synthesis'.*got 'detection'"):
-        cfg.validate(RunConfig(task="detection"))
+        checks.validate(RunConfig(task="detection"))
     monkeypatch.setitem(tasks.TASKS, "detection", tasks.TASKS["classification"])
     other = RunConfig(task="detection")
-    cfg.validate(other)
+    checks.validate(other)
     assert cfg.run_key(other, 0) != cfg.run_key(RunConfig(), 0)
     # an old stored config without the field reads back as the default task, with the same key
     old = cfg.to_dict(RunConfig(method="h0"))
@@ -207,25 +222,33 @@ def test_task_is_an_identity_field_from_the_task_registry(monkeypatch):
 
 
 def test_numbers_are_normalised_so_one_config_has_one_key():
-    a = RunConfig(lr=np.float64(0.05), epochs=np.int64(3), momentum=np.float32(0.5), augment=np.bool_(True), lam=None)
+    a = RunConfig(lr=np.float64(0.05), epochs=np.int64(3), momentum=np.float32(0.5), augment=np.bool_(True))
     b = RunConfig(lr=0.05, epochs=3, momentum=0.5, augment=True)
     assert a == b and cfg.run_key(a, 0) == cfg.run_key(b, 0)
     assert (type(a.lr), type(a.epochs), type(a.momentum), type(a.augment)) == (float, int, float, bool)
     assert cfg.run_key(RunConfig(lr=1), 0) == cfg.run_key(RunConfig(lr=1.0), 0)
-    cfg.validate(a)
+    checks.validate(a)
     json.dumps(cfg.to_dict(a))
 
 
 # ------------------------------------------------------------------------------------ fields from registries
 
 
-def test_every_method_parameter_has_exactly_one_field_of_its_type():
-    method_fields = {name for name, f in cfg.FIELDS.items() if f.metadata["method"]}
-    assert method_fields == set(PARAMS)
+def test_method_parameters_are_arguments_of_the_method_not_fields():
+    assert not set(PARAMS) & set(cfg.FIELDS)  # one mapping, method_args, carries them
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = " ".join(parser.format_help().split())
     for name, p in PARAMS.items():
-        f = cfg.FIELDS[name]
-        assert f.default is None and cfg.FIELD_TYPES[name] is p.type
-        assert f.metadata["option"] is p
+        assert "--" + name.replace("_", "-") in text  # a command-line option each, typed by its declaration
+        assert cfg.value_type(name) is p.type
+    with pytest.raises(ValueError, match="not a hyper-parameter of method 'sobolev'.*it takes: lam, beta"):
+        checks.validate(C(method="sobolev", sigma=1.0))
+    with pytest.raises(TypeError, match="method_args must be a mapping"):
+        RunConfig(method_args=[("lam", 1.0)])
+    c = C(method="h0", lam=2)
+    assert c.method_args == {"lam": 2.0} and type(c.arg("lam")) is float and c.arg("beta") is None
+    assert c.replace(lam=None).method_args == {} and hash(c) == hash(C(method="h0", lam=2.0))
     used = {p.name for m in METHODS.values() for p in m.params}
     assert used == set(PARAMS)
     for m in METHODS.values():
@@ -241,17 +264,17 @@ def test_registered_data_sets_and_models_are_accepted_then_gone():
 
     assert "regtest-set" not in data_mod.dataset_names()
     with pytest.raises(ValueError, match="dataset must be one of.*mnist"):
-        cfg.validate(RunConfig(dataset="regtest-set"))
+        checks.validate(RunConfig(dataset="regtest-set"))
     data_mod.register_dataset("regtest-set", loader)
     models_mod.register_model("regtest-net", lambda num_classes, in_channels, image_size: None)
     try:
-        cfg.validate(RunConfig(dataset="regtest-set", model="regtest-net"))
+        checks.validate(RunConfig(dataset="regtest-set", model="regtest-net"))
         assert _parse(["--dataset", "regtest-set", "--model", "regtest-net"]).dataset == "regtest-set"
     finally:
         data_mod.DATASET_REGISTRY.unregister("regtest-set")
         models_mod.MODEL_REGISTRY.unregister("regtest-net")
     with pytest.raises(ValueError, match="model must be one of"):
-        cfg.validate(RunConfig(model="regtest-net"))
+        checks.validate(RunConfig(model="regtest-net"))
     with pytest.raises(SystemExit):
         _parse(["--dataset", "regtest-set"])
 
@@ -302,7 +325,7 @@ def test_help_of_a_fresh_process_lists_no_test_fixtures():
 )
 def test_bad_configs_name_the_parameter(changes, words):
     with pytest.raises(ValueError) as info:
-        cfg.validate(RunConfig(**changes))
+        checks.validate(C(**changes))
     for w in words:
         assert w in str(info.value)
 
@@ -326,21 +349,22 @@ NON_FINITE = [math.nan, math.inf, -math.inf]
 )
 def test_every_float_option_rejects_non_finite_values(changes, name, bad):
     with pytest.raises(ValueError, match=rf"{name} must be a finite real number"):
-        cfg.validate(RunConfig(**changes, **{name: bad}))
+        checks.validate(C(**changes, **{name: bad}))
 
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN"])
 def test_weight_decay_nan_from_the_command_line_is_refused(text):
     config = _parse([f"--weight-decay={text}"])
     with pytest.raises(ValueError, match=r"weight_decay must be a finite real number >= 0"):
-        cfg.validate(config)
+        checks.validate(config)
 
 
 def test_every_numeric_field_is_range_checked():
     """Each int/float field refuses a value below its declared minimum, naming it and the range."""
     checked = 0
-    for name, f in cfg.FIELDS.items():
-        option, kind = f.metadata["option"], cfg.FIELD_TYPES[name]
+    options = {name: (f.metadata["option"], cfg.FIELD_TYPES[name]) for name, f in cfg.FIELDS.items()}
+    options.update({name: (p, p.type) for name, p in PARAMS.items()})
+    for name, (option, kind) in options.items():
         if kind not in (int, float):
             continue
         assert option.minimum is not None or name == "beta", f"{name} declares no range"
@@ -349,28 +373,28 @@ def test_every_numeric_field_is_range_checked():
         method = next((m.name for m in METHODS.values() if name in m.param_names), "none")
         below = kind(option.minimum) - (1 if kind is int else 0.5)
         with pytest.raises(ValueError, match=rf"{name} must be .*{re.escape(option.range_text())}"):
-            cfg.validate(RunConfig(method=method, **{name: below}))
+            checks.validate(C(method=method, **{name: below}))
         checked += 1
     assert checked >= 15
 
 
 def test_bad_types_and_unknown_fields():
     with pytest.raises(TypeError, match="epochs"):
-        cfg.validate(RunConfig(epochs="3"))
+        checks.validate(RunConfig(epochs="3"))
     with pytest.raises(TypeError, match="epochs must be an int"):
-        cfg.validate(RunConfig(epochs=2.5))
+        checks.validate(RunConfig(epochs=2.5))
     with pytest.raises(TypeError, match="augment"):
-        cfg.validate(RunConfig(augment=1))
+        checks.validate(RunConfig(augment=1))
     with pytest.raises(TypeError, match="lr must be a finite real number"):
-        cfg.validate(RunConfig(lr="0.1"))
+        checks.validate(RunConfig(lr="0.1"))
     with pytest.raises(TypeError, match="lam"):
-        cfg.validate(RunConfig(method="h0", lam="1"))
+        checks.validate(C(method="h0", lam="1"))
     with pytest.raises(TypeError, match="method must be one of"):
-        cfg.validate(RunConfig(method=3))
+        checks.validate(RunConfig(method=3))
     with pytest.raises(TypeError, match="dataset must be a str"):
-        cfg.validate(RunConfig(dataset=None))
+        checks.validate(RunConfig(dataset=None))
     with pytest.raises(TypeError, match="config must be a RunConfig"):
-        cfg.validate({"method": "h0"})
+        checks.validate({"method": "h0"})
     with pytest.raises(ValueError, match="unknown config field"):
         cfg.from_dict({"epochz": 3})
     with pytest.raises(ValueError, match="field=value"):
@@ -387,7 +411,7 @@ def test_bad_types_and_unknown_fields():
 def test_reparameterising_methods_need_batch_norm():
     for method in ("acb", "repvgg", "dbb"):
         with pytest.raises(ValueError, match=f"method '{method}' re-parameterises conv \\+ BatchNorm pairs"):
-            cfg.validate(RunConfig(method=method, model="cnn2"))
+            checks.validate(RunConfig(method=method, model="cnn2"))
         with pytest.raises(ValueError, match="needs batchnorm=True"):
-            cfg.validate(RunConfig(method=method, model="resnet8", batchnorm=False))
-        cfg.validate(RunConfig(method=method, model="resnet8"))
+            checks.validate(RunConfig(method=method, model="resnet8", batchnorm=False))
+        checks.validate(RunConfig(method=method, model="resnet8"))

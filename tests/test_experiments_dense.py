@@ -8,13 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from cdgrad.experiments import report as report_mod
-from cdgrad.experiments import synthesis
-from cdgrad.experiments.config import RunConfig, validate
+from cdgrad.experiments import setup as setup_mod
+from cdgrad.experiments.checks import validate
+from cdgrad.experiments.config import RunConfig
 from cdgrad.experiments.runner import prepare
-from cdgrad.experiments.setup import load_data, make_model
+from cdgrad.experiments.setup import build, load_data
 from cdgrad.experiments.store import ResultStore
-from cdgrad.experiments.synthesis import check_fid_source, presence
-from cdgrad.experiments.tasks import get_task, segmentation_loss
+from cdgrad.experiments.tasks import get_task
+from cdgrad.experiments.tasks import synthesis
+from cdgrad.experiments.tasks.supervised import segmentation_loss
+from cdgrad.experiments.tasks.synthesis import check_fid_source, presence
 from cdgrad.experiments.train import train
 from helpers import Interrupt, dense_synthetic_dataset, interrupt_after, register_fixtures
 
@@ -78,7 +81,7 @@ def test_segmentation_run_reports_miou_and_the_gap_of_one_evaluation(tmp_path):
     assert final["test_miou"] == out["curves"]["test_miou"][-1]
     # the final model (from the last checkpoint) scored again, one pixel at a time
     ds = dense_synthetic_dataset()
-    model = make_model(SEG, ds)
+    model = build(SEG, 0, ds, torch.device("cpu")).units[0].module
     model.load_state_dict(torch.load(path, weights_only=True)["model"])
     model.eval()
     for x, y, key in ((ds.train_x, ds.train_y, "train_miou"), (ds.test_x, ds.test_y, "test_miou")):
@@ -101,21 +104,23 @@ def test_synthesis_run_scores_fid_trains_both_networks_and_resumes(tmp_path, mon
     assert set(plain["curves"]) == set(get_task("synthesis").curves)
     assert math.isfinite(plain["final"]["test_fid"]) and plain["final"]["test_fid"] > 0
     assert plain["final"]["test_fid"] == plain["curves"]["test_fid"][-1]
-    attached, original = [], synthesis.attach_method
+    attached, original = [], setup_mod.build
 
-    def spy(config, model, optimizer, sample=None):
-        method = original(config, model, optimizer, sample)
-        attached.append((type(model).__name__, optimizer, {id(p) for p in model.parameters()}, method))
-        return method
+    def spy(*args, **kwargs):
+        run = original(*args, **kwargs)
+        attached.extend(run.units)
+        return run
 
-    monkeypatch.setattr(synthesis, "attach_method", spy)
+    monkeypatch.setattr(setup_mod, "build", spy)
+    monkeypatch.setattr("cdgrad.experiments.train.build", spy)
     h0 = train(GAN.replace(method="h0", lam=5.0), 0)  # lam 1 is the plain gradient (method.md 1.1)
     assert h0["final"]["test_fid"] != plain["final"]["test_fid"]
     # the method went to both networks, each through its own optimizer over exactly its parameters
-    assert [a[0] for a in attached] == ["SPADEGenerator", "MultiscaleDiscriminator"]
-    for _, optimizer, params, method in attached:
-        assert {id(p) for group in optimizer.param_groups for p in group["params"]} == params
-        assert method.transform is not None and method.transform.config()["lam"] == 5.0
+    assert [type(u.module).__name__ for u in attached] == ["SPADEGenerator", "MultiscaleDiscriminator"]
+    for unit in attached:
+        params = {id(p) for p in unit.module.parameters()}
+        assert {id(p) for group in unit.optimizer.param_groups for p in group["params"]} == params
+        assert unit.method is not None and unit.method.config()["lam"] == 5.0
     path = str(tmp_path / "ck.pt")
     with pytest.raises(Interrupt):
         train(GAN, 0, checkpoint=path, callback=interrupt_after(1))

@@ -128,7 +128,7 @@ def test_preset_expansion_overrides_and_filters():
 
 
 def test_every_shipped_preset_is_valid_and_reduced_ones_say_what_they_cut():
-    from cdgrad.experiments.config import validate
+    from cdgrad.experiments.checks import validate
 
     for preset in presets_mod.PRESETS.values():
         runs = preset.runs()

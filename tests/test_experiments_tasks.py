@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from cdgrad.experiments.config import RunConfig
-from cdgrad.experiments.tasks import TASKS, classification_loss, classification_score, get_task
+from cdgrad.experiments.tasks import TASKS, get_task
+from cdgrad.experiments.tasks.supervised import (
+    CLASSIFICATION_SPEC,
+    classification_loss,
+    classification_score,
+    supervised_task,
+)
 from cdgrad.experiments.train import train
 from helpers import register_fixtures
 
@@ -44,7 +50,7 @@ def test_the_training_loop_takes_its_loss_from_the_task(monkeypatch):
         calls.append(reduction)
         return classification_loss(output, target, reduction)
 
-    counted = dataclasses.replace(TASKS["classification"], name="counted", loss=counted_loss)
+    counted = supervised_task(dataclasses.replace(CLASSIFICATION_SPEC, name="counted", loss=counted_loss))
     monkeypatch.setitem(TASKS, "counted", counted)
     base = train(TINY, 0)
     same = train(TINY.replace(task="counted"), 0)
@@ -52,12 +58,14 @@ def test_the_training_loop_takes_its_loss_from_the_task(monkeypatch):
     assert calls == (["mean"] * 4 + ["sum"]) * TINY.epochs
     assert same["curves"]["train_loss"] == base["curves"]["train_loss"]
 
-    smoothed = dataclasses.replace(
-        TASKS["classification"],
-        name="smoothed",
-        loss=lambda o, t, reduction="mean": torch.nn.functional.cross_entropy(
-            o, t, reduction=reduction, label_smoothing=0.3
-        ),
+    smoothed = supervised_task(
+        dataclasses.replace(
+            CLASSIFICATION_SPEC,
+            name="smoothed",
+            loss=lambda o, t, reduction="mean": torch.nn.functional.cross_entropy(
+                o, t, reduction=reduction, label_smoothing=0.3
+            ),
+        )
     )
     monkeypatch.setitem(TASKS, "smoothed", smoothed)
     assert train(TINY.replace(task="smoothed"), 0)["curves"]["train_loss"] != base["curves"]["train_loss"]

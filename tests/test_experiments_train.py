@@ -6,8 +6,11 @@ import os
 import pytest
 import torch
 
-from cdgrad.experiments.config import RunConfig
-from cdgrad.experiments.train import Progress, evaluate, load_data, make_scheduler, train
+from cdgrad.experiments.config import RunConfig, from_dict
+from cdgrad.experiments.progress import Progress
+from cdgrad.experiments.setup import load_data, make_scheduler
+from cdgrad.experiments.tasks.supervised import CLASSIFICATION_SPEC, evaluate
+from cdgrad.experiments.train import train
 from helpers import SHARED_DATA, Interrupt, interrupt_after, register_fixtures, synthetic_dataset
 
 register_fixtures()
@@ -68,18 +71,19 @@ def test_reparameterised_training_is_the_plain_model_after_merging():
     """Method repvgg trains a ResNet-8 of RepVGG blocks: it differs from plain training, and its model, merged, loads
     into the plain ResNet-8 of the same config and computes what the blocks compute."""
     import cdgrad
-    from cdgrad.experiments.setup import build, make_model
+    from cdgrad.experiments.setup import build
 
     config = TINY.replace(model="resnet8", epochs=2, eval_every=1)
     rep = train(config.replace(method="repvgg"), 0)
     assert _curves(rep) != _curves(train(config, 0))
     ds = load_data(config)
     run = build(config.replace(method="repvgg"), 0, ds, torch.device("cpu"))
-    assert any(isinstance(m, cdgrad.reparam.RepBlock) for m in run.model.modules())
+    model = run.units[0].module
+    assert any(isinstance(m, cdgrad.reparam.RepBlock) for m in model.modules())
     x = torch.randn(4, *ds.train_x.shape[1:])
-    branched = run.model.eval()(x).detach()
-    plain = make_model(config, ds)
-    plain.load_state_dict(cdgrad.merge(run.model).state_dict())
+    branched = model.eval()(x).detach()
+    plain = build(config, 0, ds, torch.device("cpu")).units[0].module
+    plain.load_state_dict(cdgrad.reparam.merge(model).state_dict())
     assert torch.allclose(plain.eval()(x), branched, atol=1e-5, rtol=1e-5)
 
 
@@ -145,7 +149,7 @@ def test_evaluate_matches_a_plain_loop():
     ) / len(x)
     acc_ref = 100.0 * sum(int(model(x[i : i + 1]).argmax() == ds.test_y[i]) for i in range(len(x))) / len(x)
     model = model.float()
-    loss, scores = evaluate(model, ds.test_x, ds.test_y, (0.5,), (0.25,), batch_size=50)
+    loss, scores = evaluate(CLASSIFICATION_SPEC, model, ds.test_x, ds.test_y, (0.5,), (0.25,), batch_size=50)
     assert loss == pytest.approx(loss_ref, rel=1e-5)
     assert scores == {"acc": acc_ref}
 

@@ -1,9 +1,12 @@
-"""The package's import structure: no cycle among module-level imports, and modules import alone.
+"""The package's import structure: no cycle, counting imports inside functions; the toolkit's layers; no private
+names across modules; and modules import alone.
 
-The graph is read from the source (every module of src/cdgrad, the toolkit included) with `ast`: an edge
-for each import executed at module level (function bodies and `if TYPE_CHECKING:` blocks excluded). With no
-cycle, no import order can meet a partially initialised module. A few modules (the bottom of each layer)
-are also imported alone, each in a fresh interpreter, in parallel.
+The graph is read from the source (every module of src/cdgrad, the toolkit included) with `ast`: an edge for each
+import at module level and, in the function-level graph, for each import inside a function body too (`if
+TYPE_CHECKING:` blocks excluded in both). With no cycle in the module-level graph, no import order can meet a
+partially initialised module; with none in the function-level graph, the layers are real and no import inside a
+function hides a circle. A few modules (the bottom of each layer) are also imported alone, each in a fresh
+interpreter, in parallel.
 """
 
 from __future__ import annotations
@@ -53,14 +56,49 @@ def _module_level(body: list[ast.stmt]):
             yield node
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> the package modules it imports at module level."""
+def _everywhere(body: list[ast.stmt]):
+    """Every statement of the module, inside function and class bodies too (`if TYPE_CHECKING:` blocks excluded)."""
+    for node in _module_level(body):
+        yield node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield from _everywhere(node.body)
+        elif isinstance(node, (ast.For, ast.While, ast.If)):
+            yield from _everywhere(node.body)
+            yield from _everywhere(node.orelse)
+
+
+def _imports(name: str, path: Path, known: dict[str, Path], statements):
+    """(target module, imported names) for each import statement among `statements` that names a package module."""
+    is_package = path.name == "__init__.py"
+    for node in statements:
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in known:
+                    yield a.name, ()
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            names = tuple(a.name for a in node.names)
+            if prefix in known:
+                yield prefix, tuple(n for n in names if f"{prefix}.{n}" not in known)
+            for n in names:
+                if f"{prefix}.{n}" in known:
+                    yield f"{prefix}.{n}", ()
+
+
+def import_graph(functions: bool = False) -> dict[str, set[str]]:
+    """module -> the package modules it imports at module level (`functions`: anywhere, function bodies too)."""
     known = modules()
     graph: dict[str, set[str]] = {}
     for name, path in known.items():
         is_package = path.name == "__init__.py"
         edges: set[str] = set()
-        for node in _module_level(ast.parse(path.read_text(), str(path)).body):
+        body = ast.parse(path.read_text(), str(path)).body
+        for node in _everywhere(body) if functions else _module_level(body):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -116,6 +154,56 @@ def test_graph_reader_sees_the_layers():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "module-level import cycle: " + " -> ".join(cycle or [])
+
+
+def test_no_import_cycle_counting_imports_inside_functions():
+    graph = import_graph(functions=True)
+    assert "cdgrad.experiments.train" in graph["cdgrad.experiments.runner"]
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle (imports inside functions counted): " + " -> ".join(cycle or [])
+
+
+# The toolkit's layers, bottom up: a module imports only modules of its own layer or below (functions included).
+TOOLKIT_LAYERS = [
+    ("registry", "launch", "progress"),
+    ("data", "models", "unet", "spade", "metrics", "fid", "method_params", "methods", "tasks"),
+    ("config", "config_cli", "checks"),
+    ("setup", "checkpoint", "store"),
+    ("train",),
+    ("runner", "presets"),
+    ("report", "plots", "analyze", "cli"),
+]
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[:2] != ["cdgrad", "experiments"] or len(parts) < 3:
+        return None
+    return next((i for i, layer in enumerate(TOOLKIT_LAYERS) if parts[2] in layer), None)
+
+
+def test_toolkit_layers_import_only_downwards():
+    graph = import_graph(functions=True)
+    toolkit = [m for m in graph if m.startswith("cdgrad.experiments.")]
+    unplaced = [m for m in toolkit if _layer(m) is None]
+    assert not unplaced, f"modules without a layer in TOOLKIT_LAYERS: {unplaced}"
+    upward = [
+        (m, e)
+        for m in toolkit
+        for e in graph[m]
+        if _layer(e) is not None and _layer(e) > _layer(m)  # type: ignore
+    ]
+    assert not upward, "imports from a lower layer into a higher one: " + ", ".join(f"{m} -> {e}" for m, e in upward)
+
+
+def test_no_module_imports_another_modules_private_names():
+    known = modules()
+    found = []
+    for name, path in known.items():
+        body = ast.parse(path.read_text(), str(path)).body
+        for target, names in _imports(name, path, known, _everywhere(body)):
+            found += [f"{name}: from {target} import {n}" for n in names if n.startswith("_") and not n.startswith("__") and target != name]
+    assert not found, "private names imported across modules: " + "; ".join(found)
 
 
 def test_kernel_layer_depends_on_nothing_above_it():

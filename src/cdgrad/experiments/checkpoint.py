@@ -20,7 +20,8 @@ import torch
 
 from cdgrad._files import fsync_dir, torch_save_durably
 from cdgrad.experiments.config import RunConfig, from_dict, identity_dict, to_dict
-from cdgrad.experiments.tasks import BASE_CURVES, TASKS
+from cdgrad.experiments.tasks import TASKS
+from cdgrad.experiments.tasks.base import BASE_CURVES
 
 __all__ = [
     "CURVES",

@@ -17,7 +17,8 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
-from cdgrad.experiments.config import RunConfig, add_config_arguments, config_from_args, parse_overrides, run_key
+from cdgrad.experiments.config import RunConfig, parse_overrides, run_key
+from cdgrad.experiments.config_cli import add_config_arguments, config_from_args
 from cdgrad.experiments.tasks import get_task
 
 DEFAULT_RESULTS = "results"

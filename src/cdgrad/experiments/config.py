@@ -1,39 +1,52 @@
 """The run configuration: one dataclass, the single source of every experiment option.
 
-Each field carries an `Option` (help text, and the accepted choices or numeric range). The method's
-parameters are declared once in `cdgrad.experiments.methods.PARAMS` and their fields take help, choices and
-range from there (`method_param`); the accepted data sets, models, tasks and methods are read from their
-registries when a config is checked, so an entry registered later is accepted. The command line
-(`cdgrad train --help`) is generated from these fields; the saved results store the config as JSON
-(`to_dict`) and rebuild it with `from_dict`. A run is identified by `run_key(config, seed)`, a hash of the
-fields that change the numbers and differ from their defaults (paths, device and thread count are left out).
+Each field carries an `Option` (help text, and the accepted choices or numeric range); the accepted data sets,
+models, tasks and methods are read from their registries when a config is checked, so an entry registered later is
+accepted. The gradient method's own arguments are one mapping, `method_args` (`{"lam": 2.0}`), whose keys are the
+method's declared parameters (`cdgrad.experiments.methods`); unset arguments take the method's defaults. The saved
+results store the config as JSON (`to_dict`) and rebuild it with `from_dict`, which also reads the flat form of
+earlier versions (`{"method": "h0", "lam": 2.0}`). A run is identified by `run_key(config, seed)`, a hash of the
+fields that change the numbers and differ from their defaults, method arguments included (paths, device and thread
+count are left out). The command line is generated from these fields (`config_cli`); the checks across fields
+live in `checks`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
 import hashlib
 import json
 import numbers
 import types
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from cdgrad.experiments import dense_models as _dense_models  # noqa: F401  (registers unet-* and spade*)
 from cdgrad.experiments.data import DATASET_REGISTRY
-from cdgrad.experiments.methods import METHODS, PARAMS, defaults_text, validate_method
+from cdgrad.experiments.methods import METHODS, PARAMS
 from cdgrad.experiments.models import MODEL_REGISTRY
 from cdgrad.experiments.registry import Option
+from cdgrad.experiments.tasks import TASKS
+
+__all__ = [
+    "FIELDS",
+    "FIELD_TYPES",
+    "MethodArgs",
+    "RunConfig",
+    "config_hash",
+    "from_dict",
+    "identity_dict",
+    "parse_overrides",
+    "parse_value",
+    "run_key",
+    "to_dict",
+]
 
 
 def _task_names() -> tuple[str, ...]:
-    from cdgrad.experiments.tasks import TASKS  # imported when a config is checked: tasks import the toolkit
-
     return tuple(TASKS)
 
 
@@ -47,8 +60,10 @@ def _f(
     maximum: float | None = None,
     exclusive_minimum: bool = False,
     exclusive_maximum: bool = False,
+    task: str | None = None,
 ) -> Any:
-    """A config field: its default and its `Option` (help, choices or range); `identity`: part of the run key."""
+    """A config field: its default and its `Option` (help, choices or range); `identity`: part of the run key;
+    `task`: the one task the field applies to (left at its default by any other)."""
     option = Option(
         help=help,
         choices=choices,
@@ -57,21 +72,55 @@ def _f(
         exclusive_minimum=exclusive_minimum,
         exclusive_maximum=exclusive_maximum,
     )
-    return field(default=default, metadata={"option": option, "help": help, "identity": identity, "method": False})
+    return field(default=default, metadata={"option": option, "help": help, "identity": identity, "task": task})
 
 
-def method_param(name: str) -> Any:
-    """The config field of method parameter `name`: None (the method's default), declared in `methods.PARAMS`."""
-    param = PARAMS[name]
-    return field(default=None, metadata={"option": param, "help": param.help, "identity": True, "method": True})
+class MethodArgs(Mapping[str, Any]):
+    """The method's arguments: an immutable, hashable mapping from parameter name to value (None values dropped;
+    ints given for float parameters, and NumPy scalars, stored as Python numbers)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        if items is not None and not isinstance(items, Mapping):
+            raise TypeError(f"method_args must be a mapping of parameter names to values, got {type(items).__name__}")
+        clean = {}
+        for name, value in (items or {}).items():
+            if not isinstance(name, str):
+                raise TypeError(f"method_args keys must be parameter names (str), got {name!r}")
+            if value is not None:
+                param = PARAMS.get(name)
+                clean[name] = normalise(value, param.type) if param is not None else value
+        self._items = tuple(sorted(clean.items()))
+
+    def __getitem__(self, name: str) -> Any:
+        for key, value in self._items:
+            if key == name:
+                return value
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return repr(dict(self._items))
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """One training configuration (everything except the seed).
 
-    Numbers given as NumPy scalars, and ints given for float fields, are stored as Python floats / ints, so
-    one configuration has one run key. `validate` checks the values.
+    Numbers given as NumPy scalars, and ints given for float fields, are stored as Python floats / ints, so one
+    configuration has one run key. `cdgrad.experiments.checks.validate` checks the values.
     """
 
     # task and data
@@ -126,44 +175,34 @@ class RunConfig:
         "synthesis: the discriminator's learning rate (unset: 4 x lr, the two time-scale rule of SPADE)",
         minimum=0.0,
         exclusive_minimum=True,
+        task="synthesis",
     )
     fid_extractor: str = _f(
         "classifier",
         "synthesis: features of the FID, 'inception' (the standard network; weights from fid_weights) or "
         "'classifier' (a small CNN trained once per data set to tell which classes a label map holds)",
         ("classifier", "inception"),
+        task="synthesis",
     )
     fid_weights: str | None = _f(
         None,
         "synthesis with fid_extractor=inception: path of pt_inception-2015-12-05-6726825d.pth (see docs/dense.md)",
         identity=False,
+        task="synthesis",
     )
     fid_stats: str | None = _f(
         None,
         "synthesis: an .npz file with the real test images' feature mean and covariance (keys mu, sigma, as "
         "pytorch-fid writes them) in fid_extractor's features, used instead of computing them",
         identity=False,
+        task="synthesis",
     )
-    # gradient method: one field per parameter of cdgrad.experiments.methods.PARAMS
+    # gradient method: its name and its own arguments (the method's declared parameters)
     method: str = _f("none", "gradient method (see `cdgrad list --methods`)", METHODS.names)
-    lam: float | None = method_param("lam")
-    beta: float | None = method_param("beta")
-    sigma: float | None = method_param("sigma")
-    direction: str | None = method_param("direction")
-    scope: str | None = method_param("scope")
-    convention: str | None = method_param("convention")
-    sgs_k: float | None = method_param("sgs_k")
-    sgs_batches: int | None = method_param("sgs_batches")
-    sgs_every: int | None = method_param("sgs_every")
-    sgs_pipeline: str | None = method_param("sgs_pipeline")
-    sgs_warmup: int | None = method_param("sgs_warmup")
-    sgs_dependence: str | None = method_param("sgs_dependence")
-    sgs_on: str | None = method_param("sgs_on")
-    sgs_edge: float | None = method_param("sgs_edge")
-    sgs_corner: float | None = method_param("sgs_corner")
-    clip_norm: float | None = method_param("clip_norm")
-    clip_every: int | None = method_param("clip_every")
-    clip_projection: str | None = method_param("clip_projection")
+    method_args: Mapping[str, Any] = field(
+        default_factory=MethodArgs,
+        metadata={"help": "the method's arguments, e.g. {'lam': 2.0}", "identity": True, "method_args": True},
+    )
     # evaluation and execution
     eval_every: int = _f(1, "evaluate on the test split every N epochs (the last epoch always is)", minimum=1)
     eval_batch_size: int = _f(250, "batch size of the (no-grad) evaluation", identity=False, minimum=1)
@@ -173,39 +212,45 @@ class RunConfig:
         False, "keep the final checkpoint as <results>/models/<run key>.pt (for `cdgrad analyze`)", identity=False
     )
 
+
     def __post_init__(self) -> None:
         for name, kind in FIELD_TYPES.items():
             value = getattr(self, name)
-            normal = _normalise(value, kind)
+            normal = normalise(value, kind)
             if normal is not value:
                 object.__setattr__(self, name, normal)
+        if not isinstance(self.method_args, MethodArgs):
+            object.__setattr__(self, "method_args", MethodArgs(self.method_args))
+
+    def arg(self, name: str) -> Any:
+        """The method argument `name` as set in this config, or None when unset (the method's default applies)."""
+        return self.method_args.get(name)
 
     def replace(self, **changes: Any) -> RunConfig:
+        """A copy with `changes`; a method parameter's name (`lam=2.0`) changes that argument (None unsets it)."""
+        args = {k: changes.pop(k) for k in list(changes) if k in PARAMS and k not in FIELDS}
+        if args:
+            changes["method_args"] = {**changes.get("method_args", self.method_args), **args}
         return dataclasses.replace(self, **changes)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-METHOD_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["method"])
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "method_args"}
 
 
-def _normalise(value: Any, kind: type) -> Any:
+def normalise(value: Any, kind: type) -> Any:
     """NumPy scalars as Python numbers, ints of float fields as floats; anything else unchanged."""
     if isinstance(value, bool) or value is None:
         return value
     if kind is bool and isinstance(value, np.bool_):
         return bool(value)
-    if kind is float and isinstance(value, numbers.Real) and not _exactly(value, float):
+    if kind is float and isinstance(value, numbers.Real) and type(value) is not float:
         try:
             return float(value)
         except OverflowError:
             return value
-    if kind is int and isinstance(value, numbers.Integral) and not _exactly(value, int):
+    if kind is int and isinstance(value, numbers.Integral) and type(value) is not int:
         return int(value)
     return value
-
-
-def _exactly(value: object, kind: type) -> bool:
-    return type(value) is kind
 
 
 def _field_type(name: str) -> type:
@@ -219,12 +264,20 @@ def _field_type(name: str) -> type:
 FIELD_TYPES = {name: _field_type(name) for name in FIELDS}
 
 
+def value_type(name: str) -> type:
+    """The type of config field or method parameter `name`."""
+    if name in FIELD_TYPES:
+        return FIELD_TYPES[name]
+    if name in PARAMS:
+        return PARAMS[name].type
+    raise ValueError(f"unknown config field {name!r}; accepted: {', '.join([*FIELDS, *PARAMS])}")
+
+
 def parse_value(name: str, text: str) -> Any:
-    """Convert the command-line text of field `name` to its type (`none` gives None for optional fields)."""
-    if name not in FIELDS:
-        raise ValueError(f"unknown config field {name!r}; accepted: {', '.join(FIELDS)}")
-    kind = FIELD_TYPES[name]
-    if text.lower() in ("none", "null") and FIELDS[name].default is None:
+    """Convert the command-line text of a field or method parameter `name` to its type (`none` gives None for
+    optional fields and method parameters)."""
+    kind = value_type(name)
+    if text.lower() in ("none", "null") and (name not in FIELDS or FIELDS[name].default is None):
         return None
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
@@ -238,88 +291,38 @@ def parse_value(name: str, text: str) -> Any:
         raise ValueError(f"{name} must be of type {kind.__name__}, got {text!r}") from None
 
 
-def check_types(config: RunConfig) -> None:
-    """Raise TypeError / ValueError when a field has the wrong type or a value outside its choices or range.
-
-    Every field is checked against its `Option`: numbers must be finite and within range, strings among the
-    choices (data sets, models, tasks and methods as registered now).
-    """
-    for name, f in FIELDS.items():
-        value = getattr(config, name)
-        kind = FIELD_TYPES[name]
-        if value is None:
-            if f.default is not None:
-                raise TypeError(f"{name} must be a {kind.__name__}, got None")
-            continue
-        f.metadata["option"].check(value, name, kind)
-
-
-def validate(config: RunConfig) -> None:
-    """Raise TypeError / ValueError (naming the field and its accepted values) for an unusable config."""
-    import torch
-
-    if not isinstance(config, RunConfig):
-        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
-    check_types(config)
-    validate_method(config)
-    with_option = [n for n in MODEL_REGISTRY.names() if "batchnorm" in MODEL_REGISTRY.get(n).keywords]
-    if not config.batchnorm and config.model not in with_option:
-        raise ValueError(
-            f"batchnorm=False: model {config.model!r} has no batch-norm option; accepted models: "
-            f"{', '.join(with_option)}"
-        )
-    if METHODS.get(config.method).reshape is not None and (config.model not in with_option or not config.batchnorm):
-        raise ValueError(
-            f"method {config.method!r} re-parameterises conv + BatchNorm pairs: it needs batchnorm=True and a model "
-            f"with batch norm; accepted models: {', '.join(with_option)}"
-        )
-    _validate_task(config)
-    try:
-        device = torch.device(config.device)
-    except RuntimeError:
-        raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:0; got {config.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={config.device!r} but CUDA is not available; use device=cpu")
-
-
-def _validate_task(config: RunConfig) -> None:
-    """The model must be one of the task's networks; the synthesis options must fit the task (the Inception
-    weights file is checked with the data, before training: `cdgrad.experiments.synthesis.check_fid_source`)."""
-    from cdgrad.experiments.tasks import get_task, task_models
-
-    task = get_task(config.task)
-    accepted = task_models(task)
-    if config.model not in accepted:
-        raise ValueError(f"task {task.name!r}: model must be one of {', '.join(accepted)}, got {config.model!r}")
-    if task.name != "synthesis" and any(v is not None for v in (config.lr_d, config.fid_weights, config.fid_stats)):
-        raise ValueError("lr_d, fid_weights and fid_stats apply to task 'synthesis' only; leave them unset")
-
-
 def to_dict(config: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as plain JSON-ready values: every field, and `method_args` as a dict."""
+    out = {name: getattr(config, name) for name in FIELDS}
+    out["method_args"] = dict(config.method_args)
+    return out
 
 
-def from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a config from `to_dict` output; unknown keys are an error, missing keys take defaults."""
-    unknown = sorted(set(data) - set(FIELDS))
+def from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Rebuild a config from `to_dict` output, or from the flat form (method parameters as keys, None when unset)
+    that earlier versions wrote; unknown keys are an error, missing keys take defaults."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a config must be a mapping, got {type(data).__name__}")
+    unknown = sorted(k for k in data if k not in FIELDS and k not in PARAMS and k != "method_args")
     if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; accepted: {', '.join(FIELDS)}")
-    values: dict[str, Any] = {
-        k: (float(v) if FIELD_TYPES[k] is float and isinstance(v, int) and not isinstance(v, bool) else v)
-        for k, v in data.items()
-    }
-    return RunConfig(**values)
+        raise ValueError(f"unknown config field(s) {unknown}; accepted: {', '.join([*FIELDS, 'method_args', *PARAMS])}")
+    values: dict[str, Any] = {k: v for k, v in data.items() if k in FIELDS}
+    args = dict(data.get("method_args") or {})
+    args.update({k: v for k, v in data.items() if k in PARAMS and k not in FIELDS and v is not None})
+    return RunConfig(**values, method_args=args)
 
 
 def identity_dict(config: RunConfig) -> dict[str, Any]:
-    """The fields that determine a run's numbers."""
-    return {k: v for k, v in to_dict(config).items() if FIELDS[k].metadata["identity"]}
+    """The fields that determine a run's numbers, method arguments as keys of their own (the flat form)."""
+    out = {k: getattr(config, k) for k, f in FIELDS.items() if f.metadata["identity"]}
+    out.update(config.method_args)
+    return out
 
 
 def config_hash(config: RunConfig) -> str:
     """Hash of the identity fields that differ from their defaults (so a new field keeps old keys valid)."""
-    default = to_dict(RunConfig())
-    changed = {k: v for k, v in identity_dict(config).items() if v != default[k]}
+    default = identity_dict(RunConfig())
+    changed = {k: v for k, v in identity_dict(config).items() if v != default.get(k)}
     text = json.dumps(changed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -329,89 +332,8 @@ def run_key(config: RunConfig, seed: int) -> str:
     return f"{config_hash(config)}-s{seed}"
 
 
-def option_help(name: str) -> str:
-    """The help of field `name`: its text, accepted values and default, as `cdgrad train --help` shows it."""
-    f = FIELDS[name]
-    option: Option = f.metadata["option"]
-    text = option.help
-    bounds = option.range_text()
-    if bounds:
-        text += f"; {bounds}"
-    if f.metadata["method"]:
-        text += f"; unset: {defaults_text(name)} (default: the method's)"
-    else:
-        text += f" (default: {f.default if f.default is not None else 'unset'})"
-    return text
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, defaults: RunConfig | None = None) -> None:
-    """Add one `--field-name` option per config field, with the field's type, default, choices and help.
-
-    Choices read from a registry (data sets, models, tasks, methods) are listed as registered when the parser
-    is built and checked when the option is parsed.
-    """
-    defaults = defaults or RunConfig()
-    group = parser.add_argument_group("run configuration")
-    for name, f in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        kind = FIELD_TYPES[name]
-        default = getattr(defaults, name)
-        help_text = option_help(name)
-        if default != f.default:
-            help_text = help_text.rsplit(" (default: ", 1)[0] + f" (default: {default})"
-        if kind is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-            continue
-        option: Option = f.metadata["option"]
-        choices = option.accepted_choices()
-        dynamic = callable(option.choices)
-        group.add_argument(
-            flag,
-            dest=name,
-            type=functools.partial(_argparse_value, name),
-            default=default,
-            choices=None if dynamic else choices,
-            metavar=kind.__name__.upper() if choices is None else ("{" + ",".join(choices) + "}" if dynamic else None),
-            help=help_text,
-        )
-
-
-def _argparse_value(name: str, text: str) -> Any:
-    try:
-        value = parse_value(name, text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    option: Option = FIELDS[name].metadata["option"]
-    if callable(option.choices) and value is not None:
-        accepted = option.accepted_choices() or ()
-        if value not in accepted:
-            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(accepted)})")
-    return value
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The config whose fields are the parsed `--field-name` options."""
-    return from_dict({name: getattr(args, name) for name in FIELDS})
-
-
-def config_to_argv(config: RunConfig) -> list[str]:
-    """The command-line options that reproduce `config` (fields equal to the default are left out)."""
-    argv: list[str] = []
-    default = RunConfig()
-    for name in FIELDS:
-        value = getattr(config, name)
-        if value == getattr(default, name):
-            continue
-        flag = "--" + name.replace("_", "-")
-        if FIELD_TYPES[name] is bool:
-            argv.append(flag if value else "--no-" + name.replace("_", "-"))
-        else:  # `--flag=value`: argparse would take a value such as -1e-05 for an option
-            argv.append(f"{flag}={'none' if value is None else value}")
-    return argv
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Parse `field=value` strings (the `--set` option) into typed config changes."""
+    """Parse `field=value` strings (the `--set` option) into typed config changes (method parameters included)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:

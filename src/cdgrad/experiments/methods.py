@@ -1,197 +1,68 @@
-"""The gradient methods, each declared once: its parameters and its builder (config -> what the optimizer uses).
+"""The gradient methods, each declared once: its parameters and its builder (arguments, model -> one transform).
 
-    method      parameters (config fields)                   what the optimizer receives
-    none        -                                            f (plain SGD / Adam)
-    h0          lam, beta, direction, scope, convention      fbar + (f - fbar)/lam  (+ beta f)      (eq. 8)
-    sobolev     lam, beta, direction, scope, convention      periodic H1~ solve along the axis (+ beta f)
-    ls          sigma, direction, scope                      (I - sigma L)^-1 f                  (Osher et al.)
-    centralize  scope                                        f - mean over (I, H, W)               (Yong et al.)
-    sgs         sgs_k, sgs_batches, sgs_every, sgs_warmup,   G * f, G from input-feature MI       (SGS)
-                sgs_dependence, sgs_pipeline, sgs_on         (sgs_on=update: G * the optimizer's update)
-    sgs-fixed   sgs_edge, sgs_corner, sgs_on                 G * f, G fixed by two ratios (the paper's grid)
-    acb, repvgg, dbb   -                                     f, on a network whose conv + BN pairs are
-                                                             multi-branch blocks (cdgrad.reparam)
-    opnorm      clip_norm, clip_every, clip_projection       f; every clip_every steps each conv is projected
-                                                             to ||conv|| <= clip_norm at its input size
+Every parameter is declared once in `PARAMS` (type, help, accepted range or choices, default); a method lists the
+ones it takes, narrowing choices or changing the default where it differs (`Param.but`). A run's configuration
+carries the method's own arguments as one mapping (`RunConfig.method_args`), validated here against the method's
+declared parameters (`validate_method`); the command line, `describe` labels, the report order and the method table
+(`method_table`, `cdgrad list --methods`) are generated from this registry.
 
-Every parameter is declared once in `PARAMS` (type, help, accepted range or choices, default); a method lists
-the ones it takes, narrowing choices or changing the default where it differs (`Param.but`). `RunConfig` has
-one field per parameter (None = the method's default), and its help, validation, `describe` labels and the
-report order all read this registry. `convention='paper'` builds h0 / sobolev through
-`cdgrad.paper_convention`, the published code's lambda. A parameter given to a method that does not take it
-is an error (`validate_method`).
+A method's builder returns one object, a `cdgrad.GradientTransform` (or None: the ordinary gradient), which the
+training loop attaches with `cdgrad.attach` and checkpoints with its `state_dict`: what the method measures at the
+start of an epoch (SGS), does after each step (operator-norm projection) or applies to the optimizer's update
+(`cdgrad.OnUpdate`) is the transform's own work. A method that rebuilds the network (structural
+re-parameterisation) does so in `reshape`, before the optimizer exists; `check_config` rejects settings the method
+cannot run under, naming them.
 
-Adding a method is one `register_method(Method(...))` call, plus one `RunConfig` field line per new parameter.
+Adding a method is one `register_method(Method(...))` call (docs/extending.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+import cdgrad
+from cdgrad.experiments.method_params import PARAMS
+from cdgrad.experiments.models import MODEL_REGISTRY
 from cdgrad.experiments.registry import Param, Registry
-from cdgrad.spectral import PROJECTIONS
 
 if TYPE_CHECKING:
-    from cdgrad.experiments.config import RunConfig
-    from cdgrad.spectral import OperatorNormClipper
     from cdgrad.transforms_base import GradientTransform
 
 __all__ = [
     "METHODS",
     "PARAMS",
-    "AttachedMethod",
-    "Built",
     "Method",
-    "attach_method",
     "build_method",
-    "build_transform",
     "describe",
     "method_listing",
+    "method_table",
     "method_values",
     "register_method",
+    "reshape_model",
     "validate_method",
 ]
 
-# ------------------------------------------------------------------------------------------------ parameters
-
-PARAMS: dict[str, Param] = {
-    p.name: p
-    for p in (
-        Param(
-            name="lam",
-            type=float,
-            default=1.0,
-            minimum=0.0,
-            help="lambda of h0 / sobolev (> 0 in the exact convention)",
-        ),
-        Param(name="beta", type=float, default=0.0, help="h0 / sobolev: add beta times the ordinary gradient"),
-        Param(name="sigma", type=float, default=1.0, minimum=0.0, help="sigma of Laplacian smoothing (ls)"),
-        Param(
-            name="direction",
-            type=str,
-            choices=("output", "input", "flat"),
-            help="axis to smooth along: output, input or flat (h0/sobolev); flat or output (ls)",
-        ),
-        Param(name="scope", type=str, choices=("conv", "all"), help="which weights: conv (3+ dims) or all"),
-        Param(
-            name="convention",
-            type=str,
-            default="exact",
-            choices=("exact", "paper"),
-            help="lambda convention of h0 / sobolev: 'exact' (docs/math.md 1.1-1.2, the default) "
-            "or 'paper' (the published code, via cdgrad.paper_convention)",
-        ),
-        Param(
-            name="sgs_k",
-            type=float,
-            default=5.0,
-            minimum=0.0,
-            exclusive_minimum=True,
-            help="spatial gradient scaling: strength k",
-        ),
-        Param(
-            name="sgs_batches", type=int, default=2, minimum=1, help="spatial gradient scaling: batches per estimate"
-        ),
-        Param(
-            name="sgs_every", type=int, default=5, minimum=1, help="spatial gradient scaling: epochs between estimates"
-        ),
-        Param(
-            name="sgs_pipeline",
-            type=str,
-            default="cdgrad",
-            choices=("cdgrad", "authors"),
-            help="spatial gradient scaling: 'cdgrad' (training-mode capture, channel mean then k-transform) or "
-            "'authors' (the authors' code: eval-mode capture of padded inputs, k-transform per channel)",
-        ),
-        Param(
-            name="sgs_dependence",
-            type=str,
-            default="mi",
-            choices=("mi", "autocorr"),
-            help="spatial gradient scaling: dependence measure, normalised mutual information or autocorrelation",
-        ),
-        Param(
-            name="sgs_warmup",
-            type=int,
-            default=0,
-            minimum=0,
-            help="spatial gradient scaling: epochs of plain gradients before the first estimate",
-        ),
-        Param(
-            name="sgs_on",
-            type=str,
-            default="gradient",
-            choices=("gradient", "update"),
-            help="spatial gradient scaling: scale the gradient (before the optimizer) or the optimizer's update "
-            "(after it: the paper's post-optimizer variant, 'Adagrad*')",
-        ),
-        Param(
-            name="sgs_edge",
-            type=float,
-            default=2.0,
-            minimum=0.0,
-            exclusive_minimum=True,
-            help="fixed spatial scaling: ratio of the centre tap to the other taps of the centre row and column",
-        ),
-        Param(
-            name="sgs_corner",
-            type=float,
-            default=4.0,
-            minimum=0.0,
-            exclusive_minimum=True,
-            help="fixed spatial scaling: ratio of the centre tap to the corner taps",
-        ),
-        Param(
-            name="clip_norm",
-            type=float,
-            default=1.0,
-            minimum=0.0,
-            exclusive_minimum=True,
-            help="opnorm: operator-norm bound of each conv layer",
-        ),
-        Param(name="clip_every", type=int, default=100, minimum=1, help="opnorm: optimizer steps between projections"),
-        Param(
-            name="clip_projection",
-            type=str,
-            default="exact",
-            choices=tuple(PROJECTIONS),
-            help="opnorm: 'exact' (clip every frequency's singular values, Sedghi et al.), 'reshaped' (clip the "
-            "O x (I kh kw) reshaped kernel, Yoshida & Miyato) or 'gram' (rescale under the Gram-iteration bound)",
-        ),
-    )
-}
-
-
 # ---------------------------------------------------------------------------------------------------- methods
 
-
-@dataclass(frozen=True)
-class Built:
-    """What a method puts into training: a gradient transform (`cdgrad.attach`ed to the optimizer) and/or a
-    clipper (attached with its own `attach(optimizer)`), either may be None."""
-
-    transform: GradientTransform | None = None
-    clipper: OperatorNormClipper | None = None
-    on_update: bool = False  # the transform acts on the optimizer's update (cdgrad.attach_update), not the gradient
-
-
-# build(values, model, sample) -> Built; `values` maps each of the method's parameters to its resolved value
-# (the config's, or the declared default when unset). `sample` is a small normalised input batch or None.
-Builder = Callable[[dict[str, Any], nn.Module, "torch.Tensor | None"], Built]
+# build(values, model, sample) -> the transform the optimizer is attached to (None: the ordinary gradient).
+# `values` maps each of the method's parameters to its resolved value (the run's argument, or the declared
+# default). `sample` is a small input batch of `model` (the transform may record input sizes from it) or None.
+Builder = Callable[[dict[str, Any], nn.Module, "torch.Tensor | None"], "GradientTransform | None"]
 
 
 @dataclass(frozen=True)
 class Method:
     """A gradient method: its name, a one-line summary, the update in words, its parameters and its builder.
 
-    `order`: the parameters whose values order a method's rows in reports (after the method itself); the
-    declared parameters by default. `check`: extra validation of the resolved values (the library's own
-    argument checks), run by `validate_method`.
+    `order`: the parameters whose values order a method's rows in reports (after the method itself); the declared
+    parameters by default. `check`: extra validation of the resolved values (the library's own argument checks).
+    `check_config`: raises ValueError for a run configuration the method cannot train (a model it cannot change).
+    `reshape`: rebuilds the network in place before the optimizer is created (structural re-parameterisation).
     """
 
     name: str
@@ -201,8 +72,7 @@ class Method:
     build: Builder
     order: tuple[str, ...] | None = None
     check: Callable[[dict[str, Any]], None] | None = None
-    # a method that changes the network (structural re-parameterisation) rebuilds it here, in place, before
-    # the optimizer is created
+    check_config: Callable[[Any], None] | None = None
     reshape: Callable[[nn.Module], None] | None = None
     param_names: tuple[str, ...] = field(init=False)
 
@@ -230,73 +100,56 @@ METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(method: Method, *, builtin: bool = False) -> Method:
-    """Declare a gradient method; `RunConfig(method=method.name)` accepts it from then on.
-
-    A parameter not yet in `PARAMS` is declared by the method that brings it, and needs its own `RunConfig`
-    field (`lam: float | None = method_param("lam")`); the toolkit's own methods are registered before
-    `RunConfig` is defined, a later method must only use parameters that have a field.
-    """
+    """Declare a gradient method; `RunConfig(method=method.name)` accepts it from then on, and its parameters are
+    command-line options (`--name`) and `method_args` keys. A parameter new to `PARAMS` is declared with it."""
     if not isinstance(method, Method):
         raise TypeError(f"method must be a Method, got {type(method).__name__}")
-    if not builtin:
-        from cdgrad.experiments.config import FIELDS
-
-        missing = [p.name for p in method.params if p.name not in FIELDS or not FIELDS[p.name].metadata["method"]]
-        if missing:
-            raise ValueError(f"method {method.name!r}: parameter(s) {missing} have no RunConfig field")
     for p in method.params:
         PARAMS.setdefault(p.name, p)
     return METHODS.register(method.name, method, builtin=builtin)
 
 
 def _channel_directed(metric: str) -> Builder:
-    def build(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
-        import cdgrad
-
+    def build(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> GradientTransform:
         kw = {"beta": v["beta"], "direction": v["direction"], "scope": v["scope"]}
         if v["convention"] == "paper":
-            return Built(transform=cdgrad.paper_convention(metric, v["lam"], **kw))
-        return Built(transform=cdgrad.ChannelDirected(metric=metric, lam=v["lam"], **kw))
+            return cdgrad.paper_convention(metric, v["lam"], **kw)
+        return cdgrad.ChannelDirected(metric=metric, lam=v["lam"], **kw)
 
     return build
 
 
-def _laplacian(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
-    import cdgrad
-
-    return Built(transform=cdgrad.LaplacianSmoothing(sigma=v["sigma"], direction=v["direction"], scope=v["scope"]))
+def _laplacian(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> GradientTransform:
+    return cdgrad.LaplacianSmoothing(sigma=v["sigma"], direction=v["direction"], scope=v["scope"])
 
 
-def _centralize(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
-    import cdgrad
-
-    return Built(transform=cdgrad.Centralize(scope=v["scope"]))
+def _centralize(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> GradientTransform:
+    return cdgrad.Centralize(scope=v["scope"])
 
 
-def _sgs(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
-    from cdgrad.sgs import SpatialGradientScaling
+def _on(target: str, transform: GradientTransform) -> GradientTransform:
+    """`transform` applied to the gradient, or to the optimizer's update (`cdgrad.OnUpdate`)."""
+    return cdgrad.OnUpdate(transform) if target == "update" else transform
 
-    return Built(
-        transform=SpatialGradientScaling(
-            model,
-            k=v["sgs_k"],
-            num_batches=v["sgs_batches"],
-            every=v["sgs_every"],
-            method=v["sgs_dependence"],
-            pipeline=v["sgs_pipeline"],
-            warmup=v["sgs_warmup"],
-        ),
-        on_update=v["sgs_on"] == "update",
+
+def _sgs(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> GradientTransform:
+    transform = cdgrad.SpatialGradientScaling(
+        model,
+        k=v["sgs_k"],
+        num_batches=v["sgs_batches"],
+        every=v["sgs_every"],
+        method=v["sgs_dependence"],
+        pipeline=v["sgs_pipeline"],
+        warmup=v["sgs_warmup"],
     )
+    return _on(v["sgs_on"], transform)
 
 
-def _sgs_fixed(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
-    from cdgrad.sgs import FixedSpatialScaling
-
-    return Built(transform=FixedSpatialScaling(v["sgs_edge"], v["sgs_corner"]), on_update=v["sgs_on"] == "update")
+def _sgs_fixed(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> GradientTransform:
+    return _on(v["sgs_on"], cdgrad.FixedSpatialScaling(v["sgs_edge"], v["sgs_corner"]))
 
 
-def _opnorm(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
+def _opnorm(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> GradientTransform:
     from cdgrad.spectral import OperatorNormClipper, record_input_sizes
 
     if sample is None:
@@ -305,14 +158,13 @@ def _opnorm(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) ->
     model.eval()  # a forward pass in eval mode leaves BatchNorm statistics alone
     sizes = record_input_sizes(model, sample)
     model.train(was_training)
-    clipper = OperatorNormClipper(
+    return OperatorNormClipper(
         model, sizes, max_norm=v["clip_norm"], every=v["clip_every"], projection=v["clip_projection"]
     )
-    return Built(clipper=clipper)
 
 
-def _none(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> Built:
-    return Built()
+def _none(v: dict[str, Any], model: nn.Module, sample: torch.Tensor | None) -> None:
+    return None
 
 
 def _reparameterizer(kind: str) -> Callable[[nn.Module], None]:
@@ -322,6 +174,21 @@ def _reparameterizer(kind: str) -> Callable[[nn.Module], None]:
         reparameterize(model, kind)
 
     return reshape
+
+
+def _needs_batchnorm(name: str) -> Callable[[Any], None]:
+    """The check of a re-parameterising method: conv + BatchNorm pairs that torch.fx can find, i.e. a network
+    with the batch-norm option (and the option on)."""
+
+    def check(config: Any) -> None:
+        with_option = [n for n in MODEL_REGISTRY.names() if "batchnorm" in MODEL_REGISTRY.get(n).keywords]
+        if config.model not in with_option or not config.batchnorm:
+            raise ValueError(
+                f"method {name!r} re-parameterises conv + BatchNorm pairs: it needs batchnorm=True and a model "
+                f"with batch norm; accepted models: {', '.join(with_option)}"
+            )
+
+    return check
 
 
 _REPARAM = (
@@ -415,7 +282,12 @@ for _method in (
         _opnorm,
         order=(),
     ),
-    *(Method(name, summary, update, (), _none, reshape=_reparameterizer(name)) for name, summary, update in _REPARAM),
+    *(
+        Method(
+            name, summary, update, (), _none, reshape=_reparameterizer(name), check_config=_needs_batchnorm(name)
+        )
+        for name, summary, update in _REPARAM
+    ),
 ):
     register_method(_method, builtin=True)
 
@@ -423,139 +295,78 @@ for _method in (
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def method_values(config: RunConfig) -> dict[str, Any]:
-    """The method's parameters with their values: the config's, or the declared default where unset."""
+def method_values(config: Any) -> dict[str, Any]:
+    """The method's parameters with their values: the run's `method_args`, or the declared default where unset."""
     m = METHODS.get(config.method)
-    return {p.name: p.resolve(getattr(config, p.name)) for p in m.params}
+    args: Mapping[str, Any] = config.method_args
+    return {p.name: p.resolve(args.get(p.name)) for p in m.params}
 
 
-def validate_method(config: RunConfig) -> None:
-    """Raise ValueError when a parameter does not belong to the method or is outside the method's range."""
+def validate_method(config: Any) -> None:
+    """Raise ValueError when an argument does not belong to the method or is outside the method's range, or when
+    the method cannot train this configuration."""
     m = METHODS.get(config.method)
-    for name in PARAMS:
-        if getattr(config, name) is not None and name not in m.param_names:
+    for name, value in config.method_args.items():
+        if name not in m.param_names:
             takes = ", ".join(m.param_names) if m.params else "no hyper-parameters"
-            raise ValueError(
-                f"{name}={getattr(config, name)!r} is not a hyper-parameter of method {m.name!r} (it takes: {takes})"
-            )
-    for p in m.params:
-        value = getattr(config, p.name)
+            raise ValueError(f"{name}={value!r} is not a hyper-parameter of method {m.name!r} (it takes: {takes})")
+        p = m.param(name)
         if value is not None:
-            p.check(value, p.name if p.choices == PARAMS[p.name].choices else f"{p.name} for method {m.name!r}", p.type)
+            shared = PARAMS.get(name)
+            label = name if shared is None or p.choices == shared.choices else f"{name} for method {m.name!r}"
+            p.check(value, label, p.type)
     if m.check is not None:
         m.check(method_values(config))
+    if m.check_config is not None:
+        m.check_config(config)
 
 
 # -------------------------------------------------------------------------------------------------- building
 
 
-def reshape_model(config: RunConfig, model: nn.Module) -> nn.Module:
-    """`model` rebuilt in place by `config.method` when the method changes the network (acb, repvgg, dbb)."""
+def reshape_model(config: Any, model: nn.Module) -> nn.Module:
+    """`model`, rebuilt in place by `config.method` when the method changes the network."""
     reshape = METHODS.get(config.method).reshape
     if reshape is not None:
         reshape(model)
     return model
 
 
-def build_method(config: RunConfig, model: nn.Module, sample: torch.Tensor | None = None) -> Built:
-    """The transform and/or clipper of `config.method` for `model` (not yet attached)."""
+def build_method(config: Any, model: nn.Module, sample: torch.Tensor | None = None) -> GradientTransform | None:
+    """The transform of `config.method` for `model` (not yet attached; None: the ordinary gradient)."""
     return METHODS.get(config.method).build(method_values(config), model, sample)
-
-
-def build_transform(config: RunConfig, model: nn.Module) -> GradientTransform | None:
-    """The gradient transform of `config.method` (None for methods that leave gradients alone)."""
-    m = METHODS.get(config.method)
-    if m.name == "opnorm":
-        return None
-    return m.build(method_values(config), model, None).transform
-
-
-@dataclass
-class AttachedMethod:
-    """A method wired into an optimizer: per-epoch hook, checkpointable state, and removal."""
-
-    transform: GradientTransform | None = None
-    clipper: OperatorNormClipper | None = None
-    handles: list[Any] = field(default_factory=list)
-
-    def begin_epoch(self, epoch: int, batches: Callable[[int], list[torch.Tensor]] | None = None) -> None:
-        """The transform's epoch hook; a transform that measures in eval mode (SGS with the authors' pipeline)
-        measures now on `batches(n)`, n input batches drawn for it, when it is due."""
-        if self.transform is None:
-            return
-        self.transform.begin_epoch(epoch)
-        from cdgrad.sgs import SpatialGradientScaling
-
-        sgs = self.transform
-        if isinstance(sgs, SpatialGradientScaling) and sgs.config()["pipeline"] == "authors" and sgs.due(epoch):
-            if batches is None:
-                raise ValueError("this method measures in eval mode at the start of an epoch: pass batches=")
-            sgs.measure(batches(sgs.config()["num_batches"]))
-
-    def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.transform is not None:
-            out["transform"] = self.transform.state_dict()
-        if self.clipper is not None:
-            out["clipper"] = self.clipper.state_dict()
-        return out
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "transform" in state and self.transform is not None:
-            self.transform.load_state_dict(state["transform"])
-        if "clipper" in state and self.clipper is not None:
-            self.clipper.load_state_dict(state["clipper"])
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-
-def attach_method(
-    config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, sample: torch.Tensor | None = None
-) -> AttachedMethod:
-    """Build `config.method` and hook it into `optimizer.step()`.
-
-    `sample` is a small input batch: opnorm records each conv layer's input size from it.
-    """
-    built = build_method(config, model, sample)
-    out = AttachedMethod(transform=built.transform, clipper=built.clipper)
-    if built.transform is not None:
-        import cdgrad
-
-        attach = cdgrad.attach_update if built.on_update else cdgrad.attach
-        out.handles.append(attach(optimizer, built.transform))
-    if built.clipper is not None:
-        out.handles.append(built.clipper.attach(optimizer))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- labels
 
 
-def describe(config: RunConfig, omit: tuple[str, ...] = ()) -> str:
-    """A short label of the method and the parameters set in `config`, e.g. `h0 lam=2 (paper)`.
+def _text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
-    Parameters left unset are not shown; `convention='paper'` is written `(paper)`. `omit` leaves out the
-    named parameters (a plot against lambda labels its lines without `lam`).
+
+def describe(config: Any, omit: tuple[str, ...] = ()) -> str:
+    """A short label of the method and the arguments set in `config`, e.g. `h0 lam=2 (paper)`.
+
+    Arguments left unset are not shown; `convention='paper'` is written `(paper)`. `omit` leaves out the named
+    parameters (a plot against lambda labels its lines without `lam`).
     """
     parts = [config.method]
+    args: Mapping[str, Any] = config.method_args
     for name in METHODS.get(config.method).param_names:
-        value = getattr(config, name)
+        value = args.get(name)
         if value is not None and name != "convention" and name not in omit:
-            parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
-    if getattr(config, "convention", None) == "paper" and "convention" not in omit:
+            parts.append(f"{name}={_text(value)}")
+    if args.get("convention") == "paper" and "convention" not in omit:
         parts.append("(paper)")
     return " ".join(parts)
 
 
-def sort_key(config: RunConfig) -> tuple[Any, ...]:
+def sort_key(config: Any) -> tuple[Any, ...]:
     """Report order: methods in registration order, then each method's `order` parameters (unset first)."""
     m = METHODS.get(config.method)
     key: list[Any] = [METHODS.index(m.name)]
     for name in m.sort_params:
-        value = getattr(config, name)
+        value = config.method_args.get(name)
         key.append((0, 0.0 if m.param(name).type is not str else "") if value is None else (1, value))
     return tuple(key)
 
@@ -565,16 +376,18 @@ def defaults_text(name: str) -> str:
     by_default: dict[str, list[str]] = {}
     for m in METHODS.values():
         if name in m.param_names:
-            d = m.param(name).default
-            by_default.setdefault(f"{d:g}" if isinstance(d, float) else str(d), []).append(m.name)
+            by_default.setdefault(_text(m.param(name).default), []).append(m.name)
     return ", ".join(f"{d} ({', '.join(ms)})" for d, ms in by_default.items())
+
+
+def accepted_text(p: Param) -> str:
+    """The values a parameter accepts, e.g. `exact|paper`, `float > 0`."""
+    return "|".join(p.accepted_choices() or ()) or f"{p.type.__name__} {p.range_text()}".strip()
 
 
 def param_text(p: Param) -> str:
     """A parameter in one line: type, accepted values, default and help."""
-    accepted = "|".join(p.accepted_choices() or ()) or f"{p.type.__name__} {p.range_text()}".strip()
-    default = f"{p.default:g}" if isinstance(p.default, float) else str(p.default)
-    return f"{p.name:12s} {accepted}, default {default}: {p.help}"
+    return f"{p.name:12s} {accepted_text(p)}, default {_text(p.default)}: {p.help}"
 
 
 def method_listing() -> str:
@@ -584,4 +397,14 @@ def method_listing() -> str:
         lines.append(f"{m.name:11s} {m.summary}")
         lines.append(f"{'':11s} update: {m.update}")
         lines += [f"{'':11s} {param_text(p)}" for p in m.params]
+    return "\n".join(lines)
+
+
+def method_table() -> str:
+    """The methods as a Markdown table (method, what the optimizer receives, parameters with their defaults), the
+    one the docs show (`cdgrad list --methods --markdown`)."""
+    lines = ["| method | what the optimizer receives | parameters (default) |", "|---|---|---|"]
+    for m in METHODS.values():
+        params = ", ".join(f"`{p.name}` ({_text(p.default)})" for p in m.params) or "-"
+        lines.append(f"| `{m.name}` | {m.summary}: {m.update} | {params} |")
     return "\n".join(lines)

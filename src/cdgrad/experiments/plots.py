@@ -136,12 +136,12 @@ def plot_lambda(settings: Sequence[Setting], path: str) -> str:
         base = st.baseline
         lines: dict[str, list[Row]] = {}
         for r in st.rows:
-            if "lam" in METHODS.get(r.config.method).param_names and r.config.lam is not None and r.accs:
+            if "lam" in METHODS.get(r.config.method).param_names and r.config.arg("lam") is not None and r.accs:
                 lines.setdefault(describe(r.config, omit=("lam",)), []).append(r)
         for label, rows in lines.items():
-            rows.sort(key=lambda r: r.config.lam or 0.0)
+            rows.sort(key=lambda r: r.config.arg("lam") or 0.0)
             ax.errorbar(
-                [r.config.lam for r in rows],
+                [r.config.arg("lam") for r in rows],
                 [r.mean for r in rows],
                 yerr=[0.0 if np.isnan(r.std) else r.std for r in rows],
                 marker="o",
@@ -204,7 +204,7 @@ def sample_panels(config: Any, state: dict[str, Any], ds: Any, count: int) -> tu
         with torch.no_grad():
             pred = model(normalize(x, ds.mean, ds.std)).argmax(1)
         return x, y, pred
-    from cdgrad.experiments.dense_models import spade_generator
+    from cdgrad.experiments.spade import spade_generator
     from cdgrad.experiments.synthesis import render
 
     g = spade_generator(config.model, ds.num_classes, tuple(x.shape[2:]), x.shape[1])

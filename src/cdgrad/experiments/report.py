@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from cdgrad.experiments.config import FIELDS, METHOD_FIELDS, RunConfig, identity_dict
+from cdgrad.experiments.config import FIELDS, RunConfig, identity_dict
 from cdgrad.experiments.methods import describe, sort_key
 from cdgrad.experiments.store import Run
 from cdgrad.experiments.tasks import TASKS, Task, get_task
@@ -123,10 +123,10 @@ def published(config: RunConfig) -> float | None:
     """The paper's number for this configuration, where one is known: the channel-directed paper's Table 2
     (CIFAR-10, output direction) or the SGS paper's CIFAR-100 table (SGD, batch 128, SGS on the gradient)."""
     if config.dataset == "cifar100" and config.optimizer == "sgd" and config.batch_size == 128:
-        if config.method == "sgs" and (config.sgs_on or "gradient") != "gradient":
+        if config.method == "sgs" and (config.arg("sgs_on") or "gradient") != "gradient":
             return None
         return PUBLISHED_SGS_CIFAR100.get(config.model, {}).get(config.method)
-    if config.dataset != "cifar10" or config.direction not in (None, "output"):
+    if config.dataset != "cifar10" or config.arg("direction") not in (None, "output"):
         return None
     return PUBLISHED_TABLE2.get((config.model, config.optimizer, config.batch_size), {}).get(config.method)
 
@@ -136,7 +136,7 @@ def published(config: RunConfig) -> float | None:
 
 def setting_of(config: RunConfig) -> dict[str, Any]:
     """The identity fields that are not the method or its hyper-parameters."""
-    return {k: v for k, v in identity_dict(config).items() if k not in METHOD_FIELDS and k != "method"}
+    return {k: v for k, v in identity_dict(config).items() if k not in config.method_args and k != "method"}
 
 
 @dataclass

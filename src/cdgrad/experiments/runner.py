@@ -7,10 +7,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cdgrad.experiments.config import RunConfig, run_key, validate
+from cdgrad.experiments.checks import validate
+from cdgrad.experiments.config import RunConfig, run_key
+from cdgrad.experiments.launch import init_from_env, is_main_process
 from cdgrad.experiments.methods import describe
+from cdgrad.experiments.setup import load_data
 from cdgrad.experiments.store import ResultStore
-from cdgrad.experiments.tasks import check_dataset, get_task
+from cdgrad.experiments.tasks import get_task
+from cdgrad.experiments.train import check_seed, train
 
 __all__ = ["data_key", "prepare", "run_all"]
 
@@ -22,9 +26,6 @@ def data_key(config: RunConfig) -> tuple[Any, ...]:
 def prepare(runs: list[tuple[RunConfig, int]], store: ResultStore | None) -> dict[tuple[Any, ...], Any]:
     """Check everything that can fail before training: configs, seeds, data, then the results folder (the first
     thing created on disk, with the temporary files of killed writers removed). Returns the data sets."""
-    from cdgrad.experiments.launch import init_from_env, is_main_process
-    from cdgrad.experiments.train import check_seed, load_data
-
     for config, seed in runs:
         validate(config)
         check_seed(seed)
@@ -32,11 +33,7 @@ def prepare(runs: list[tuple[RunConfig, int]], store: ResultStore | None) -> dic
     for config, _ in runs:
         if data_key(config) not in datasets:
             datasets[data_key(config)] = load_data(config)
-        check_dataset(get_task(config.task), datasets[data_key(config)].dense, config.dataset)
-        if config.task == "synthesis":
-            from cdgrad.experiments.synthesis import check_fid_source
-
-            check_fid_source(config)
+        get_task(config.task).check_dataset(config, datasets[data_key(config)])
     distributed = init_from_env() is not None
     if store is not None and is_main_process():  # under torchrun only rank 0 writes the results folder
         store.check_writable()
@@ -64,9 +61,6 @@ def run_all(
     every `poll_s` seconds) until those are stored too, taking over any whose owner died; with `wait=False` it
     returns instead and logs which runs another process still holds.
     """
-    from cdgrad.experiments.launch import init_from_env, is_main_process
-    from cdgrad.experiments.train import train
-
     datasets = prepare(runs, store)
     main = is_main_process()  # under torchrun every rank trains, rank 0 alone claims, stores and logs
     distributed = init_from_env() is not None

@@ -1,65 +1,48 @@
-"""Train one configuration for one seed: `train(config, seed) -> metrics`.
+"""Train one configuration for one seed: `train(config, seed) -> metrics`, the one epoch loop of every task.
 
-The whole data set lives as uint8 tensors on the training device; an epoch draws a permutation from a
-seeded generator and indexes batches out of it, normalising (and, for CIFAR, augmenting) whole
-batches. The run is a deterministic function of (config, seed) on the CPU for a given thread count and kernel
-path (see docs/experiments.md). With `checkpoint=path`, the complete state (model, optimizer, method state,
-scheduler, generators, curves) is written atomically after every epoch, and a later call with the same path
-resumes from it and ends with the same numbers as an uninterrupted run; a checkpoint that cannot be read is set
-aside (`<path>.corrupt-<timestamp>`, said on stderr) and the run starts afresh. The loss and the metrics come
-from the run's task (`cdgrad.experiments.tasks`); a run whose training loss becomes non-finite stops at the end
-of that epoch with `status` "diverged".
+The whole data set lives as uint8 tensors on the training device; an epoch draws a permutation from a seeded
+generator and hands the task batches out of it (augmented when the config says so); the task's step trains its
+networks on each (`cdgrad.experiments.tasks`: one network for classification and segmentation, generator and
+discriminator for synthesis). The run is a deterministic function of (config, seed) on the CPU for a given thread
+count and kernel path (see docs/experiments.md). At the start of every epoch each method's transform gets its epoch
+hook with the batches it may measure on; it is attached to its optimizer for the whole run.
 
-Under torchrun (`WORLD_SIZE`/`RANK` in the environment, see `cdgrad.experiments.launch.init_from_env`) the model is
-wrapped in DistributedDataParallel and every rank draws the same global permutation and batches of
-`batch_size`, training on rows `r::world` of each batch; the loss is scaled so that DDP's gradient average is
-the gradient of the global batch's mean loss, i.e. the run equals the single-process run up to round-off (for
-models without BatchNorm, whose statistics are per rank). Only rank 0 writes the checkpoint; every rank
-reads it on resume, which needs the same world size.
+With `checkpoint=path`, the complete state (networks, optimizers, methods' state, schedules, generators, curves) is
+written atomically after every epoch, and a later call with the same path resumes from it and ends with the same
+numbers as an uninterrupted run; a checkpoint that cannot be read, or does not fit the run, is set aside
+(`<path>.corrupt-<timestamp>`, said on stderr) and the run starts afresh. A run whose training loss becomes
+non-finite stops at the end of that epoch with `status` "diverged".
 
-The pieces live in `setup` (data, model, optimizer, schedule), `evaluation`, `checkpoint` and `progress`; the
-names below are re-exported from here.
+Under torchrun (`WORLD_SIZE`/`RANK` in the environment, see `cdgrad.experiments.launch.init_from_env`) a task that
+allows it trains data-parallel: the networks are wrapped in DistributedDataParallel and every rank draws the same
+global permutation and batches of `batch_size`, training on rows `r::world` of each batch (the run equals the
+single-process run up to round-off, for models without BatchNorm, whose statistics are per rank). Only rank 0
+writes the checkpoint; every rank reads it on resume, which needs the same world size.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from cdgrad import validation as V
 from cdgrad.experiments import data as data_mod
-from cdgrad.experiments.checkpoint import CURVES, read_checkpoint, resume_state, run_entries, save_checkpoint, set_aside
-from cdgrad.experiments.config import RunConfig, validate
-from cdgrad.experiments.evaluation import evaluate, evaluate_sharded
+from cdgrad.experiments.checkpoint import resume_state, run_entries, save_checkpoint, set_aside
+from cdgrad.experiments.checks import validate
+from cdgrad.experiments.config import RunConfig
 from cdgrad.experiments.launch import init_from_env
 from cdgrad.experiments.progress import Progress
-from cdgrad.experiments.setup import Setup, build, load_data, make_model, make_optimizer, make_scheduler, subset
-from cdgrad.experiments.tasks import check_dataset, get_task
+from cdgrad.experiments.setup import Run, build, data_batches, load_data, measurement_batches
+from cdgrad.experiments.tasks import Context, Task, get_task
 
-__all__ = [
-    "CURVES",
-    "MAX_SEED",
-    "Progress",
-    "check_seed",
-    "evaluate",
-    "load_checkpoint",
-    "load_data",
-    "make_model",
-    "make_optimizer",
-    "make_scheduler",
-    "save_checkpoint",
-    "subset",
-    "train",
-]
+__all__ = ["MAX_SEED", "check_seed", "train"]
 
 MAX_SEED = 2**63 - 1
-load_checkpoint = read_checkpoint  # the former name
 
 
 def check_seed(seed: Any, name: str = "seed") -> int:
@@ -67,32 +50,77 @@ def check_seed(seed: Any, name: str = "seed") -> int:
     return V.check_int(seed, name, 0, MAX_SEED)
 
 
-def _restore(run: Setup, state: dict[str, Any], device: torch.device) -> None:
+def _restore(run: Run, state: dict[str, Any], device: torch.device) -> None:
     run.load_state_dict(state)
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
-def measurement_batches(
-    config: RunConfig, ds: data_mod.Dataset, seed: int, epoch: int, count: int
-) -> list[torch.Tensor]:
-    """`count` normalised training batches for a method that measures at the start of `epoch` (SGS with the
-    authors' pipeline), drawn with a generator of their own (seeded by seed and epoch): the run's own random
-    stream is untouched, and every rank of a distributed run draws the same batches."""
-    gen = torch.Generator(device=ds.train_x.device).manual_seed(1_000_003 * seed + epoch)
-    n = len(ds.train_x)
-    idx = torch.randperm(n, generator=gen, device=ds.train_x.device)[: count * config.batch_size]
-    out = []
-    for start in range(0, len(idx), config.batch_size):
-        chunk = idx[start : start + config.batch_size]
-        x = ds.train_x[chunk]
-        if config.augment and ds.dense:
-            x = data_mod.scale_crop_flip(x, ds.train_y[chunk], config.crop or x.shape[-1], generator=gen)[0]
-        elif config.augment:
-            x = data_mod.augment_crop_flip(x, pad=4, generator=gen)
-        out.append(data_mod.normalize(x, ds.mean, ds.std))
+def _start(
+    config: RunConfig,
+    seed: int,
+    ds: data_mod.Dataset,
+    device: torch.device,
+    checkpoint: str | None,
+    rank: int,
+    world: int,
+) -> tuple[Run, dict[str, list[Any]] | None, int, float]:
+    """The run set up, and restored from its checkpoint when there is one that fits: (run, curves, epoch, elapsed)."""
+    state = resume_state(checkpoint, config, seed, rank, world)
+    run = build(config, seed, ds, device)
+    if state is None or checkpoint is None:
+        return run, None, 0, 0.0
+    try:
+        _restore(run, state, device)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        run.remove()
+        if rank == 0:
+            set_aside(checkpoint, f"checkpoint {checkpoint} does not fit this run ({type(exc).__name__}: {exc})")
+        return build(config, seed, ds, device), None, 0, 0.0
+    return run, state["curves"], state["epoch"], state["elapsed"]
+
+
+def _add(sums: dict[str, Tensor], batch: dict[str, Tensor] | Any) -> None:
+    """Add a step's sums to the epoch's (floating sums accumulate in float64)."""
+    for key, value in batch.items():
+        if key in sums:
+            sums[key] = sums[key] + value
+        else:
+            sums[key] = value.to(torch.float64) if value.is_floating_point() else value
+
+
+def _all_reduce(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The sums of every rank (integer sums stay integers)."""
+    keys = list(sums)
+    flat = [sums[k].reshape(-1).to(torch.float64) for k in keys]
+    total = torch.cat(flat)
+    torch.distributed.all_reduce(total)
+    out, i = {}, 0
+    for k, part in zip(keys, flat, strict=True):
+        value = total[i : i + len(part)]
+        i += len(part)
+        if sums[k].is_floating_point():
+            out[k] = value.reshape(sums[k].shape)
+        else:
+            out[k] = value.round().to(sums[k].dtype).reshape(sums[k].shape)
     return out
+
+
+def _epoch(task: Task, run: Run, ctx: Context, perm: Tensor, bar: Progress, epoch: int) -> dict[str, Tensor]:
+    """One epoch's training steps; returns the summed step outputs."""
+    config = ctx.config
+    sums: dict[str, Tensor] = {}
+    label, key = task.progress
+    for x, y in data_batches(config, ctx.ds, perm, run.generator):
+        count = len(x)
+        if ctx.world > 1:  # this rank's rows of the global batch (augmented whole: same random draws)
+            x, y = x[ctx.rank :: ctx.world], y[ctx.rank :: ctx.world]
+        batch = task.step(run.units, x, y, ctx, count)
+        _add(sums, batch)
+        info = f"epoch {epoch + 1}/{config.epochs} {label} {batch[key].item() / count:.3f}" if bar.enabled else None
+        bar.update(info=info)
+    return sums
 
 
 def train(
@@ -107,52 +135,33 @@ def train(
     """Train `config` from seed `seed`; return per-epoch curves, final metrics, wall time and status.
 
     Loss and metrics are the task's (classification: mean cross-entropy, accuracy in percent; segmentation: also mean
-    IoU, and the final `train_*` and `gap_*` = train - test from one more evaluation, of the unaugmented training
-    split; image synthesis runs its own loop, `cdgrad.experiments.synthesis`). `train_*` curves are
-    running averages over the epoch's batches; `test_*` are measured at epochs `test_epoch` (every `eval_every`,
-    always the last). `status` is "completed", or "diverged" when the epoch's training loss was not finite
-    (training stops after that epoch, which is evaluated; no checkpoint is written for it). `dataset` (from
-    `load_data(config)`) saves re-reading files in a sweep; `callback(epoch, curves)` runs after each epoch's
-    checkpoint.
-
-    Under torchrun (a default process group, or `WORLD_SIZE` in the environment) the run is data-parallel as
-    described in the module docstring; every rank returns the same metrics and only rank 0 writes `checkpoint`.
+    IoU, and the final `train_*` and `gap_*` = train - test from one more evaluation of the unaugmented training
+    split; synthesis: generator and discriminator losses, FID). `train_*` curves are running averages over the
+    epoch's batches; `test_*` are measured at epochs `test_epoch` (every `eval_every`, always the last). `status` is
+    "completed", or "diverged" when a training loss of the epoch was not finite (training stops after that epoch,
+    which is evaluated; no checkpoint is written for it). `dataset` (from `load_data(config)`) saves re-reading
+    files in a sweep; `callback(epoch, curves)` runs after each epoch's checkpoint.
     """
     validate(config)
     seed = check_seed(seed)
     task = get_task(config.task)
-    if task.fit is not None:  # a task with a loop of its own (image synthesis: two networks)
-        return task.fit(config, seed, dataset=dataset, checkpoint=checkpoint, progress=progress, callback=callback)
-    assert task.loss is not None and task.stats is not None and task.summarize is not None
     dist_info = init_from_env()
     rank, world = dist_info if dist_info is not None else (0, 1)
+    if world > 1 and not task.distributed:
+        raise ValueError(f"task {task.name!r} trains in one process; launch it without torchrun")
     device = torch.device(config.device)
     ds = (dataset if dataset is not None else load_data(config)).to(device)
-    check_dataset(task, ds.dense, config.dataset)
+    task.check_dataset(config, ds)
+    evaluate = task.evaluator(config, ds)  # before training: files the evaluation needs fail here
+    ctx = Context(config, ds, rank, world)
     n = len(ds.train_x)
 
-    # ---- set-up, then the checkpoint's state (a file that does not fit is set aside and the run starts afresh)
-    state = resume_state(checkpoint, config, seed, rank, world)
-    run = build(config, seed, ds, device)
-    curves: dict[str, list[Any]] = {k: [] for k in task.curves}
-    start_epoch, elapsed = 0, 0.0
-    if state is not None and checkpoint is not None:
-        try:
-            _restore(run, state, device)
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-            run.method.remove()
-            if rank == 0:
-                set_aside(checkpoint, f"checkpoint {checkpoint} does not fit this run ({type(exc).__name__}: {exc})")
-            run = build(config, seed, ds, device)
-        else:
-            curves, start_epoch, elapsed = state["curves"], state["epoch"], state["elapsed"]
-    model, optimizer, method, gen = run.model, run.optimizer, run.method, run.generator
-
-    net: nn.Module = model
+    run, restored, start_epoch, elapsed = _start(config, seed, ds, device, checkpoint, rank, world)
+    curves: dict[str, list[Any]] = restored if restored is not None else {k: [] for k in task.curves}
     if world > 1:  # after loading the checkpoint; DDP also broadcasts rank 0's parameters and buffers
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" and device.index is not None else None
-        )
+        ids = [device.index] if device.type == "cuda" and device.index is not None else None
+        for unit in run.units:
+            unit.net = nn.parallel.DistributedDataParallel(unit.module, device_ids=ids)
     steps = math.ceil(n / config.batch_size)
     bar = Progress(
         (config.epochs - start_epoch) * steps, desc=f"{config.method} s{seed}", enabled=progress if rank == 0 else False
@@ -162,76 +171,37 @@ def train(
     torch.set_num_threads(config.threads or threads)
     try:
         for epoch in range(start_epoch, config.epochs):
-            # ---- one epoch
             t0 = time.perf_counter()
-            method.begin_epoch(epoch, functools.partial(measurement_batches, config, ds, seed, epoch))
-            net.train()
-            perm = torch.randperm(n, generator=gen, device=device)
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            sums: torch.Tensor | int = 0  # the task's batch statistics, summed
-            for i in range(steps):
-                idx = perm[i * config.batch_size : (i + 1) * config.batch_size]
-                x, y = ds.train_x[idx], ds.train_y[idx]
-                if config.augment and task.dense:  # image and label map together
-                    x, y = data_mod.scale_crop_flip(x, y, config.crop or x.shape[-1], generator=gen)
-                elif config.augment:  # on the uint8 batch: zero padding is black, as in torchvision
-                    x = data_mod.augment_crop_flip(x, pad=4, generator=gen)
-                if world > 1:  # this rank's rows of the global batch (augmented whole: same random draws)
-                    x, y = x[rank::world], y[rank::world]
-                x = data_mod.normalize(x, ds.mean, ds.std)
-                logits = net(x)
-                if world == 1:
-                    loss = task.loss(logits, y)
-                    batch_loss = loss.detach() * len(idx)
-                else:  # DDP averages over ranks: world/B * (local sum) averages to the global batch mean
-                    batch_loss = task.loss(logits, y, reduction="sum")
-                    loss = batch_loss * (world / len(idx))
-                    batch_loss = batch_loss.detach()
-                optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)  # = loss.backward()
-                optimizer.step()
-                loss_sum += batch_loss
-                sums = sums + task.stats(logits.detach(), y)
-                bar.update(info=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}" if bar.enabled else None)
-            run.scheduler.step()
-            assert isinstance(sums, torch.Tensor)
+            for unit in run.units:
+                if unit.method is not None:
+                    unit.method.begin_epoch(epoch, measurement_batches(config, ds, seed, epoch, unit))
+                unit.net.train()
+            perm = torch.randperm(n, generator=run.generator, device=device)
+            sums = _epoch(task, run, ctx, perm, bar, epoch)
+            for unit in run.units:
+                unit.scheduler.step()
             if world > 1:
-                total = torch.cat([loss_sum.reshape(1), sums.to(torch.float64)])
-                torch.distributed.all_reduce(total)
-                loss_sum, sums = total[0], total[1:].round().to(torch.int64)
+                sums = _all_reduce(sums)
             curves["epoch"].append(epoch + 1)
-            curves["train_loss"].append(loss_sum.item() / n)
-            for key, value in task.summarize(sums).items():
-                curves[f"train_{key}"].append(value)
-            diverged = not math.isfinite(curves["train_loss"][-1])  # the same on every rank (all-reduced)
+            for key, value in task.epoch_curves(sums, n).items():
+                curves[key].append(value)
+            diverged = not all(math.isfinite(curves[k][-1]) for k in task.loss_curves)  # the same on every rank
 
-            # ---- evaluation
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs or diverged:
-                if world == 1:
-                    test_loss, scores = evaluate(
-                        model, ds.test_x, ds.test_y, ds.mean, ds.std, config.eval_batch_size, task
-                    )
-                else:
-                    test_loss, scores = evaluate_sharded(model, ds, config.eval_batch_size, rank, world, task)
                 curves["test_epoch"].append(epoch + 1)
-                curves["test_loss"].append(test_loss)
-                for key, value in scores.items():
-                    curves[f"test_{key}"].append(value)
+                for key, value in evaluate(run.units, ctx, diverged).items():
+                    curves[key].append(value)
             curves["epoch_time"].append(time.perf_counter() - t0)
             elapsed += curves["epoch_time"][-1]
             if diverged:
                 status = "diverged"
                 break
 
-            # ---- checkpoint
             if checkpoint is not None and rank == 0:
+                cuda = {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
                 save_checkpoint(
                     checkpoint,
-                    {
-                        **run_entries(config, seed, epoch + 1, elapsed, world, curves),
-                        **run.state_dict(),
-                        **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                    },
+                    {**run_entries(config, seed, epoch + 1, elapsed, world, curves), **run.state_dict(), **cuda},
                 )
             if checkpoint is not None and world > 1:
                 torch.distributed.barrier()  # no rank goes on (and may read the file) before it is written
@@ -239,15 +209,8 @@ def train(
                 callback(epoch + 1, curves)
     finally:
         bar.close()
-        method.remove()
+        run.remove()
         torch.set_num_threads(threads)
 
-    final = {k: curves[k][-1] for k in ("train_loss", "test_loss")}
-    for key in task.summary_metrics:
-        final[f"train_{key}"], final[f"test_{key}"] = curves[f"train_{key}"][-1], curves[f"test_{key}"][-1]
-    if task.dense:  # the training metrics of a dense task: the same evaluation on the training split
-        _, scores = evaluate(model, ds.train_x, ds.train_y, ds.mean, ds.std, config.eval_batch_size, task)
-        for key, value in scores.items():
-            final[f"train_{key}"] = value
-            final[f"gap_{key}"] = value - final[f"test_{key}"]
+    final = task.finish(run.units, ctx, curves)
     return {"curves": curves, "final": final, "wall_s": elapsed, "status": status}

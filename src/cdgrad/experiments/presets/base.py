@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cdgrad.experiments.config import FIELDS, RunConfig, from_dict, to_dict
+from cdgrad.experiments.config import FIELDS, RunConfig, from_dict
 
 __all__ = ["Preset", "describe_preset", "grid"]
 
@@ -32,10 +32,15 @@ class Preset:
         out = []
         for changes, seeds in self.variants:
             config = from_dict({**self.base, **changes, **(overrides or {})})
-            if any(getattr(config, k) != v for k, v in (where or {}).items()):
+            if any(_value(config, k) != v for k, v in (where or {}).items()):
                 continue
             out += [(config, s) for s in range(min(seeds, max_seeds) if max_seeds else seeds)]
         return out
+
+
+def _value(config: RunConfig, name: str) -> Any:
+    """A field of `config`, or the method argument `name` (None when unset)."""
+    return getattr(config, name) if name in FIELDS else config.arg(name)
 
 
 def grid(
@@ -56,8 +61,10 @@ def describe_preset(preset: Preset, verbose: bool = False) -> str:
     if preset.cuts:
         lines.append(f"{'':18s} {'':10s} reduced: {preset.cuts}")
     if verbose:
-        base = to_dict(from_dict(preset.base))
-        lines.append(f"{'':29s} base: " + ", ".join(f"{k}={v}" for k, v in base.items() if v != FIELDS[k].default))
+        config = from_dict(preset.base)
+        base = {k: getattr(config, k) for k in FIELDS if getattr(config, k) != FIELDS[k].default}
+        base.update(config.method_args)
+        lines.append(f"{'':29s} base: " + ", ".join(f"{k}={v}" for k, v in base.items()))
         for changes, seeds in preset.variants:
             lines.append(f"{'':29s} {seeds:3d} seeds x " + ", ".join(f"{k}={v}" for k, v in changes.items()))
     return "\n".join(lines)

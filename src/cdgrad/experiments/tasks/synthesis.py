@@ -1,7 +1,7 @@
 """The image-synthesis task: SPADE (Park et al. 2019) renders label maps as images; scored by FID.
 
-`train_synthesis(config, seed)` is the task's loop (called by `cdgrad.experiments.train.train` for
-`task="synthesis"`). Each step, as in SPADE's trainer, first updates the generator G on
+The task trains two networks, the generator G and the discriminator D (units `model` and `disc`). Each step,
+as in SPADE's trainer, first updates the generator G on
 
     L_G = hinge_G(D(s, G(s))) + 10 * FM(D(s, x), D(s, G(s)))        (hinge loss and feature matching, lambda 10)
 
@@ -21,14 +21,13 @@ split, and the FID between those images and the real test images is computed in 
 
 The real images' statistics are computed once per run, or read from `fid_stats` (an .npz with `mu` and `sigma`).
 
-The run's state (both networks, optimizers, schedules, methods, the batch generator) is checkpointed after every
-epoch like a supervised run's, and a rerun resumes from it.
+Both networks, their optimizers, schedules and methods are checkpointed by the one training loop like a supervised
+run's network. A synthesis run trains in one process (no torchrun).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,17 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdgrad.experiments import data as data_mod
-from cdgrad.experiments.checkpoint import resume_state, run_entries, save_checkpoint
-from cdgrad.experiments.config import RunConfig
-from cdgrad.experiments.dense_models import (
-    feature_matching_loss,
-    hinge_d_loss,
-    hinge_g_loss,
-    one_hot_labels,
-    spade_discriminator,
-    spade_generator,
-)
 from cdgrad.experiments.fid import (
     InceptionV3Features,
     extract_features,
@@ -54,18 +42,17 @@ from cdgrad.experiments.fid import (
     frechet_distance,
     load_statistics,
 )
-from cdgrad.experiments.methods import AttachedMethod, attach_method
-from cdgrad.experiments.progress import Progress
-from cdgrad.experiments.setup import load_data, make_optimizer, make_scheduler
-from cdgrad.experiments.tasks import SYNTHESIS, check_dataset
+from cdgrad.experiments.spade import one_hot_labels, spade_discriminator, spade_generator
+from cdgrad.experiments.tasks.base import Context, Metric, Network, Task, Unit
+from cdgrad.experiments.tasks.gan import feature_matching_loss, hinge_d_loss, hinge_g_loss
 
 __all__ = [
     "FEATURE_MATCHING_WEIGHT",
+    "SYNTHESIS",
     "PresenceClassifier",
     "check_fid_source",
     "fid_extractor",
     "render",
-    "train_synthesis",
 ]
 
 FEATURE_MATCHING_WEIGHT = 10.0  # lambda_feat of pix2pixHD and SPADE
@@ -116,7 +103,7 @@ def presence(y: Tensor, num_classes: int) -> Tensor:
     return hits[:, 1:num_classes]
 
 
-def train_presence_classifier(ds: data_mod.Dataset, epochs: int = 3, batch_size: int = 128) -> PresenceClassifier:
+def train_presence_classifier(ds: Any, epochs: int = 3, batch_size: int = 128) -> PresenceClassifier:
     """`PresenceClassifier` trained with Adam (lr 1e-3) on multi-label BCE over the training split, seed 0."""
     device = ds.train_x.device
     with torch.random.fork_rng(devices=[]):
@@ -144,7 +131,7 @@ def train_presence_classifier(ds: data_mod.Dataset, epochs: int = 3, batch_size:
 FEATURE_DIMS = {"inception": 2048, "classifier": 128}  # the FID feature dimension of each extractor
 
 
-def _inception(config: RunConfig) -> InceptionV3Features:
+def _inception(config: Any) -> InceptionV3Features:
     """The FID Inception network from `fid_weights`; ValueError (FileNotFoundError) naming what is missing."""
     if config.fid_weights is None:
         raise ValueError(
@@ -154,14 +141,14 @@ def _inception(config: RunConfig) -> InceptionV3Features:
     return InceptionV3Features.from_file(config.fid_weights)
 
 
-def _real_statistics(config: RunConfig) -> tuple[Tensor, Tensor] | None:
+def _real_statistics(config: Any) -> tuple[Tensor, Tensor] | None:
     """The real images' feature statistics from `fid_stats` (checked against the extractor's size), or None."""
     if config.fid_stats is None:
         return None
     return load_statistics(config.fid_stats, FEATURE_DIMS[config.fid_extractor])
 
 
-def check_fid_source(config: RunConfig) -> None:
+def check_fid_source(config: Any) -> None:
     """ValueError (naming the file) unless the FID of `config` can be computed: for 'inception', the weights file
     must be given and hold the FID Inception network; `fid_stats` must hold statistics of the extractor's size."""
     _real_statistics(config)
@@ -172,7 +159,7 @@ def check_fid_source(config: RunConfig) -> None:
 _CLASSIFIERS: dict[tuple[Any, ...], PresenceClassifier] = {}
 
 
-def fid_extractor(config: RunConfig, ds: data_mod.Dataset) -> Callable[[Tensor], Tensor]:
+def fid_extractor(config: Any, ds: Any) -> Callable[[Tensor], Tensor]:
     """The FID feature extractor of `config` for `ds`: uint8 images (N, C, H, W) -> (N, D) features."""
     if config.fid_extractor == "inception":
         net = _inception(config).to(ds.train_x.device).eval()
@@ -202,7 +189,7 @@ def render(generator: nn.Module, labels: Tensor, num_classes: int, batch_size: i
 
 def fid(
     generator: nn.Module,
-    ds: data_mod.Dataset,
+    ds: Any,
     extract: Callable[[Tensor], Tensor],
     real: tuple[Tensor, Tensor],
     batch_size: int,
@@ -213,145 +200,88 @@ def fid(
     return frechet_distance(mu, sigma, *real)
 
 
-# ------------------------------------------------------------------------------------------------ training
-def _state(
-    g: nn.Module, d: nn.Module, opts: list[torch.optim.Optimizer], scheds: list[Any], methods: list[AttachedMethod]
-) -> dict[str, Any]:
-    return {
-        "model": g.state_dict(),
-        "optimizer": opts[0].state_dict(),
-        "scheduler": scheds[0].state_dict(),
-        "method": methods[0].state_dict(),
-        "disc": d.state_dict(),
-        "disc_optimizer": opts[1].state_dict(),
-        "disc_scheduler": scheds[1].state_dict(),
-        "disc_method": methods[1].state_dict(),
-    }
+# -------------------------------------------------------------------------------------------------- the task
+def _networks(config: Any, ds: Any) -> list[Network]:
+    channels, size = ds.train_x.shape[1], tuple(ds.train_x.shape[2:])
+    g = spade_generator(config.model, ds.num_classes, size, channels)
+    d = spade_discriminator(config.model, ds.num_classes, channels)
+
+    def g_inputs(x: Tensor, y: Tensor) -> Tensor:
+        return one_hot_labels(y, ds.num_classes)
+
+    def d_inputs(x: Tensor, y: Tensor) -> Tensor:
+        return torch.cat([one_hot_labels(y, ds.num_classes), x.float() / 127.5 - 1], 1)
+
+    return [Network("model", g, config.lr, g_inputs), Network("disc", d, config.lr_d or 4 * config.lr, d_inputs)]
 
 
-def train_synthesis(
-    config: RunConfig,
-    seed: int,
-    *,
-    dataset: data_mod.Dataset | None = None,
-    checkpoint: str | None = None,
-    progress: bool | None = None,
-    callback: Callable[[int, dict[str, list[Any]]], None] | None = None,
-) -> dict[str, Any]:
-    """Train SPADE on `config`'s data from `seed`; curves of the G and D losses and the test FID (one process)."""
-    from cdgrad.experiments.launch import init_from_env
+def _step(units: list[Unit], x: Tensor, y: Tensor, ctx: Context, count: int) -> dict[str, Tensor]:
+    """One G step (hinge loss and feature matching against the real pair's features), then one D step on the same
+    batch against a fresh rendering by the updated G (as SPADE does)."""
+    g, d = units[0].net, units[1].net
+    real_x, s = x.float() / 127.5 - 1.0, one_hot_labels(y, ctx.ds.num_classes)
+    fake = g(s)
+    fake_out = d(torch.cat([s, fake], 1))
+    with torch.no_grad():
+        real_out = d(torch.cat([s, real_x], 1))
+    loss_g = hinge_g_loss(fake_out) + FEATURE_MATCHING_WEIGHT * feature_matching_loss(real_out, fake_out)
+    units[0].optimizer.zero_grad(set_to_none=True)
+    torch.autograd.backward(loss_g)
+    units[0].optimizer.step()
+    with torch.no_grad():
+        fake = g(s)
+    loss_d = hinge_d_loss(d(torch.cat([s, real_x], 1)), d(torch.cat([s, fake], 1)))
+    units[1].optimizer.zero_grad(set_to_none=True)
+    torch.autograd.backward(loss_d)
+    units[1].optimizer.step()
+    return {"loss": loss_g.detach() * count, "d_loss": loss_d.detach() * count}
 
-    if init_from_env() is not None:
-        raise ValueError("task 'synthesis' trains in one process; launch it without torchrun")
-    device = torch.device(config.device)
-    ds = (dataset if dataset is not None else load_data(config)).to(device)
-    check_dataset(SYNTHESIS, ds.dense, config.dataset)
-    real = _real_statistics(config)  # before training: a bad statistics or weights file fails here
+
+def _epoch_curves(sums: dict[str, Tensor], n: int) -> dict[str, float]:
+    return {"train_loss": sums["loss"].item() / n, "train_d_loss": sums["d_loss"].item() / n}
+
+
+def _evaluator(config: Any, ds: Any) -> Callable[..., dict[str, float]]:
+    """The FID of G at an evaluation; the real images' statistics and the extractor are prepared now (a bad
+    statistics or weights file fails before training)."""
+    real = _real_statistics(config)
     extract = fid_extractor(config, ds)
     if real is None:
         real = feature_statistics(extract_features(extract, ds.test_x, config.eval_batch_size))
-    channels, size = ds.train_x.shape[1], tuple(ds.train_x.shape[2:])
+    stats = real
 
-    state = resume_state(checkpoint, config, seed)
+    def run(units: list[Unit], ctx: Context, diverged: bool) -> dict[str, float]:
+        return {"test_fid": math.nan if diverged else fid(units[0].module, ds, extract, stats, config.eval_batch_size)}
 
-    torch.manual_seed(seed)
-    g = spade_generator(config.model, ds.num_classes, size, channels).to(device)
-    d = spade_discriminator(config.model, ds.num_classes, channels).to(device)
-    opts = [make_optimizer(config, g), make_optimizer(config.replace(lr=config.lr_d or 4 * config.lr), d)]
-    scheds = [make_scheduler(config, o) for o in opts]
-    seg = one_hot_labels(ds.train_y[:2], ds.num_classes)
-    methods = [
-        attach_method(config, g, opts[0], sample=seg),
-        attach_method(config, d, opts[1], sample=torch.cat([seg, ds.train_x[:2].float() / 127.5 - 1], 1)),
-    ]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    curves: dict[str, list[Any]] = {k: [] for k in SYNTHESIS.curves}
-    start_epoch, elapsed = 0, 0.0
-    if state is not None:
-        g.load_state_dict(state["model"])
-        d.load_state_dict(state["disc"])
-        for i, prefix in enumerate(("", "disc_")):
-            opts[i].load_state_dict(state[f"{prefix}optimizer"])
-            scheds[i].load_state_dict(state[f"{prefix}scheduler"])
-            methods[i].load_state_dict(state[f"{prefix}method"])
-        gen.set_state(state["generator"].to(gen.get_state().device))
-        torch.set_rng_state(state["torch_rng"])
-        curves, start_epoch, elapsed = state["curves"], state["epoch"], state["elapsed"]
+    return run
 
-    n = len(ds.train_x)
-    steps = math.ceil(n / config.batch_size)
-    bar = Progress((config.epochs - start_epoch) * steps, desc=f"{config.method} s{seed}", enabled=progress)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads or threads)
-    status = "completed"
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            t0 = time.perf_counter()
-            for m in methods:
-                m.begin_epoch(epoch)
-            g.train()
-            d.train()
-            perm = torch.randperm(n, generator=gen, device=device)
-            g_sum = torch.zeros((), device=device, dtype=torch.float64)
-            d_sum = torch.zeros((), device=device, dtype=torch.float64)
-            for i in range(steps):
-                idx = perm[i * config.batch_size : (i + 1) * config.batch_size]
-                x, y = ds.train_x[idx], ds.train_y[idx]
-                if config.augment:
-                    x, y = data_mod.scale_crop_flip(x, y, config.crop or x.shape[-1], generator=gen)
-                real_x, s = x.float() / 127.5 - 1.0, one_hot_labels(y, ds.num_classes)
-                # generator step: hinge loss and feature matching against the real pair's features
-                fake = g(s)
-                fake_out = d(torch.cat([s, fake], 1))
-                with torch.no_grad():
-                    real_out = d(torch.cat([s, real_x], 1))
-                loss_g = hinge_g_loss(fake_out) + FEATURE_MATCHING_WEIGHT * feature_matching_loss(real_out, fake_out)
-                opts[0].zero_grad(set_to_none=True)
-                torch.autograd.backward(loss_g)
-                opts[0].step()
-                # discriminator step on the same batch, against a fresh rendering by the updated G (as SPADE does)
-                with torch.no_grad():
-                    fake = g(s)
-                loss_d = hinge_d_loss(d(torch.cat([s, real_x], 1)), d(torch.cat([s, fake], 1)))
-                opts[1].zero_grad(set_to_none=True)
-                torch.autograd.backward(loss_d)
-                opts[1].step()
-                g_sum += loss_g.detach() * len(idx)
-                d_sum += loss_d.detach() * len(idx)
-                bar.update(info=f"epoch {epoch + 1}/{config.epochs} G {loss_g.item():.3f}" if bar.enabled else None)
-            for sched in scheds:
-                sched.step()
-            curves["epoch"].append(epoch + 1)
-            curves["train_loss"].append(g_sum.item() / n)
-            curves["train_d_loss"].append(d_sum.item() / n)
-            diverged = not (math.isfinite(curves["train_loss"][-1]) and math.isfinite(curves["train_d_loss"][-1]))
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs or diverged:
-                curves["test_epoch"].append(epoch + 1)
-                curves["test_fid"].append(math.nan if diverged else fid(g, ds, extract, real, config.eval_batch_size))
-            curves["epoch_time"].append(time.perf_counter() - t0)
-            elapsed += curves["epoch_time"][-1]
-            if diverged:
-                status = "diverged"
-                break
-            if checkpoint is not None:
-                save_checkpoint(
-                    checkpoint,
-                    {
-                        **run_entries(config, seed, epoch + 1, elapsed, 1, curves),
-                        **_state(g, d, opts, scheds, methods),
-                        "generator": gen.get_state(),
-                    },
-                )
-            if callback is not None:
-                callback(epoch + 1, curves)
-    finally:
-        bar.close()
-        for m in methods:
-            m.remove()
-        torch.set_num_threads(threads)
-    final = {
-        "test_fid": curves["test_fid"][-1],
-        "train_loss": curves["train_loss"][-1],
-        "train_d_loss": curves["train_d_loss"][-1],
-    }
-    return {"curves": curves, "final": final, "wall_s": elapsed, "status": status}
+
+def _finish(units: list[Unit], ctx: Context, curves: dict[str, list[Any]]) -> dict[str, float]:
+    return {k: curves[k][-1] for k in ("test_fid", "train_loss", "train_d_loss")}
+
+
+def _check_data(config: Any, ds: Any) -> None:
+    check_fid_source(config)
+
+
+SYNTHESIS = Task(
+    name="synthesis",
+    summary="image synthesis from label maps (SPADE): hinge GAN loss with feature matching, FID of the test "
+    "split's label maps rendered by the generator against the real test images",
+    metrics=(
+        Metric("test_fid", "FID (test split)", False, percent=False, short="FID"),
+        Metric("train_loss", "generator loss (last epoch's mean)", False, percent=False),
+        Metric("train_d_loss", "discriminator loss (last epoch's mean)", False, percent=False),
+    ),
+    networks=_networks,
+    step=_step,
+    epoch_curves=_epoch_curves,
+    evaluator=_evaluator,
+    finish=_finish,
+    curves=("epoch", "train_loss", "train_d_loss", "test_epoch", "test_fid", "epoch_time"),
+    dense=True,
+    models=("spade-small", "spade"),
+    distributed=False,
+    progress=("G", "loss"),
+    check_data=_check_data,
+)
