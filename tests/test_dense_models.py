@@ -1,4 +1,4 @@
-"""Tests of cdgrad.experiments.unet, .spade and .tasks.gan: the UNet and the SPADE networks and losses of the dense tasks."""
+"""Tests of cdgrad.experiments.unet, .spade and .tasks.gan: the networks and losses of the dense tasks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from cdgrad.experiments.models import build_model, count_parameters, model_names
 from cdgrad.experiments.spade import (
     SPADE,
     SYNTHESIS_MODELS,
@@ -23,7 +24,6 @@ from cdgrad.experiments.spade import (
 )
 from cdgrad.experiments.tasks.gan import feature_matching_loss, hinge_d_loss, hinge_g_loss
 from cdgrad.experiments.unet import UNet
-from cdgrad.experiments.models import build_model, count_parameters, model_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

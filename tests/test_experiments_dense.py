@@ -14,8 +14,7 @@ from cdgrad.experiments.config import RunConfig
 from cdgrad.experiments.runner import prepare
 from cdgrad.experiments.setup import build, load_data
 from cdgrad.experiments.store import ResultStore
-from cdgrad.experiments.tasks import get_task
-from cdgrad.experiments.tasks import synthesis
+from cdgrad.experiments.tasks import get_task, synthesis
 from cdgrad.experiments.tasks.supervised import segmentation_loss
 from cdgrad.experiments.tasks.synthesis import check_fid_source, presence
 from cdgrad.experiments.train import train

@@ -13,7 +13,8 @@ from torch import nn
 
 import cdgrad
 from cdgrad.experiments import methods as M
-from cdgrad.experiments.config import RunConfig, validate
+from cdgrad.experiments.checks import validate
+from cdgrad.experiments.config import RunConfig, from_dict
 from cdgrad.experiments.registry import Param
 from cdgrad.sgs import SpatialGradientScaling
 from cdgrad.spectral import OperatorNormClipper
@@ -124,10 +125,10 @@ def test_declared_defaults_are_the_librarys():
 
 def legacy_transform(c: RunConfig, model: nn.Module):
     """The transform as the toolkit built it before the registry: only the parameters set are passed."""
-    kw = {n: getattr(c, n) for n in ("lam", "beta", "direction", "scope", "sigma") if getattr(c, n) is not None}
+    kw = {n: c.arg(n) for n in ("lam", "beta", "direction", "scope", "sigma") if c.arg(n) is not None}
     if c.method in ("h0", "sobolev"):
         kw.pop("sigma", None)
-        if c.convention == "paper":
+        if c.arg("convention") == "paper":
             return cdgrad.paper_convention(c.method, kw.pop("lam", 1.0), **kw)
         return cdgrad.ChannelDirected(metric=c.method, **kw)
     if c.method == "ls":
@@ -151,14 +152,14 @@ def transform_configs(draw):
             values[p.name] = draw(st.floats(0.1, 20.0))
         else:
             values[p.name] = draw(st.floats(0.0, 3.0))
-    return RunConfig(**values)
+    return from_dict(values)
 
 
 @settings(max_examples=60, deadline=None)
 @given(transform_configs(), st.integers(0, 2**16))
 def test_built_transforms_compute_what_the_library_computes(config, seed):
     validate(config)
-    built = M.build_transform(config, nn.Identity())
+    built = M.build_method(config, nn.Identity())
     ref = legacy_transform(config, nn.Identity())
     assert type(built) is type(ref)
     g = torch.Generator().manual_seed(seed)
@@ -178,67 +179,68 @@ def _conv_net() -> nn.Module:
 
 def test_builders_of_sgs_and_opnorm():
     model = _conv_net()
-    sgs = M.build_method(RunConfig(method="sgs", sgs_k=3.0), model)
-    assert isinstance(sgs.transform, SpatialGradientScaling) and sgs.clipper is None
-    assert sgs.transform.config()["k"] == 3.0 and sgs.transform.config()["every"] == 5
+    sgs = M.build_method(from_dict({"method": "sgs", "sgs_k": 3.0}), model)
+    assert isinstance(sgs, SpatialGradientScaling)
+    assert sgs.config()["k"] == 3.0 and sgs.config()["every"] == 5
+    on_update = M.build_method(from_dict({"method": "sgs-fixed", "sgs_on": "update"}), model)
+    assert isinstance(on_update, cdgrad.OnUpdate)
     with pytest.raises(ValueError, match="opnorm.*sample"):
         M.build_method(RunConfig(method="opnorm"), model)
     sample = torch.randn(2, 2, 6, 5)
     model.train()
-    op = M.build_method(RunConfig(method="opnorm", clip_every=7), model, sample)
-    assert op.transform is None and isinstance(op.clipper, OperatorNormClipper)
-    assert op.clipper.max_norm == 1.0 and op.clipper.every == 7 and model.training
-    assert op.clipper.projection == "exact"
+    op = M.build_method(from_dict({"method": "opnorm", "clip_every": 7}), model, sample)
+    assert isinstance(op, OperatorNormClipper)  # a transform like the others: its work is after the step
+    assert op.max_norm == 1.0 and op.every == 7 and model.training
+    assert op.projection == "exact"
     for projection in ("reshaped", "gram"):
-        built = M.build_method(RunConfig(method="opnorm", clip_projection=projection), model, sample)
-        assert built.clipper is not None and built.clipper.projection == projection
-    assert M.build_method(RunConfig(), model) == M.Built()
+        built = M.build_method(from_dict({"method": "opnorm", "clip_projection": projection}), model, sample)
+        assert built.projection == projection
+    assert M.build_method(RunConfig(), model) is None
 
 
-def _one_step(attach):
-    """Parameters after one SGD step of a small conv net on fixed data, with `attach(model, opt, x)` hooked in."""
+def _one_step(transform):
+    """Parameters after one SGD step of a small conv net on fixed data, with `transform` attached (or none)."""
     model = _conv_net().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    handle = attach(model, opt, x)
+    handle = cdgrad.attach(opt, transform(model, x)) if transform is not None else None
     model(x).square().mean().backward()
     opt.step()
-    handle.remove()
+    if handle is not None:
+        handle.remove()
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_attach_method_takes_the_step_of_the_library_transform():
-    config = RunConfig(method="sobolev", lam=2.0, beta=0.5)
-    via_registry = _one_step(lambda model, opt, x: M.attach_method(config, model, opt, sample=x[:1]))
-    direct = _one_step(lambda model, opt, x: cdgrad.attach(opt, cdgrad.ChannelDirected("sobolev", lam=2.0, beta=0.5)))
-    plain = _one_step(lambda model, opt, x: M.attach_method(RunConfig(), model, opt))
+def test_a_built_method_takes_the_step_of_the_library_transform():
+    config = from_dict({"method": "sobolev", "lam": 2.0, "beta": 0.5})
+    via_registry = _one_step(lambda model, x: M.build_method(config, model, x[:1]))
+    direct = _one_step(lambda model, x: cdgrad.ChannelDirected("sobolev", lam=2.0, beta=0.5))
+    plain = _one_step(None)
     for a, b in zip(via_registry, direct, strict=True):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, c) for a, c in zip(via_registry, plain, strict=True))
 
 
 @pytest.mark.parametrize("method", ["sgs", "opnorm", "h0"])
-def test_attached_state_round_trips(method):
+def test_built_state_round_trips(method):
     model = _conv_net()
     x = torch.randn(4, 2, 6, 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    attached = M.attach_method(RunConfig(method=method), model, opt, sample=x[:1])
-    attached.begin_epoch(0)
+    built = M.build_method(
+        from_dict({"method": method, "clip_every": 2} if method == "opnorm" else {"method": method}), model, x[:1]
+    )
+    handle = cdgrad.attach(opt, built)
+    built.begin_epoch(0, iter([x]))
     for _ in range(3):
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
-    state = attached.state_dict()
-    assert set(state) == {"opnorm": {"clipper"}}.get(method, {"transform"})
+    state = built.state_dict()
     other_model = _conv_net()
-    other = M.attach_method(
-        RunConfig(method=method), other_model, torch.optim.SGD(other_model.parameters(), lr=0.1), x[:1]
-    )
+    other = M.build_method(RunConfig(method=method), other_model, x[:1])
     other.load_state_dict(state)
     assert repr(other.state_dict()) == repr(state)
-    attached.remove()
-    other.remove()
-    assert attached.handles == []
+    handle.remove()
 
 
 # ------------------------------------------------------------------------------------------------ registration
@@ -250,23 +252,21 @@ def test_register_a_method_with_existing_parameters():
         "H0 applied twice",
         "h0(h0(f))",
         (M.PARAMS["lam"],),
-        lambda v, model, sample: M.Built(
-            transform=cdgrad.Chain(
-                cdgrad.ChannelDirected("h0", lam=v["lam"]), cdgrad.ChannelDirected("h0", lam=v["lam"])
-            )
+        lambda v, model, sample: cdgrad.Chain(
+            cdgrad.ChannelDirected("h0", lam=v["lam"]), cdgrad.ChannelDirected("h0", lam=v["lam"])
         ),
     )
     M.register_method(scaled)
     try:
-        config = RunConfig(method="h0-twice", lam=2.0)
+        config = from_dict({"method": "h0-twice", "lam": 2.0})
         validate(config)
         assert M.describe(config) == "h0-twice lam=2"
         assert M.sort_key(config)[0] == len(M.METHODS) - 1  # after the built-in methods
         with pytest.raises(ValueError, match="beta=1.0 is not a hyper-parameter of method 'h0-twice'"):
-            validate(RunConfig(method="h0-twice", beta=1.0))
+            validate(from_dict({"method": "h0-twice", "beta": 1.0}))
         g = torch.randn(4, 3, 3, 3, dtype=torch.float64)
         once = cdgrad.ChannelDirected("h0", lam=2.0)
-        assert torch.equal(M.build_transform(config, nn.Identity())(g), once(once(g)))
+        assert torch.equal(M.build_method(config, nn.Identity())(g), once(once(g)))
         assert "h0-twice" in M.method_listing()
     finally:
         M.METHODS.unregister("h0-twice")
@@ -274,21 +274,52 @@ def test_register_a_method_with_existing_parameters():
         validate(RunConfig(method="h0-twice"))
 
 
+def test_a_method_brings_its_new_parameters_without_touching_the_config():
+    gamma = Param(name="gamma", type=float, default=2.0, minimum=0.0, help="the scale of the gradient")
+    scaled = M.Method(
+        "times-gamma",
+        "the gradient times gamma",
+        "gamma f",
+        (gamma,),
+        lambda v, model, sample: cdgrad.Scaled(cdgrad.Centralize(scope="all"), v["gamma"]),
+    )
+    M.register_method(scaled)
+    try:
+        config = from_dict({"method": "times-gamma", "gamma": 3})
+        validate(config)
+        assert config.arg("gamma") == 3.0 and M.describe(config) == "times-gamma gamma=3"
+        with pytest.raises(ValueError, match="gamma must be a finite real number >= 0"):
+            validate(config.replace(gamma=-1.0))
+        assert isinstance(M.build_method(config, nn.Identity()), cdgrad.Scaled)
+    finally:
+        M.unregister_method("times-gamma")
+    assert "times-gamma" not in M.METHODS and "gamma" not in M.PARAMS
+
+
 def test_registration_errors():
-    new = Param(name="gamma", type=float, help="a parameter without a config field")
-    with pytest.raises(ValueError, match=r"parameter\(s\) \['gamma'\] have no RunConfig field"):
-        M.register_method(M.Method("g", "g", "g", (new,), lambda v, m, s: M.Built()))
-    assert "g" not in M.METHODS and "gamma" not in M.PARAMS
     with pytest.raises(ValueError, match="must have the type declared in PARAMS"):
-        M.Method("x", "x", "x", (Param(name="lam", type=int, help="?"),), lambda v, m, s: M.Built())
+        M.Method("x", "x", "x", (Param(name="lam", type=int, help="?"),), lambda v, m, s: None)
     with pytest.raises(ValueError, match="order"):
-        M.Method("x", "x", "x", (M.PARAMS["lam"],), lambda v, m, s: M.Built(), order=("beta",))
+        M.Method("x", "x", "x", (M.PARAMS["lam"],), lambda v, m, s: None, order=("beta",))
+    new = Param(name="delta", type=float, help="?")
     with pytest.raises(ValueError, match="built in"):
-        M.register_method(M.Method("h0", "x", "x", (), lambda v, m, s: M.Built()))
+        M.register_method(M.Method("h0", "x", "x", (new,), lambda v, m, s: None))
+    assert "delta" not in M.PARAMS  # a refused method declares nothing
     with pytest.raises(TypeError, match="Method"):
         M.register_method("h0")
     with pytest.raises(ValueError, match="name or type"):
         M.PARAMS["lam"].but(type=int)
+    with pytest.raises(ValueError, match="built in"):
+        M.unregister_method("h0")
+
+
+def test_the_docs_method_table_is_the_registry():
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
+    assert M.method_table() in docs.read_text()
+    for m in M.METHODS.values():
+        assert f"| `{m.name}` |" in M.method_table()
 
 
 def test_listing_and_defaults_text():

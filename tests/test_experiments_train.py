@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from cdgrad.experiments.config import RunConfig, from_dict
+from cdgrad.experiments.config import RunConfig
 from cdgrad.experiments.progress import Progress
 from cdgrad.experiments.setup import load_data, make_scheduler
 from cdgrad.experiments.tasks.supervised import CLASSIFICATION_SPEC, evaluate

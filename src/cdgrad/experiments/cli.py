@@ -24,6 +24,16 @@ from cdgrad.experiments.tasks import get_task
 DEFAULT_RESULTS = "results"
 
 
+def _add_training(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that train (`train`, `run`)."""
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: only when stderr is a terminal)",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument(
         "--results",
@@ -79,12 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p, sweep=False)
     p.add_argument("--no-store", action="store_true", help="train without reading or writing the results folder")
-    p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar (default: only when stderr is a terminal)",
-    )
+    _add_training(p)
     add_config_arguments(p)
 
     p = sub.add_parser(
@@ -99,12 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, sweep=True)
     p.add_argument("--max-seeds", type=int, default=None, metavar="N", help="run at most N seeds per configuration")
     p.add_argument("--dry-run", action="store_true", help="list the runs (and whether they are done) and exit")
-    p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar (default: only when stderr is a terminal)",
-    )
+    _add_training(p)
 
     p = sub.add_parser(
         "report",
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="show each preset's configurations")
     p.add_argument("--methods", action="store_true", help="list the gradient methods instead")
+    p.add_argument("--markdown", action="store_true", help="with --methods: as the Markdown table of the docs")
 
     p = sub.add_parser(
         "analyze",
@@ -292,9 +293,9 @@ def cmd_report(args: argparse.Namespace, command: str) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.methods:
-        from cdgrad.experiments.methods import method_listing
+        from cdgrad.experiments.methods import method_listing, method_table
 
-        print(method_listing())
+        print(method_table() if args.markdown else method_listing())
         return 0
     from cdgrad.experiments.presets import PRESETS, describe_preset
 

@@ -212,7 +212,6 @@ class RunConfig:
         False, "keep the final checkpoint as <results>/models/<run key>.pt (for `cdgrad analyze`)", identity=False
     )
 
-
     def __post_init__(self) -> None:
         for name, kind in FIELD_TYPES.items():
             value = getattr(self, name)

@@ -116,5 +116,3 @@ PARAMS: dict[str, Param] = {
         ),
     )
 }
-
-

@@ -43,6 +43,7 @@ __all__ = [
     "method_table",
     "method_values",
     "register_method",
+    "unregister_method",
     "reshape_model",
     "validate_method",
 ]
@@ -104,9 +105,18 @@ def register_method(method: Method, *, builtin: bool = False) -> Method:
     command-line options (`--name`) and `method_args` keys. A parameter new to `PARAMS` is declared with it."""
     if not isinstance(method, Method):
         raise TypeError(f"method must be a Method, got {type(method).__name__}")
+    entry = METHODS.register(method.name, method, builtin=builtin)
     for p in method.params:
         PARAMS.setdefault(p.name, p)
-    return METHODS.register(method.name, method, builtin=builtin)
+    return entry
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method registered with `register_method` (not a built-in), and the parameters only it declared."""
+    METHODS.unregister(name)
+    used = {p.name for m in METHODS.values() for p in m.params}
+    for key in [k for k in PARAMS if k not in used]:
+        del PARAMS[key]
 
 
 def _channel_directed(metric: str) -> Builder:
@@ -283,9 +293,7 @@ for _method in (
         order=(),
     ),
     *(
-        Method(
-            name, summary, update, (), _none, reshape=_reparameterizer(name), check_config=_needs_batchnorm(name)
-        )
+        Method(name, summary, update, (), _none, reshape=_reparameterizer(name), check_config=_needs_batchnorm(name))
         for name, summary, update in _REPARAM
     ),
 ):
@@ -380,9 +388,9 @@ def defaults_text(name: str) -> str:
     return ", ".join(f"{d} ({', '.join(ms)})" for d, ms in by_default.items())
 
 
-def accepted_text(p: Param) -> str:
+def accepted_text(p: Param, sep: str = "|") -> str:
     """The values a parameter accepts, e.g. `exact|paper`, `float > 0`."""
-    return "|".join(p.accepted_choices() or ()) or f"{p.type.__name__} {p.range_text()}".strip()
+    return sep.join(p.accepted_choices() or ()) or f"{p.type.__name__} {p.range_text()}".strip()
 
 
 def param_text(p: Param) -> str:
@@ -401,10 +409,10 @@ def method_listing() -> str:
 
 
 def method_table() -> str:
-    """The methods as a Markdown table (method, what the optimizer receives, parameters with their defaults), the
-    one the docs show (`cdgrad list --methods --markdown`)."""
-    lines = ["| method | what the optimizer receives | parameters (default) |", "|---|---|---|"]
+    """The methods as a Markdown table (method, parameters with accepted values and defaults, what the optimizer
+    receives): the table docs/experiments.md shows (`cdgrad list --methods --markdown`)."""
+    lines = ["| method | parameters (accepted values, default) | update given to the optimizer |", "|---|---|---|"]
     for m in METHODS.values():
-        params = ", ".join(f"`{p.name}` ({_text(p.default)})" for p in m.params) or "-"
-        lines.append(f"| `{m.name}` | {m.summary}: {m.update} | {params} |")
+        params = "; ".join(f"`{p.name}` ({accepted_text(p, ' / ')}, {_text(p.default)})" for p in m.params) or "-"
+        lines.append(f"| `{m.name}` | {params} | {m.summary}: {m.update} |")
     return "\n".join(lines)

@@ -36,6 +36,7 @@ def positive_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 def _pos(value: object, name: str) -> int:
     return V.check_int(value, name, 1)
 
+
 # ----------------------------------------------------------------------------------------------------------
 # UNet encoders
 # ----------------------------------------------------------------------------------------------------------
@@ -285,7 +286,6 @@ def _unet_builder(encoder: str) -> ModelBuilder:
         return model
 
     return build
-
 
 
 register_model("unet-resnet50", _unet_builder("resnet50"))
