@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 import cdgrad
 from cdgrad import distributed as D
+from cdgrad import sharded as S
 from cdgrad.experiments import launch
 from helpers import dense_sobolev, fft_sobolev, rel_err
 
@@ -62,13 +63,13 @@ def simulate(
     pieces = dict(zip(order, f.split([sizes[q] for q in order]), strict=True))
     out = {q: pieces[q].clone() for q in pieces}
     if metric == "h0":
-        total = sum(D._h0_stats(pieces[q]) for q in range(len(sizes)))
+        total = sum(S._h0_stats(pieces[q]) for q in range(len(sizes)))
         for q in out:
-            D._h0_finish_(out[q], total, lam, beta)
+            S._h0_finish_(out[q], total, lam, beta)
     else:
-        gathered = torch.stack([D._sobolev_stats(pieces[q], positions[q]) for q in range(len(sizes))])
+        gathered = torch.stack([S._sobolev_stats(pieces[q], positions[q]) for q in range(len(sizes))])
         for q in out:
-            D._sobolev_finish_(out[q], gathered, positions[q], lam, beta, f.shape[0])
+            S._sobolev_finish_(out[q], gathered, positions[q], lam, beta, f.shape[0])
     return torch.cat([out[q] for q in order])
 
 
@@ -308,7 +309,7 @@ def _scenario_dtensor(rank, world):
 def _recording_statistics():
     """Record the element count of every statistics collective the module issues (its only two collectives)."""
     sizes: list[int] = []
-    real_gather, real_reduce = D._all_gather, D._all_reduce_sum
+    real_gather, real_reduce = S._all_gather, S._all_reduce_sum
 
     def gather(payload, group, w):
         sizes.append(payload.numel())
@@ -318,11 +319,11 @@ def _recording_statistics():
         sizes.append(payload.numel())
         return real_reduce(payload, group)
 
-    D._all_gather, D._all_reduce_sum = gather, reduce
+    S._all_gather, S._all_reduce_sum = gather, reduce
     try:
         yield sizes
     finally:
-        D._all_gather, D._all_reduce_sum = real_gather, real_reduce
+        S._all_gather, S._all_reduce_sum = real_gather, real_reduce
 
 
 def _scenario_communication(rank, world):

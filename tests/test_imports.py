@@ -211,7 +211,8 @@ def test_kernel_layer_depends_on_nothing_above_it():
     """_kernels and distributed sit below functional; nothing in the library core imports the toolkit."""
     graph = import_graph()
     assert graph["cdgrad._kernels"] <= {"cdgrad._native", "cdgrad.validation"}
-    assert graph["cdgrad.distributed"] <= {"cdgrad._kernels", "cdgrad.validation"}
+    assert graph["cdgrad.sharded"] <= {"cdgrad._kernels", "cdgrad.validation"}
+    assert graph["cdgrad.distributed"] <= {"cdgrad._kernels", "cdgrad.sharded", "cdgrad.validation"}
     for name, edges in graph.items():
         if not name.startswith("cdgrad.experiments"):
             assert not {e for e in edges if e.startswith("cdgrad.experiments")}, name
@@ -219,6 +220,7 @@ def test_kernel_layer_depends_on_nothing_above_it():
 
 ALONE = [
     "cdgrad.distributed",
+    "cdgrad.sharded",
     "cdgrad.functional",
     "cdgrad.transforms",
     "cdgrad.sgs.transform",

@@ -205,7 +205,7 @@ def sample_panels(config: Any, state: dict[str, Any], ds: Any, count: int) -> tu
             pred = model(normalize(x, ds.mean, ds.std)).argmax(1)
         return x, y, pred
     from cdgrad.experiments.spade import spade_generator
-    from cdgrad.experiments.synthesis import render
+    from cdgrad.experiments.tasks.synthesis import render
 
     g = spade_generator(config.model, ds.num_classes, tuple(x.shape[2:]), x.shape[1])
     g.load_state_dict(state["model"])
