@@ -339,12 +339,87 @@ def test_attach_params_is_masked_and_follows_state_changes():
     other = cdgrad.attach(opt, cdgrad.masked(cdgrad.ChannelDirected("h0", 2.0), convs[:1]))
     loss_fn(model, 0).backward()
     assert [id(p) for p in handle.selected()] == [id(p) for p in other.selected()] == [id(convs[0])]
+    handle.remove()  # one transform is attached to one optimizer once
     whole = cdgrad.attach(opt, t)
     assert [id(p) for p in whole.selected()] == [id(p) for p in convs]
     t.scope = "all"  # every parameter with an axis now
     assert len(whole.selected()) == len(list(model.parameters()))
-    for h in (handle, other, whole):
+    for h in (other, whole):
         h.remove()
+
+
+def _one_step(attach_twice):
+    """The weights after one SGD step with `cdgrad.ChannelDirected("h0", 2.0)` attached by `attach_twice(opt, t)`."""
+    model = init(small_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = cdgrad.ChannelDirected("h0", 2.0)
+    attach_twice(opt, t)
+    loss_fn(model, 0).backward()
+    opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+class Wrapper(torch.optim.Optimizer):
+    """A wrapper in the style of Lookahead: `optimizer` is the one that updates the weights."""
+
+    def __init__(self, inner):
+        self.optimizer = inner
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (cdgrad.attach, cdgrad.attach),
+        (cdgrad.attach, cdgrad.attach_update),
+        (cdgrad.attach_update, cdgrad.attach),
+        (lambda o, t: cdgrad.attach(o, t, params=[p for g in o.param_groups for p in g["params"]][:1]), cdgrad.attach),
+    ],
+    ids=["attach-attach", "attach-update", "update-attach", "params-attach"],
+)
+def test_attaching_one_transform_twice_is_refused_and_changes_nothing(first, second):
+    def twice(opt, t):
+        first(opt, t)
+        with pytest.raises(ValueError, match=r"transform \(ChannelDirected\) is already attached.*apply twice"):
+            second(opt, t)
+        with pytest.raises(ValueError, match="already attached"):  # through a wrapper, to the same optimizer
+            second(Wrapper(opt), t)
+
+    # the refused calls hooked nothing: the step is that of the transform attached once
+    assert all(torch.equal(a, b) for a, b in zip(_one_step(twice), _one_step(first), strict=True))
+
+
+def test_a_removed_handle_frees_the_transform_and_other_optimizers_are_independent():
+    model = init(small_net())
+    opt, other = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1)
+    t = cdgrad.ChannelDirected("h0", 2.0)
+    handle = cdgrad.attach(opt, t)
+    cdgrad.attach(other, t).remove()  # another optimizer: allowed
+    handle.remove()
+    with cdgrad.attach(opt, t):  # removed: may be attached again
+        pass
+    cdgrad.attach_update(opt, t).remove()
+    cdgrad.attach(opt, cdgrad.ChannelDirected("h0", 2.0)).remove()  # an equal but distinct transform composes
+
+
+def test_a_parameter_listed_twice_is_refused():
+    conv = nn.Conv2d(2, 3, 3).double()
+    t = cdgrad.ChannelDirected("h0", 2.0)
+    with pytest.warns(UserWarning, match="duplicate parameters"):  # torch only warns
+        twice = torch.optim.SGD([conv.weight, conv.bias, conv.weight], lr=0.1)
+    for attach in (cdgrad.attach, cdgrad.attach_update):
+        with pytest.raises(ValueError, match=r"twice \(param_groups\[0\]\['params'\]\[0\] and .*\[2\]\)"):
+            attach(twice, t)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[2\] are the same parameter"):
+        cdgrad.attach(opt, t, params=[conv.weight, conv.bias, conv.weight])
+    cdgrad.attach(opt, t, params=[conv.weight]).remove()  # the refused calls attached nothing
+
+
+@pytest.mark.parametrize("params, what", [(5, "got int"), (torch.zeros(3), "single tensor"), (3.5, "got float")])
+def test_params_that_is_not_an_iterable_of_parameters_names_the_argument(params, what):
+    opt = torch.optim.SGD(nn.Conv2d(2, 3, 3).parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=f"params must be an iterable of parameters.*{what}"):
+        cdgrad.attach(opt, cdgrad.ChannelDirected(), params=params)
 
 
 def test_a_gradient_that_cannot_be_transformed_leaves_the_others_untouched():

@@ -377,11 +377,12 @@ def test_lookup_order(clean_env, monkeypatch):
     write_mnist(root)  # the root itself comes before root/<name>
     assert D.find_dataset_dir("mnist", root=root) == root
     assert D.find_dataset_dir("mnist", root=str(root / "mnist")) == root / "mnist"
-    # An existing but incomplete root does not count: the search goes on.
+    # An existing but incomplete directory in the variable does not count: the search goes on.
     partial = clean_env / "partial"
     write_mnist(partial)
     (partial / "t10k-labels-idx1-ubyte.gz").unlink()
-    assert D.find_dataset_dir("mnist", root=partial) == env
+    monkeypatch.setenv("CDGRAD_DATA", os.pathsep.join([str(partial), str(env)]))
+    assert D.find_dataset_dir("mnist") == env
     # Several directories in the variable, in order; entries that do not exist are skipped.
     monkeypatch.setenv("CDGRAD_DATA", os.pathsep.join([str(clean_env / "gone"), str(partial), str(root / "mnist")]))
     assert D.find_dataset_dir("mnist") == root / "mnist"
@@ -406,6 +407,46 @@ def test_root_that_does_not_exist_is_an_error_naming_it(clean_env, download):
     assert not (Path(os.environ["HOME"]) / ".cache").exists()  # nothing downloaded or created
 
 
+@pytest.mark.parametrize("download", [False, True])
+def test_an_explicit_root_that_lacks_files_is_refused_not_replaced(clean_env, monkeypatch, download):
+    """Complete copies in $CDGRAD_DATA, the cache and the system folder, and a mirror that would serve the files:
+    an incomplete root given explicitly is still refused, naming it and only the file it lacks."""
+    env = clean_env / "env"
+    for d in (env, Path(os.environ["HOME"]) / ".cache/cdgrad/data/mnist", clean_env / "system" / "mnist"):
+        write_mnist(d)
+    monkeypatch.setenv("CDGRAD_DATA", str(env))
+    fetched = []
+    monkeypatch.setattr(sources, "fetch_url", lambda url, dest, timeout: fetched.append(url))
+    for layout in ("root", "root/mnist"):
+        root = clean_env / f"partial-{layout.replace('/', '-')}"
+        files = root / "mnist" if layout == "root/mnist" else root
+        write_mnist(files)
+        (files / "t10k-labels-idx1-ubyte.gz").unlink()
+        for call, kwargs in ((D.find_dataset_dir, {}), (D.load_dataset, {"download": download, "verify": False})):
+            with pytest.raises(D.DatasetNotFoundError) as info:
+                call("mnist", root=root, **kwargs)
+            msg = str(info.value)
+            assert "Missing files: t10k-labels-idx1-ubyte.gz (gzipped or not)." in msg
+            for present in ("train-images", "train-labels", "t10k-images"):
+                assert present not in msg.split("Searched:")[0]
+            assert str(root) in msg and str(env) not in msg and "system" not in msg
+    assert fetched == [] and D.find_dataset_dir("mnist") == env  # nothing downloaded; unset, the variable's copy
+
+
+def test_missing_files_name_only_those_missing_without_a_root(clean_env, monkeypatch):
+    partial = clean_env / "partial"
+    write_mnist(partial)
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (partial / f"{name}.gz").unlink()
+    monkeypatch.setenv("CDGRAD_DATA", str(partial))
+    with pytest.raises(D.DatasetNotFoundError, match=r"Missing files: train-images-idx3-ubyte.gz, t10k-images-idx3"):
+        D.load_dataset("mnist", download=False)
+    monkeypatch.setenv("CDGRAD_DATA", "")
+    with pytest.raises(D.DatasetNotFoundError) as info:  # no directory at all: every file is missing
+        D.load_dataset("mnist", download=False)
+    assert all(f"{name}.gz" in str(info.value).split("Searched:")[0] for name in IDX_NAMES)
+
+
 def test_loader_uses_lookup(clean_env, monkeypatch):
     first = write_mnist(clean_env / "env" / "mnist", n_train=7, seed=1)
     write_mnist(Path(os.environ["HOME"]) / ".cache/cdgrad/data/mnist", n_train=9, seed=2)
@@ -422,8 +463,8 @@ def test_not_found_message(clean_env):
     assert isinstance(info.value, FileNotFoundError)
     for name in IDX_NAMES:
         assert name in msg
-    assert str(clean_env / "empty") in msg and str(clean_env / "system" / "mnist") in msg
-    assert "CDGRAD_DATA" in msg and ".cache/cdgrad/data/mnist" in msg
+    assert str(clean_env / "empty") in msg and str(clean_env / "system" / "mnist") not in msg  # the root only
+    assert "CDGRAD_DATA" in msg and "leave the root unset" in msg
     with pytest.raises(D.DatasetNotFoundError, match="cifar-10-python.tar.gz"):
         D.load_dataset("cifar10", download=False)
 

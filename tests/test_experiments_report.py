@@ -81,7 +81,7 @@ def test_welch_by_hand_and_against_the_table():
     t, df, p = report.welch_test([v + shift for v in x], x)
     assert df == pytest.approx(10, abs=1e-12) and t == pytest.approx(T975[10]) and p == pytest.approx(0.05, abs=1e-4)
     assert all(math.isnan(v) for v in report.welch_test([1.0], [1.0, 2.0]))
-    assert report.welch_test([1.0, 1.0], [1.0, 1.0])[2] == 1.0
+    assert all(math.isnan(v) for v in report.welch_test([1.0, 1.0], [1.0, 1.0]))  # 0/0: degenerate
 
 
 def test_equal_variance_test_by_hand():
@@ -107,8 +107,75 @@ def test_equal_variance_test_by_hand():
     scaled = [float(np.median(b) + k * (v - np.median(b))) for v in b]
     assert report.variance_test(a, scaled) == pytest.approx(0.05, abs=2e-3)
     assert math.isnan(report.variance_test([1.0], [1.0, 2.0]))
-    assert report.variance_test([2.0, 2.0], [5.0, 5.0]) == 1.0
+    assert math.isnan(report.variance_test([2.0, 2.0], [5.0, 5.0]))  # constant samples: F = 0/0
     assert math.isnan(report.variance_test([1.0, 2.0], [5.0, 7.0]))  # two values each: degenerate
+
+
+# ------------------------------------------------------------------------------- degenerate input: nan, "-"
+FINITE = st.floats(-1e6, 1e6, allow_nan=False)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.tuples(FINITE, FINITE), st.tuples(FINITE, FINITE))
+@example((60.4, 56.2), (56.2, 58.2))  # the rounded median once gave p = 1.04e-29
+def test_variance_test_of_two_values_per_sample_is_nan(a, b):
+    """Two values deviate equally from their median, so neither sample has spread of deviations: F = x/0."""
+    assert math.isnan(report.variance_test(list(a), list(b)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(FINITE, FINITE, st.integers(2, 12), st.integers(2, 12))
+@example(0.1, 0.2, 3, 3)  # float means of [0.1] * 3 are not 0.1: a spread of 1.7e-17 once gave p = 1.8e-46
+@example(0.1, 0.1, 3, 3)
+def test_constant_samples_have_zero_spread_and_no_test(v, w, n, m):
+    a, b = [v] * n, [w] * m
+    assert report.mean_std(a) == (v, 0.0)  # exactly: no round-off spread
+    assert report.confidence_interval(a) == (v, v)
+    assert all(math.isnan(x) for x in report.welch_test(a, b))  # t = x/0, df = 0/0
+    assert math.isnan(report.variance_test(a, b))  # F = 0/0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_value_makes_every_statistic_nan(bad):
+    xs, other = [90.0, bad, 91.0], [92.0, 93.5, 92.5]
+    assert all(math.isnan(v) for v in (*report.mean_std(xs), *report.confidence_interval(xs)))
+    assert all(math.isnan(v) for v in (*report.welch_test(xs, other), *report.welch_test(other, xs)))
+    assert math.isnan(report.variance_test(xs, other)) and math.isnan(report.variance_test(other, xs))
+    assert math.isnan(report.error_reduction(bad, 90.0)) and math.isnan(report.error_reduction(90.0, bad))
+    assert math.isnan(report.error_reduction(100.0, 90.0))  # no baseline error to reduce
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0, 100, allow_nan=False), min_size=3, max_size=10),
+    st.lists(st.floats(0, 100, allow_nan=False), min_size=3, max_size=10),
+)
+def test_welch_and_brown_forsythe_match_scipy_away_from_degenerate_input(a, b):
+    """Against `scipy.stats` (float arithmetic) where the spreads are far from round-off."""
+    from scipy import stats
+
+    za, zb = (np.abs(np.array(x) - np.median(x)) for x in (a, b))
+    if min(np.ptp(a), np.ptp(b)) > 1e-3:
+        ref = stats.ttest_ind(a, b, equal_var=False)
+        t, df, p = report.welch_test(a, b)
+        assert (t, df, p) == pytest.approx((ref.statistic, ref.df, ref.pvalue), rel=1e-7, abs=1e-12)
+    within = sum(np.var(z) * len(z) for z in (za, zb))
+    if within > 1e-3 * max(1.0, float(np.max(np.concatenate([za, zb])))) ** 2:
+        ref_p = stats.levene(a, b, center="median").pvalue
+        assert report.variance_test(a, b) == pytest.approx(ref_p, rel=1e-6, abs=1e-12)
+
+
+def test_degenerate_statistics_are_shown_as_a_dash():
+    runs = [_run("none", s, a) for s, a in enumerate([56.2, 58.2])]
+    runs += [_run("h0", s, a, lam=1.0) for s, a in enumerate([60.4, 56.2])]
+    runs += [_run("sobolev", s, 57.0, lam=1.0) for s in range(2)]
+    (setting,) = report.summarize(runs)
+    base, h0, sob = setting.rows
+    assert math.isnan(h0.variance_p) and 0.0 < h0.p_value < 1.0 and math.isnan(sob.variance_p)
+    lines = report.markdown([setting]).splitlines()
+    h0_cells = next(line for line in lines if line.startswith("| h0")).split(" | ")
+    assert h0_cells[-3] == "-" and h0_cells[-4] == format(h0.p_value, ".2g")  # equal-variance p, Welch p
+    assert "e-" not in "".join(lines)  # no tiny p from round-off anywhere
 
 
 def test_error_reduction_is_the_papers():

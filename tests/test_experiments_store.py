@@ -210,3 +210,121 @@ def test_git_revision_of_a_checkout(tmp_path):
     git("commit", "-q", "-am", "d")
     (pkg.parent / "new.py").write_text("")
     assert git_revision(pkg) == (git("rev-parse", "HEAD"), True)  # untracked files count
+
+
+# ------------------------------------------------------------------------- rows that cannot be reported
+@pytest.mark.parametrize(
+    "final, why",
+    [
+        ({"test_loss": 1.0}, "lack 'test_acc'"),
+        ({"test_acc": "abc"}, "'abc', not a number"),
+        ({"test_acc": True}, "True, not a number"),
+        ({"test_acc": None}, "None, not a number"),
+        ({"test_acc": float("nan")}, "nan in a completed run"),
+        ({"test_acc": float("inf")}, "inf in a completed run"),
+    ],
+)
+def test_a_row_whose_final_cannot_be_reported_is_skipped_and_named(tmp_path, capsys, final, why):
+    from cdgrad.experiments.report import markdown, summarize
+
+    store = ResultStore(str(tmp_path))
+    good = store.save(TINY, 0, _metrics(61.5))
+    bad = store.save(TINY, 1, {**_metrics(), "final": final})
+    runs = store.runs()
+    assert [r.key for r in runs] == [good] and store.bad_rows == [bad]
+    err = capsys.readouterr().err
+    assert bad in err and why in err and good not in err
+    (setting,) = summarize(runs)  # the report of what is left works
+    assert setting.rows[0].accs == [61.5] and "61.50" in markdown([setting])
+
+
+def test_a_diverged_row_may_hold_a_non_finite_metric_but_not_a_missing_one(tmp_path, capsys):
+    store = ResultStore(str(tmp_path))
+    nan_final = store.save(TINY, 0, {**_metrics(), "final": {"test_acc": float("nan")}, "status": "diverged"})
+    missing = store.save(TINY, 1, {**_metrics(), "final": {}, "status": "diverged"})
+    assert [r.key for r in store.runs()] == [nan_final] and store.bad_rows == [missing]
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE runs SET status = 'finished' WHERE key = ?", (nan_final,))
+    assert store.runs() == [] and "'finished'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- a store that cannot be used, named
+def _capped_connect(store, monkeypatch):
+    """Connections that may not grow the database file: SQLite's own "database or disk is full" (SQLITE_FULL)."""
+    real = store._connect
+
+    def capped():
+        conn = real()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        return conn
+
+    monkeypatch.setattr(store, "_connect", capped)
+
+
+def test_a_full_disk_during_a_store_write_says_so_and_stores_nothing(tmp_path, monkeypatch):
+    from cdgrad.experiments.store import StoreError
+
+    store = ResultStore(str(tmp_path))
+    store.save(TINY, 0, _metrics())
+    before = Path(store.path).read_bytes()
+    _capped_connect(store, monkeypatch)
+    big = {**_metrics(), "curves": {"epoch": list(range(50_000))}}  # a row larger than the file may grow
+    with pytest.raises(StoreError, match="no space left on the device") as info:
+        store.save(TINY, 1, big)
+    assert info.value.cause == "disk full" and str(tmp_path) in str(info.value)
+    assert "move results.sqlite aside" not in str(info.value) and "not writable" not in str(info.value)
+    monkeypatch.undo()
+    assert Path(store.path).read_bytes() == before and store.done_keys() == {run_key(TINY, 0)}
+    store.save(TINY, 1, big)  # with space again the same write succeeds
+    assert store.done_keys() == {run_key(TINY, 0), run_key(TINY, 1)}
+
+
+@pytest.mark.parametrize("where", ["probe", "keep-model"])
+def test_an_injected_enospc_is_named_as_a_full_disk(tmp_path, monkeypatch, where):
+    import errno
+
+    from cdgrad.experiments import store as store_mod
+    from cdgrad.experiments.store import StoreError
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = ResultStore(str(tmp_path))
+    if where == "probe":  # the check before a sweep writes a probe file
+        monkeypatch.setattr(store_mod, "open", no_space, raising=False)
+        with pytest.raises(StoreError, match="no space left on the device") as info:
+            store.check_writable()
+    else:  # moving a finished run's checkpoint to models/
+        store.check_writable()
+        Path(store.checkpoint_path(run_key(TINY, 0))).write_bytes(b"checkpoint")
+        monkeypatch.setattr(store_mod, "replace_durably", no_space)
+        with pytest.raises(StoreError, match="no space left on the device") as info:
+            store.save(TINY.replace(save_model=True), 0, _metrics())
+    assert info.value.cause == "disk full" and isinstance(info.value, ValueError)
+    assert "not writable" not in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"this is not an SQLite file " * 200, b"SQLite format 3\x00" + b"\xff" * 8192])
+def test_a_corrupt_store_is_named_corrupt_not_unwritable(tmp_path, content):
+    from cdgrad.experiments.store import StoreError
+
+    Path(tmp_path / "results.sqlite").write_bytes(content)
+    store = ResultStore(str(tmp_path))
+    for call in (store.check_writable, store.runs, store.done_keys):
+        with pytest.raises(StoreError, match="is corrupt") as info:
+            call()
+        assert info.value.cause == "corrupt" and "move results.sqlite aside" in str(info.value)
+        assert "not writable" not in str(info.value)
+    assert Path(tmp_path / "results.sqlite").read_bytes() == content  # left as it was
+
+
+def test_an_unclassified_store_error_passes_unchanged(tmp_path, monkeypatch):
+    store = ResultStore(str(tmp_path))
+
+    def busy():
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "_connect", busy)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.save(TINY, 0, _metrics())

@@ -465,6 +465,62 @@ def test_report_skips_an_unreadable_row_and_names_it(tmp_path, capsys):
     assert len(store.runs()) == 4 and sorted(store.bad_rows) == sorted([keys[0], keys[3]])
 
 
+def test_report_and_run_skip_a_row_whose_final_lacks_the_metric_or_is_not_a_number_and_name_it(tmp_path, capsys):
+    results = tmp_path / "res"
+    run_all(_preset().runs(), ResultStore(str(results)), log=lambda m: None)
+    keys = [run_key(c, s) for c, s in _preset().runs()]
+    with sqlite3.connect(results / "results.sqlite") as conn:
+        conn.execute("UPDATE runs SET final = '{\"test_loss\": 1.0}' WHERE key = ?", (keys[1],))
+        conn.execute('UPDATE runs SET final = \'{"test_acc": "abc"}\' WHERE key = ?', (keys[4],))
+    for argv in (["report", "faults", "--results", str(results), "--no-plots"], _run_argv(results)):
+        assert cli.main(argv) == 0
+        captured = capsys.readouterr()
+        assert keys[1] in captured.err and "'test_acc'" in captured.err and keys[4] in captured.err
+        assert "'abc'" in captured.err and "Traceback" not in captured.err and "KeyError" not in captured.err
+    assert "4 of 6 runs complete" in captured.out
+
+
+def test_run_on_a_corrupt_store_says_corrupt_not_unwritable(tmp_path, capsys):
+    results = tmp_path / "res"
+    results.mkdir()
+    (results / "results.sqlite").write_bytes(b"not a database " * 300)
+    assert cli.main(_run_argv(results)) == 2
+    err = capsys.readouterr().err
+    assert "is corrupt" in err and "move results.sqlite aside" in err and "not writable" not in err
+    assert "Traceback" not in err
+
+
+def test_a_full_disk_while_storing_a_run_says_so_and_a_rerun_completes_the_sweep(
+    tmp_path, capsys, monkeypatch, reference
+):
+    results = tmp_path / "res"
+    real_connect = ResultStore._connect
+
+    class FullDisk:  # SQLite's error when the file cannot grow: "database or disk is full" (SQLITE_FULL)
+        def __init__(self, conn):
+            self.conn = conn
+
+        def execute(self, sql, *args):
+            if sql.startswith("INSERT OR REPLACE INTO runs"):
+                exc = sqlite3.OperationalError("database or disk is full")
+                exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+                raise exc
+            return self.conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    monkeypatch.setattr(ResultStore, "_connect", lambda self: FullDisk(real_connect(self)))
+    assert cli.main(_run_argv(results)) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err and str(results) in err and "Traceback" not in err
+    assert "cannot be used" not in err and "move results.sqlite aside" not in err
+    assert ResultStore(str(results)).done_keys() == set() and _claims(results) == []
+    monkeypatch.undo()
+    assert cli.main(_run_argv(results)) == 0
+    assert _stored(results) == reference
+
+
 def _read_only_prefix() -> list[str]:
     """Run a command so that file permissions bind (root ignores them unless it gives up that capability)."""
     if os.geteuid() != 0:

@@ -210,6 +210,9 @@ def test_bad_input_names_the_problem_and_changes_nothing():
     merge(model)
     with pytest.raises(ValueError, match="already merged"):
         merge(model)
+    for bad in (None, "resnet20", model.state_dict()):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module, got"):
+            merge(bad)
 
     for conv, why in [
         (nn.Conv2d(3, 4, 2), "kernel is 2x2"),

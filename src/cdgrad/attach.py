@@ -20,10 +20,15 @@ following `base_optimizer` (SAM), `optimizer` (Lookahead, accelerate's `Accelera
 `second_step`, or `step(closure)`), take the transformed gradient; SAM's ascent (`first_step`) perturbs the
 weights along the untransformed one, as SAM defines it; and a GradScaler that unscales the inner optimizer
 unscales before the transform.
+
+One transform is applied once per step: attaching a transform to an optimizer it is already attached to (by
+`attach` or `attach_update`, until that handle's `remove()`), an optimizer that lists a parameter twice, or
+`params=` that names one twice, is a ValueError.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,6 +44,34 @@ __all__ = ["attach", "attach_update", "AttachHandle", "UpdateHandle", "weight_up
 
 _FLOATING = frozenset(FLOAT_DTYPES)
 _WRAPPED = ("base_optimizer", "optimizer", "_optimizer")  # SAM; Lookahead, accelerate; Lightning
+# the handles attached to each optimizer (weakly: a handle lives as long as its hooks, an optimizer as its owner)
+_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[weakref.ref[Any]]] = weakref.WeakKeyDictionary()
+
+
+def _check_once(optimizer: torch.optim.Optimizer, transform: GradientTransform) -> None:
+    """ValueError if `transform` is attached to `optimizer` already, or `optimizer` lists a parameter twice:
+    either would apply the transform twice per step."""
+    live = [h for ref in _ATTACHED.get(optimizer, []) if (h := ref()) is not None and not h.removed]
+    if any(h.transform is transform for h in live):
+        raise ValueError(
+            f"transform ({type(transform).__name__}) is already attached to this optimizer and would apply twice "
+            "per step; remove() the first handle first (to act on more parameters, attach once with all of them)"
+        )
+    seen: dict[int, str] = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            where = f"param_groups[{g}]['params'][{i}]"
+            if id(p) in seen:
+                raise ValueError(
+                    f"optimizer lists the parameter of shape {tuple(p.shape)} twice ({seen[id(p)]} and {where}): "
+                    "the transform would apply twice to it; list every parameter once"
+                )
+            seen[id(p)] = where
+
+
+def _register(optimizer: torch.optim.Optimizer, handle: Any) -> None:
+    refs = [r for r in _ATTACHED.get(optimizer, []) if (h := r()) is not None and not h.removed]
+    _ATTACHED[optimizer] = [*refs, weakref.ref(handle)]
 
 
 def weight_updating_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -71,6 +104,7 @@ class AttachHandle:
         self._select_cache: dict[int, bool] = {}
         self._cache_version = self._effective.state_version
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
+        self.removed = False
 
     def selected(self) -> list[Tensor]:
         """The parameters the transform acts on at the next step (those with a gradient)."""
@@ -143,6 +177,7 @@ class AttachHandle:
 
     def remove(self) -> None:
         self._hook.remove()
+        self.removed = True
 
     def __enter__(self) -> AttachHandle:
         return self
@@ -159,6 +194,7 @@ def attach(
     params: restrict the transform to these parameters (default: every parameter of the optimizer,
     including parameter groups added later).  Parameters without a gradient are skipped.
     A wrapper (Lookahead, SAM, ...) is unwrapped: `handle.optimizer` is the one that updates the weights.
+    ValueError if the transform is attached to this optimizer already, or a parameter is listed twice.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -166,14 +202,24 @@ def attach(
     transform = _check_transform(transform, "transform")
     chosen = None
     if params is not None:
+        if isinstance(params, Tensor) or not isinstance(params, Iterable):
+            what = "a single tensor (wrap it in a list)" if isinstance(params, Tensor) else type(params).__name__
+            raise TypeError(f"params must be an iterable of parameters of the optimizer, or None; got {what}")
         chosen = list(params)
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        first: dict[int, int] = {}
         for i, p in enumerate(chosen):
             if not isinstance(p, Tensor):
                 raise TypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
             if id(p) not in known:
                 raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the optimizer")
-    return AttachHandle(optimizer, transform, chosen)
+            if id(p) in first:
+                raise ValueError(f"params[{first[id(p)]}] and params[{i}] are the same parameter; list each once")
+            first[id(p)] = i
+    _check_once(optimizer, transform)
+    handle = AttachHandle(optimizer, transform, chosen)
+    _register(optimizer, handle)
+    return handle
 
 
 class UpdateHandle:
@@ -187,6 +233,7 @@ class UpdateHandle:
             optimizer.register_step_pre_hook(self._snapshot),
             optimizer.register_step_post_hook(self._rewrite),
         ]
+        self.removed = False
 
     def _snapshot(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # every selected trainable parameter: a step given a closure computes its gradients after this hook
@@ -212,6 +259,7 @@ class UpdateHandle:
         for hook in self._hooks:
             hook.remove()
         self._before = []
+        self.removed = True
 
     def __enter__(self) -> UpdateHandle:
         return self
@@ -228,8 +276,14 @@ def attach_update(optimizer: torch.optim.Optimizer, transform: GradientTransform
     for each parameter the transform selects (and that has a gradient): the post-optimizer variant of a scaling
     (the SGS paper's "Adagrad*", where `G` multiplies Adagrad's update rather than its input).  For plain SGD
     without momentum or weight decay and a linear `T` this equals `attach`; with any optimizer state it differs.
-    A step that GradScaler skips runs neither hook; wrappers are unwrapped as by `attach`.
+    A step that GradScaler skips runs neither hook; wrappers are unwrapped as by `attach`. ValueError if the
+    transform is attached to this optimizer already, or the optimizer lists a parameter twice.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return UpdateHandle(weight_updating_optimizer(optimizer), _check_transform(transform, "transform"))
+    optimizer = weight_updating_optimizer(optimizer)
+    transform = _check_transform(transform, "transform")
+    _check_once(optimizer, transform)
+    handle = UpdateHandle(optimizer, transform)
+    _register(optimizer, handle)
+    return handle

@@ -366,8 +366,10 @@ def merge(model: nn.Module) -> nn.Module:
 
     The result computes the same function as the blocks in eval mode and has the state_dict keys of the model
     before `reparameterize` (the conv without bias; the BatchNorm adds the merged bias).  Raises ValueError
-    (nothing changed) for a model without blocks.
+    (nothing changed) for a model without blocks; TypeError for anything but an `nn.Module`.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, RepBlock)]
     if not blocks:
         raise ValueError(

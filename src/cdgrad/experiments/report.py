@@ -10,6 +10,11 @@ For final test accuracies `x_1..x_n` of one method (distributions from `scipy.st
     equal variances vs the baseline        Brown-Forsythe test (Levene's test on deviations from the median),
                                            two-sided p: the test behind a claim of lower trial-to-trial variance
 
+Means and spreads are computed exactly (rationals, rounded once), so identical seeds have a spread of exactly 0.
+A statistic of degenerate input is nan and shown as "-": fewer than two values, a non-finite value, or a test
+whose statistic divides by zero (two constant samples in Welch's test; no spread of the median deviations within
+either sample in the Brown-Forsythe test, which always holds for two values per sample).
+
 Runs are grouped into settings (everything but the method and its hyper-parameters); each setting's baseline is
 its `method=none` group. Rows follow the method registry's order and labels (`cdgrad.experiments.methods`).
 
@@ -22,12 +27,11 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
-import numpy as np
 from scipy import stats
 
 from cdgrad.experiments.config import FIELDS, RunConfig, identity_dict
@@ -38,18 +42,41 @@ from cdgrad.experiments.tasks import TASKS, Task, get_task
 # ------------------------------------------------------------------------------------------------ statistics
 
 
+def _exact(xs: Sequence[float]) -> list[Fraction] | None:
+    """The values as exact rationals (every finite float is one); None if any is not a finite number."""
+    try:
+        return [Fraction(x) for x in xs]
+    except (TypeError, ValueError, OverflowError):  # nan, inf, or not a number
+        return None
+
+
+def _moments(xs: Sequence[float]) -> tuple[Fraction, Fraction] | None:
+    """Exact mean and sum of squared deviations `sum (x_i - m)^2`; None for an empty or non-finite sample.
+
+    Exact arithmetic keeps a constant sample's spread exactly 0 (a float mean of [0.1, 0.1, 0.1] is not 0.1,
+    which would give a standard deviation of 1.7e-17 and a p-value of 1e-46 between two constant samples).
+    """
+    q = _exact(xs)
+    if not q:
+        return None
+    m = sum(q, Fraction(0)) / len(q)
+    return m, sum(((x - m) ** 2 for x in q), Fraction(0))
+
+
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; nan for one value, both nan for none)."""
-    n = len(xs)
-    if n == 0:
+    """Mean and sample standard deviation `s = sqrt(sum (x_i - m)^2 / (n - 1))`, computed exactly and rounded once.
+
+    nan std for one value; both nan for none, or when a value is not a finite number (degenerate input).
+    """
+    mom = _moments(xs)
+    if mom is None:
         return math.nan, math.nan
-    m = sum(xs) / n
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
-    return m, s
+    m, ss = mom
+    return float(m), math.sqrt(float(ss / (len(xs) - 1))) if len(xs) > 1 else math.nan
 
 
 def confidence_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """`m +- t_{(1+level)/2, n-1} s / sqrt(n)`; (nan, nan) for fewer than two values."""
+    """`m +- t_{(1+level)/2, n-1} s / sqrt(n)`; (nan, nan) for fewer than two values or a non-finite one."""
     n = len(xs)
     if n < 2:
         return math.nan, math.nan
@@ -59,43 +86,65 @@ def confidence_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float
 
 
 def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    """Welch's unequal-variance t-test: (t, df, two-sided p). nan when a sample has < 2 values."""
+    """Welch's unequal-variance t-test: (t, df, two-sided p) with `v = s^2 / n` per sample,
+
+    `t = (m_a - m_b) / sqrt(v_a + v_b)`, `df = (v_a + v_b)^2 / (v_a^2 / (n_a - 1) + v_b^2 / (n_b - 1))`,
+    `p = 2 P(T_df > |t|)`; moments exact. All nan where the test is degenerate: a sample with < 2 values or a
+    non-finite one, or both samples constant (`v_a + v_b = 0`: t is x/0 and df 0/0).
+    """
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan, math.nan
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    va, vb = sa * sa / len(a), sb * sb / len(b)
-    if va + vb == 0.0:
-        same = ma == mb
-        return (0.0 if same else math.copysign(math.inf, ma - mb)), math.nan, (1.0 if same else 0.0)
-    with warnings.catch_warnings():  # scipy warns on nearly equal values (identical seeds); the result stands
-        warnings.simplefilter("ignore", RuntimeWarning)
-        result = stats.ttest_ind(a, b, equal_var=False)
-    return float(result.statistic), float(result.df), float(result.pvalue)
+    ma_, mb_ = _moments(a), _moments(b)
+    if ma_ is None or mb_ is None:
+        return math.nan, math.nan, math.nan
+    va, vb = ma_[1] / ((len(a) - 1) * len(a)), mb_[1] / ((len(b) - 1) * len(b))
+    if va + vb == 0:
+        return math.nan, math.nan, math.nan
+    t = float(ma_[0] - mb_[0]) / math.sqrt(float(va + vb))
+    df = float((va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)))
+    return t, df, float(2.0 * stats.t.sf(abs(t), df))
+
+
+def _median(q: list[Fraction]) -> Fraction:
+    s, n = sorted(q), len(q)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def variance_test(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided p-value of the Brown-Forsythe test that `a` and `b` have equal variances (nan: < 2 values).
+    """Two-sided p-value of the Brown-Forsythe test that `a` and `b` have equal variances.
 
-    Levene's test on absolute deviations from each sample's median (`scipy.stats.levene(center="median")`),
-    robust to non-normal accuracies; 1.0 when both samples are constant, nan where the test is degenerate (two
-    values per sample: both deviate equally from their median).
+    Levene's test on the absolute deviations from each sample's median, `z_ij = |x_ij - median_i|` (robust to
+    non-normal accuracies): with N values in k = 2 groups,
+    `F = (N - k) / (k - 1) * sum_i n_i (zbar_i - zbar)^2 / sum_ij (z_ij - zbar_i)^2`, `p = P(F_{k-1, N-k} > F)`,
+    as `scipy.stats.levene(center="median")`, with the deviations and F exact. nan where the test is degenerate:
+    a sample with < 2 values or a non-finite one, or no spread of the deviations within either sample (two
+    values per sample deviate equally from their median; constant samples): F is then x/0 or 0/0.
     """
     if len(a) < 2 or len(b) < 2:
         return math.nan
-    za, zb = (np.abs(np.asarray(x, dtype=float) - np.median(x)) for x in (a, b))
-    if np.ptp(za) == 0.0 and np.ptp(zb) == 0.0:  # no spread of the deviations: F is 0/0 or x/0
-        return 1.0 if za[0] == zb[0] else math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.levene(a, b, center="median").pvalue)
+    qa, qb = _exact(a), _exact(b)
+    if qa is None or qb is None:
+        return math.nan
+    za, zb = ([abs(x - _median(q)) for x in q] for q in (qa, qb))
+    groups = [(sum(z, Fraction(0)) / len(z), z) for z in (za, zb)]
+    n = len(za) + len(zb)
+    grand = (sum(za, Fraction(0)) + sum(zb, Fraction(0))) / n
+    between = sum((len(z) * (zbar - grand) ** 2 for zbar, z in groups), Fraction(0))
+    within = sum(((x - zbar) ** 2 for zbar, z in groups for x in z), Fraction(0))
+    if within == 0:
+        return math.nan
+    return float(stats.f.sf(float((n - 2) * between / within), 1, n - 2))
 
 
 def error_reduction(acc_base: float, acc: float, task: Task | None = None) -> float:
     """The paper's relative error reduction `(err_base - err) / err_base`, accuracies in percent (err = 100 - acc);
-    for a task whose primary metric is itself an error (FID), err is the metric."""
+    for a task whose primary metric is itself an error (FID), err is the metric. nan where `err_base <= 0` or
+    either error is not finite."""
     task = task or TASKS["classification"]
     err_base, err = task.error(acc_base), task.error(acc)
-    return (err_base - err) / err_base if err_base > 0 else math.nan
+    if not (math.isfinite(err_base) and math.isfinite(err)) or err_base <= 0:
+        return math.nan  # no baseline error to reduce, or a non-finite mean: degenerate
+    return (err_base - err) / err_base
 
 
 # --------------------------------------------------------------------------------------- published numbers
@@ -249,12 +298,13 @@ def summarize(runs: Sequence[Run]) -> list[Setting]:
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    """`x` formatted, or "-" for a statistic that could not be computed (None, nan or infinite)."""
+    return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 
 def _time_ratio(row: Row, base: Row | None) -> str:
     """The row's mean wall time over the baseline's, e.g. `1.31x` (`-` without a baseline or times)."""
-    if base is None or not base.seconds > 0 or math.isnan(row.seconds):
+    if base is None or not (math.isfinite(base.seconds) and base.seconds > 0) or not math.isfinite(row.seconds):
         return "-"
     return f"{row.seconds / base.seconds:.2f}x"
 

@@ -12,12 +12,17 @@ Several processes may run one sweep on one store: a process trains a run only af
 no longer running on this host (its process id gone, or now another process's) or its heartbeat is older than
 `claim_timeout_s`; the owner refreshes the heartbeat after every epoch and releases the claim in the transaction
 that stores the run.
+
+A store that cannot be used raises `StoreError` naming the cause: a full disk, a corrupt file, or a folder that
+cannot be written. A row that cannot be used (invalid JSON, a config this version does not know, a `final` without
+its task's reported metrics as numbers, finite for a completed run) is skipped and named.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import socket
@@ -25,17 +30,20 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
 from cdgrad._files import replace_durably
 from cdgrad.experiments.checkpoint import remove_orphans
 from cdgrad.experiments.config import RunConfig, from_dict, run_key, to_dict
+from cdgrad.experiments.store_errors import StoreError, store_error
+
+__all__ = ["Claim", "ResultStore", "Run", "StoreError", "environment", "final_problem", "git_revision"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -90,6 +98,48 @@ class Claim:
     host: str
     heartbeat: float
     started: str = ""
+
+
+def final_problem(config: RunConfig, status: str, final: dict[str, Any]) -> str | None:
+    """Why a stored run's `final` cannot be reported (None if it can): each metric the report reads (the task's
+    primary and `report` metrics) must be a number, and a finite one in a completed run."""
+    from cdgrad.experiments.tasks import get_task
+
+    if status not in STATUSES:
+        return f"status must be one of {', '.join(STATUSES)}, got {status!r}"
+    task = get_task(config.task)
+    for name in (task.primary.name, *task.report):
+        if name not in final:
+            return f"its final metrics lack {name!r}"
+        value = final[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"its final {name!r} is {value!r}, not a number"
+        if status == "completed" and not math.isfinite(value):
+            return f"its final {name!r} is {value!r} in a completed run"
+    return None
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _named_causes(method: Callable[P, T]) -> Callable[P, T]:
+    """Re-raise a file-system or SQLite error of a store method as a `StoreError` naming its cause (a full disk,
+    a corrupt file, a folder that cannot be written); other errors pass unchanged."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except (OSError, sqlite3.Error) as exc:
+            store = args[0]
+            assert isinstance(store, ResultStore)
+            named = store_error(exc, store.root, store.path)
+            if named is None or named is exc:
+                raise
+            raise named from exc
+
+    return wrapper
 
 
 @functools.lru_cache(maxsize=1)
@@ -190,7 +240,8 @@ class ResultStore:
 
     # -- setup
     def check_writable(self) -> None:
-        """Create the folder and database if needed; raise ValueError if either cannot be written."""
+        """Create the folder and database if needed; raise `StoreError` (a ValueError) naming the cause if either
+        cannot be written: a full disk, a corrupt store, or (any other failure) a folder that is not writable."""
         try:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
             probe = os.path.join(self.checkpoint_dir, f".probe{os.getpid()}")
@@ -201,10 +252,11 @@ class ResultStore:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("ROLLBACK")
         except (OSError, sqlite3.Error) as exc:
-            raise ValueError(
-                f"results folder {self.root!r} is not writable ({exc}); pass a writable folder with --results"
-            ) from None
+            named = store_error(exc, self.root, self.path, default="not writable")
+            assert named is not None  # a default cause always names one
+            raise named from None
 
+    @_named_causes
     def remove_orphans(self) -> list[str]:
         """Delete temporary files left by killed writers in the checkpoint and model folders."""
         return remove_orphans(self.checkpoint_dir) + remove_orphans(os.path.join(self.root, "models"))
@@ -259,6 +311,7 @@ class ResultStore:
         return True
 
     # -- queries
+    @_named_causes
     def done_keys(self) -> set[str]:
         """Keys of every stored run, completed or diverged."""
         if not os.path.exists(self.path):
@@ -269,11 +322,12 @@ class ResultStore:
     def is_done(self, config: RunConfig, seed: int) -> bool:
         return run_key(config, seed) in self.done_keys()
 
+    @_named_causes
     def runs(self, keys: Iterable[str] | None = None, warn: bool = True) -> list[Run]:
         """Stored runs, all of them or those with the given keys (in that order, missing ones skipped).
 
-        A row that cannot be read (invalid JSON, a config this version does not know) is skipped, named on
-        stderr (with `warn`) and listed in `bad_rows`.
+        A row that cannot be read or reported (invalid JSON, a config this version does not know, a `final` that
+        `final_problem` refuses) is skipped, named on stderr (with `warn`) and listed in `bad_rows`.
         """
         self.bad_rows = []
         if not os.path.exists(self.path):
@@ -299,6 +353,9 @@ class ResultStore:
                 )
                 if not isinstance(run.env, dict) or not isinstance(run.curves, dict) or not isinstance(run.final, dict):
                     raise ValueError("env, curves and final must be JSON objects")
+                problem = final_problem(run.config, run.status, run.final)
+                if problem is not None:
+                    raise ValueError(problem)
             except (ValueError, TypeError, KeyError) as exc:
                 self.bad_rows.append(str(r[0]))
                 if warn:
@@ -312,6 +369,7 @@ class ResultStore:
         return [by_key[k] for k in keys if k in by_key]
 
     # -- writing
+    @_named_causes
     def save(self, config: RunConfig, seed: int, metrics: dict[str, Any], env: dict[str, Any] | None = None) -> str:
         """Record a finished run (and release its claim) in one transaction, then remove its checkpoint (or, with
         `config.save_model` and a completed run, keep it as `model_path(key)`); returns the run key."""
@@ -340,6 +398,7 @@ class ResultStore:
         self.finish_checkpoint(config, key, keep=config.save_model and status == "completed")
         return key
 
+    @_named_causes
     def finish_checkpoint(self, config: RunConfig, key: str, keep: bool | None = None) -> None:
         """The checkpoint of the stored run `key`: moved to `model_path(key)` if `keep` (default: the config's
         `save_model`), removed otherwise. Also finishes what a process killed right after storing left behind."""
@@ -362,6 +421,7 @@ class ResultStore:
             return True  # our own (e.g. left by an earlier run of this process)
         return not _owner_alive(claim) or now - claim.heartbeat > self.claim_timeout_s
 
+    @_named_causes
     def claim(self, key: str) -> bool:
         """Claim run `key` for this process; False if it is stored already or another live process holds it."""
         pid, host = self.owner
@@ -378,6 +438,7 @@ class ResultStore:
             )
             return True
 
+    @_named_causes
     def heartbeat(self, key: str) -> None:
         """Refresh this process's claim on `key` (called after every epoch)."""
         pid, host = self.owner
@@ -386,12 +447,14 @@ class ResultStore:
                 "UPDATE claims SET heartbeat = ? WHERE key = ? AND pid = ? AND host = ?", (time.time(), key, pid, host)
             )
 
+    @_named_causes
     def release(self, key: str) -> None:
         """Drop this process's claim on `key` (a run that failed; a stored run's claim goes with `save`)."""
         pid, host = self.owner
         with closing(self._connect()) as conn:
             conn.execute("DELETE FROM claims WHERE key = ? AND pid = ? AND host = ?", (key, pid, host))
 
+    @_named_causes
     def claims(self) -> dict[str, Claim]:
         """Every claim in the store, live or stale, by run key."""
         if not os.path.exists(self.path):

@@ -9,11 +9,12 @@ The readers parse the published files directly (no torchvision):
   ``cifar100`` reads the 100 fine labels, ``cifar100-coarse`` the 20 coarse ones, from the same files (looked
   up under the name ``cifar100``).
 
-Where the files are looked up (`find_dataset_dir`): the ``root`` argument, then the ``CDGRAD_DATA``
-environment variable (one directory or several joined by ``os.pathsep``), then ``~/.cache/cdgrad/data/<name>``
-and ``/usr/share/datasets/<name>``. For each base directory ``B`` both ``B`` and ``B/<name>`` are tried; a
-directory counts when it holds every required file. A ``root`` that does not exist is an error naming it
-(never a silent fall-back to another copy).
+Where the files are looked up (`find_dataset_dir`): a ``root`` that is given, and nothing else; without one, the
+``CDGRAD_DATA`` environment variable (one directory or several joined by ``os.pathsep``), then
+``~/.cache/cdgrad/data/<name>`` and ``/usr/share/datasets/<name>``. For each base directory ``B`` both ``B`` and
+``B/<name>`` are tried; a directory counts when it holds every required file. A given ``root`` is used or refused,
+never replaced by another copy: one that does not exist, or lacks files, is an error naming it (and the missing
+files), and nothing is downloaded for it.
 
 Every official file is checked against its published md5. A ``.gz`` file is accepted when either the md5 of
 the compressed file or the md5 of its decompressed content matches, since repackaged copies (Debian's
@@ -304,12 +305,13 @@ def check_root(name: str, root: str | os.PathLike[str] | None) -> Path | None:
 
 
 def _candidates(name: str, root: str | os.PathLike[str] | None) -> list[Path]:
-    """Directories searched, in order: root, $CDGRAD_DATA, the standard locations."""
+    """Directories searched, in order: a given root (``root`` and ``root/<name>``, nothing else); without one,
+    $CDGRAD_DATA and the standard locations."""
     out: list[Path] = []
     folder = _files_of(name)
     r = check_root(name, root)
     if r is not None:
-        out += [r, r / folder]
+        return [r, r / folder]
     for entry in os.environ.get(ENV_VAR, "").split(os.pathsep):
         if entry:
             e = Path(entry).expanduser()
@@ -321,31 +323,46 @@ def _candidates(name: str, root: str | os.PathLike[str] | None) -> list[Path]:
 def find_dataset_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
     """The first directory holding every file of data set ``name``.
 
-    Searched in order: ``root`` and ``root/<name>``; each directory ``D`` in ``$CDGRAD_DATA`` and
-    ``D/<name>``; ``~/.cache/cdgrad/data/<name>``; ``/usr/share/datasets/<name>``. MNIST-style sets need the
-    four IDX files (``.gz`` or not); CIFAR-10 needs ``cifar-10-python.tar.gz`` or ``cifar-10-batches-py/``
-    (or the batches themselves). Raises `DatasetNotFoundError` when none qualifies, or when ``root`` is given
-    and does not exist. MNIST and Fashion-MNIST share file names, so a directory is told apart only by its
-    name and, when loading, by the checksums.
+    Searched in order: a given ``root`` and ``root/<name>``, and nothing else; without a root, each directory
+    ``D`` in ``$CDGRAD_DATA`` and ``D/<name>``, ``~/.cache/cdgrad/data/<name>``, ``/usr/share/datasets/<name>``.
+    MNIST-style sets need the four IDX files (``.gz`` or not); CIFAR-10 needs ``cifar-10-python.tar.gz`` or
+    ``cifar-10-batches-py/`` (or the batches themselves). Raises `DatasetNotFoundError` when none qualifies
+    (naming the files missing from the searched directory that holds the most of them), or when ``root`` is
+    given and does not exist. MNIST and Fashion-MNIST share file names, so a directory is told apart only by
+    its name and, when loading, by the checksums.
     """
     _check_name(name)
     candidates = _candidates(name, root)
     for d in candidates:
         if d.is_dir() and not _missing(name, d):
             return d
-    raise DatasetNotFoundError(_not_found_message(name, candidates, _missing(name, _cache_root() / _files_of(name))))
+    raise DatasetNotFoundError(_not_found_message(name, candidates, _fewest_missing(name, candidates), root))
 
 
-def _not_found_message(name: str, searched: Sequence[Path], missing: Sequence[str], note: str = "") -> str:
+def _fewest_missing(name: str, searched: Sequence[Path]) -> list[str]:
+    """The files missing from the searched directory that holds the most of them (all when none exists)."""
+    lists = [_missing(name, d) for d in searched if d.is_dir()]
+    return min(lists, key=len) if lists else _official_files(name)
+
+
+def _not_found_message(
+    name: str, searched: Sequence[Path], missing: Sequence[str], root: str | os.PathLike[str] | None, note: str = ""
+) -> str:
     where = "\n".join(f"  {d}" for d in dict.fromkeys(searched))
     alt = f" (or the extracted {_CIFAR[name].folder}/ folder)" if name in _CIFAR else " (gzipped or not)"
     folder = _files_of(name)
-    return (
-        f"data set {name!r} not found. Missing files: {', '.join(missing)}{alt}.\n"
-        f"Searched:\n{where}\n"
-        f"Put the files in {_cache_root() / folder}, or in a directory given as root=... or in the "
-        f"environment variable {ENV_VAR}=/path/to/dir (the directory itself or its '{folder}' subdirectory)."
-        + (f"\n{note}" if note else "")
+    if root is not None:
+        advice = (
+            f"Put the missing files in the data root {str(root)!r} (or its '{folder}' subdirectory), or leave the "
+            f"root unset to search the environment variable {ENV_VAR} and the standard locations (and download)."
+        )
+    else:
+        advice = (
+            f"Put the files in {_cache_root() / folder}, or in a directory given as root=... or in the "
+            f"environment variable {ENV_VAR}=/path/to/dir (the directory itself or its '{folder}' subdirectory)."
+        )
+    return f"data set {name!r} not found. Missing files: {', '.join(missing)}{alt}.\nSearched:\n{where}\n{advice}" + (
+        f"\n{note}" if note else ""
     )
 
 
@@ -472,10 +489,11 @@ def load_official(
 ) -> Dataset:
     """Load official data set ``name`` (one of `DATASETS`) from its files as a `Dataset` on the CPU.
 
-    The directory is found with `find_dataset_dir`. When it is not found and ``download`` is True the
-    official files are downloaded into ``~/.cache/cdgrad/data/<name>`` (`download_dataset`); when that fails
-    too, `DatasetNotFoundError` lists the missing files and the directories searched. With ``verify`` every
-    file is checked against its official md5 (`ChecksumError` names a file that differs).
+    The directory is found with `find_dataset_dir`. When it is not found, no ``root`` was given and ``download``
+    is True, the official files are downloaded into ``~/.cache/cdgrad/data/<name>`` (`download_dataset`); when
+    that fails too, `DatasetNotFoundError` lists the missing files and the directories searched. A given ``root``
+    is used or refused, never replaced by another copy. With ``verify`` every file is checked against its
+    official md5 (`ChecksumError` names a file that differs).
     """
     _check_name(name)
     if not isinstance(download, bool):
@@ -483,13 +501,14 @@ def load_official(
     try:
         d = find_dataset_dir(name, root)
     except DatasetNotFoundError:
-        if not download:
+        if not download or root is not None:
             raise
         try:
             d = download_dataset(name)
         except DatasetNotFoundError as e:
+            searched = _candidates(name, root)
             raise DatasetNotFoundError(
-                _not_found_message(name, _candidates(name, root), _missing_or_all(name), note=f"Download failed: {e}")
+                _not_found_message(name, searched, _fewest_missing(name, searched), root, note=f"Download failed: {e}")
             ) from None
     arrays = _load_cifar(d, verify, _CIFAR[name]) if name in _CIFAR else _load_idx_set(name, d, verify)
     train_x, train_y, test_x, test_y = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
@@ -520,11 +539,6 @@ def load_dataset(
     if name in DATASETS:
         return load_official(name, root, download, verify=verify)
     return load_registered(name, root, download)
-
-
-def _missing_or_all(name: str) -> list[str]:
-    target = _cache_root() / _files_of(name)
-    return _missing(name, target) if target.is_dir() else _official_files(name)
 
 
 for _name in DATASETS:
