@@ -227,7 +227,7 @@ def test_cifar_archive_checksum_is_checked_before_decompression(clean_env, monke
         D.load_dataset("cifar10", root=clean_env, download=False)
     assert calls == []  # refused before anything was decompressed
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    monkeypatch.setitem(sources._MD5["cifar10"], "cifar-10-python.tar.gz", {"gz": md5})
+    monkeypatch.setitem(sources.MD5["cifar10"], "cifar-10-python.tar.gz", {"gz": md5})
     check_cifar(D.load_dataset("cifar10", root=clean_env, download=False), payloads)
     assert len(calls) == 1
 
@@ -328,7 +328,7 @@ def test_cifar100_fine_and_coarse_labels(clean_env, monkeypatch, layout):
             D.load_dataset(name, root=clean_env, download=False)
     if layout == "archive":  # with the archive's md5 declared official, the checked load reads it
         md5 = hashlib.md5((clean_env / "cifar-100-python.tar.gz").read_bytes()).hexdigest()
-        monkeypatch.setitem(sources._MD5["cifar100"], "cifar-100-python.tar.gz", {"gz": md5})
+        monkeypatch.setitem(sources.MD5["cifar100"], "cifar-100-python.tar.gz", {"gz": md5})
         assert D.load_dataset("cifar100", root=clean_env, download=False).train_x.shape == (7, 3, 32, 32)
 
 
@@ -486,7 +486,7 @@ def test_download_offline(clean_env, monkeypatch):
         assert f"{name}.gz" in msg
     urls = [u for u, _ in calls]
     assert "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz" in urls
-    assert len(urls) == 4 * len(sources._MIRRORS["fashion-mnist"]) and all(t == 20.0 for _, t in calls)
+    assert len(urls) == 4 * len(sources.MIRRORS["fashion-mnist"]) and all(t == 20.0 for _, t in calls)
     cache = Path(os.environ["HOME"]) / ".cache/cdgrad/data/fashion-mnist"
     assert list(cache.iterdir()) == []  # no partial files left behind
 
@@ -496,8 +496,8 @@ def test_download_success_and_bad_mirror(clean_env, monkeypatch):
     arrays = write_mnist(src, gz=True, seed=5)
     for name in IDX_NAMES:
         md5 = hashlib.md5((src / f"{name}.gz").read_bytes()).hexdigest()
-        monkeypatch.setitem(sources._MD5["mnist"], name, {"gz": md5})
-    first, second = sources._MIRRORS["mnist"]
+        monkeypatch.setitem(sources.MD5["mnist"], name, {"gz": md5})
+    first, second = sources.MIRRORS["mnist"]
     calls = []
 
     def fetch(url, dest, timeout):

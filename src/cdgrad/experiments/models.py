@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cdgrad import validation as V
 from cdgrad.experiments.registry import Registry
 
 __all__ = [
@@ -72,12 +73,6 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 2-layer CNN (Lao et al., MNIST and Fashion-MNIST)
 # ----------------------------------------------------------------------------------------------------------
@@ -93,9 +88,9 @@ class CNN2(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
         super().__init__()
-        _positive_int(num_classes, "num_classes")
-        _positive_int(in_channels, "in_channels")
-        _positive_int(image_size, "image_size")
+        V.check_int(num_classes, "num_classes", 1)
+        V.check_int(in_channels, "in_channels", 1)
+        V.check_int(image_size, "image_size", 1)
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16 for cnn2 (two 5x5 convs, two 2x2 pools), got {image_size}")
         side = ((image_size - 4) // 2 - 4) // 2
@@ -198,8 +193,8 @@ class CifarResNet(nn.Module):
             raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
-        _positive_int(num_classes, "num_classes")
-        _positive_int(in_channels, "in_channels")
+        V.check_int(num_classes, "num_classes", 1)
+        V.check_int(in_channels, "in_channels", 1)
         n = (depth - 2) // 6
         self.depth, self.shortcut_option = depth, shortcut
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=not batchnorm)
@@ -234,8 +229,8 @@ class ResNet18(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, batchnorm: bool = True) -> None:
         super().__init__()
-        _positive_int(num_classes, "num_classes")
-        _positive_int(in_channels, "in_channels")
+        V.check_int(num_classes, "num_classes", 1)
+        V.check_int(in_channels, "in_channels", 1)
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=not batchnorm)
         self.bn1 = _norm(64, batchnorm)
         stages: list[nn.Module] = []
@@ -292,16 +287,16 @@ class VGG(nn.Module):
         batchnorm: bool = True,
     ) -> None:
         super().__init__()
-        _positive_int(num_classes, "num_classes")
-        _positive_int(in_channels, "in_channels")
-        _positive_int(image_size, "image_size")
+        V.check_int(num_classes, "num_classes", 1)
+        V.check_int(in_channels, "in_channels", 1)
+        V.check_int(image_size, "image_size", 1)
         layers: list[nn.Module] = []
         channels = in_channels
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             else:
-                v = _positive_int(v, "cfg entry")
+                v = V.check_int(v, "cfg entry", 1)
                 layers += [nn.Conv2d(channels, v, 3, padding=1), _norm(v, batchnorm), nn.ReLU(inplace=True)]
                 channels = v
         side = _pooled_size(image_size, sum(v == "M" for v in cfg))
@@ -353,7 +348,7 @@ def _resnet(depth: int) -> Callable[..., nn.Module]:
     def build(
         num_classes: int, in_channels: int, image_size: int, shortcut: str = "A", batchnorm: bool = True
     ) -> nn.Module:
-        _positive_int(image_size, "image_size")
+        V.check_int(image_size, "image_size", 1)
         return CifarResNet(depth, num_classes, in_channels, shortcut=shortcut, batchnorm=batchnorm)
 
     return build
@@ -373,7 +368,7 @@ def _vgg11(num_classes: int, in_channels: int, image_size: int, batchnorm: bool 
 
 
 def _resnet18(num_classes: int, in_channels: int, image_size: int, batchnorm: bool = True) -> nn.Module:
-    _positive_int(image_size, "image_size")
+    V.check_int(image_size, "image_size", 1)
     return ResNet18(num_classes, in_channels, batchnorm=batchnorm)
 
 

@@ -38,10 +38,6 @@ SYNTHESIS_MODELS = ("spade", "spade-small")
 SPADE_INIT_GAIN = 0.02  # the reference's init_variance for Xavier-normal weights
 
 
-def _pos(value: object, name: str) -> int:
-    return V.check_int(value, name, 1)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # SPADE (Park et al. 2019)
 # ----------------------------------------------------------------------------------------------------------
@@ -71,7 +67,7 @@ def _spade_conv(
 def one_hot_labels(y: Tensor, num_classes: int, ignore_index: int = 255, dtype: torch.dtype = torch.float32) -> Tensor:
     """One-hot ``(N, num_classes, H, W)`` maps of integer labels ``y`` ``(N, H, W)``; ``ignore_index`` pixels
     are all-zero. Any other label outside ``[0, num_classes)`` raises `ValueError`."""
-    _pos(num_classes, "num_classes")
+    V.check_int(num_classes, "num_classes", 1)
     if y.dim() != 3 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ValueError(f"y must be an integer tensor (N, H, W), got {y.dtype} {tuple(y.shape)}")
     keep = y != ignore_index
@@ -95,7 +91,7 @@ class SPADE(nn.Module):
     def __init__(self, norm_nc: int, label_nc: int, hidden: int = 128, kernel: int = 3, norm: str = "batch") -> None:
         super().__init__()
         for value, name in ((norm_nc, "norm_nc"), (label_nc, "label_nc"), (hidden, "hidden"), (kernel, "kernel")):
-            _pos(value, name)
+            V.check_int(value, name, 1)
         if kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (same-size convolutions), got {kernel}")
         self.param_free_norm: nn.Module
@@ -131,8 +127,8 @@ class SPADEResBlock(nn.Module):
 
     def __init__(self, fin: int, fout: int, label_nc: int, hidden: int = 128, norm: str = "batch") -> None:
         super().__init__()
-        _pos(fin, "fin")
-        _pos(fout, "fout")
+        V.check_int(fin, "fin", 1)
+        V.check_int(fout, "fout", 1)
         fmiddle = min(fin, fout)
         self.learned_shortcut = fin != fout
         self.conv_0 = _spade_conv(fin, fmiddle, 3, sn=True)
@@ -178,7 +174,7 @@ class SPADEGenerator(nn.Module):
     ) -> None:
         super().__init__()
         for value, name in ((label_nc, "label_nc"), (out_channels, "out_channels"), (ngf, "ngf")):
-            _pos(value, name)
+            V.check_int(value, name, 1)
         if num_up not in (5, 6, 7):
             raise ValueError(f"num_up must be 5 ('normal'), 6 ('more') or 7 ('most'), got {num_up!r}")
         if num_up == 7 and ngf < 2:
@@ -194,7 +190,7 @@ class SPADEGenerator(nn.Module):
         if z_dim is None:
             self.fc = _spade_conv(label_nc, nf, 3)
         else:
-            _pos(z_dim, "z_dim")
+            V.check_int(z_dim, "z_dim", 1)
             self.fc = nn.Linear(z_dim, nf * self.sh * self.sw)
             nn.init.xavier_normal_(self.fc.weight, gain=SPADE_INIT_GAIN)
             nn.init.zeros_(self.fc.bias)
@@ -250,9 +246,9 @@ class NLayerDiscriminator(nn.Module):
 
     def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 4) -> None:
         super().__init__()
-        _pos(input_nc, "input_nc")
-        _pos(ndf, "ndf")
-        _pos(n_layers, "n_layers")
+        V.check_int(input_nc, "input_nc", 1)
+        V.check_int(ndf, "ndf", 1)
+        V.check_int(n_layers, "n_layers", 1)
         nf = ndf
         layers: list[nn.Sequential] = [
             nn.Sequential(_spade_conv(input_nc, nf, 4, stride=2, padding=2), nn.LeakyReLU(0.2))
@@ -284,7 +280,7 @@ class MultiscaleDiscriminator(nn.Module):
 
     def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 4, num_d: int = 2) -> None:
         super().__init__()
-        _pos(num_d, "num_d")
+        V.check_int(num_d, "num_d", 1)
         self.num_d, self.n_layers = num_d, n_layers
         for i in range(num_d):
             self.add_module(f"discriminator_{i}", NLayerDiscriminator(input_nc, ndf, n_layers))
@@ -326,8 +322,8 @@ def spade_discriminator(name: str, label_nc: int, out_channels: int = 3) -> Mult
     """The discriminator ``name`` on ``label_nc + out_channels`` input channels: ``"spade"`` (ndf 64, 4 layers,
     2 scales) or ``"spade-small"`` (ndf 16, 3 layers, 2 scales)."""
     s = _synthesis_sizes(name)
-    _pos(label_nc, "label_nc")
-    _pos(out_channels, "out_channels")
+    V.check_int(label_nc, "label_nc", 1)
+    V.check_int(out_channels, "out_channels", 1)
     return MultiscaleDiscriminator(label_nc + out_channels, s["ndf"], s["n_layers"], s["num_d"])
 
 

@@ -33,10 +33,6 @@ def positive_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     raise ValueError(f"{name} must be a positive int or a pair (H, W) of them, got {value!r}")
 
 
-def _pos(value: object, name: str) -> int:
-    return V.check_int(value, name, 1)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # UNet encoders
 # ----------------------------------------------------------------------------------------------------------
@@ -84,7 +80,7 @@ class ResNet50Encoder(nn.Module):
 
     def __init__(self, in_channels: int = 3) -> None:
         super().__init__()
-        _pos(in_channels, "in_channels")
+        V.check_int(in_channels, "in_channels", 1)
         self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -115,10 +111,10 @@ class SmallEncoder(nn.Module):
 
     def __init__(self, in_channels: int = 1, widths: Sequence[int] = (16, 32, 64, 128)) -> None:
         super().__init__()
-        _pos(in_channels, "in_channels")
+        V.check_int(in_channels, "in_channels", 1)
         if len(widths) != 4:
             raise ValueError(f"widths must hold 4 channel counts, got {widths!r}")
-        self.out_channels = tuple(_pos(w, "widths entry") for w in widths)
+        self.out_channels = tuple(V.check_int(w, "widths entry", 1) for w in widths)
         w0, w1, w2, w3 = self.out_channels
         self.conv1 = nn.Conv2d(in_channels, w0, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(w0)
@@ -173,7 +169,7 @@ class UNetDecoder(nn.Module):
                 f"decoder_channels must have one entry per encoder feature ({len(encoder_channels)}), "
                 f"got {tuple(decoder_channels)}"
             )
-        outs = [_pos(c, "decoder_channels entry") for c in decoder_channels]
+        outs = [V.check_int(c, "decoder_channels entry", 1) for c in decoder_channels]
         deep_first = list(encoder_channels)[::-1]
         ins = [deep_first[0], *outs[:-1]]
         skips = [*deep_first[1:], 0]
@@ -207,8 +203,8 @@ class UNet(nn.Module):
         decoder_channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        _pos(num_classes, "num_classes")
-        _pos(in_channels, "in_channels")
+        V.check_int(num_classes, "num_classes", 1)
+        V.check_int(in_channels, "in_channels", 1)
         self.encoder: ResNet50Encoder | SmallEncoder
         if encoder == "resnet50":
             self.encoder = ResNet50Encoder(in_channels)
@@ -280,7 +276,7 @@ class UNet(nn.Module):
 def _unet_builder(encoder: str) -> ModelBuilder:
     def build(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         model = UNet(num_classes, in_channels, encoder=encoder)
-        _pos(image_size, "image_size")
+        V.check_int(image_size, "image_size", 1)
         if image_size % model.divisor:
             raise ValueError(f"unet-{encoder} needs image_size divisible by {model.divisor}, got {image_size}")
         return model

@@ -9,7 +9,7 @@
 ``name`` with `register_dataset(name, loader)`, ``loader(root, download) -> Dataset``.
 """
 
-from cdgrad.experiments.data.augment import augment_crop_flip, crop_flip, crop_flip_params
+from cdgrad.experiments.data.augment import augment_crop_flip, crop_flip, crop_flip_params, scale_crop_flip
 from cdgrad.experiments.data.dataset import (
     DATASET_REGISTRY,
     IGNORE_INDEX,
@@ -19,7 +19,7 @@ from cdgrad.experiments.data.dataset import (
     normalize,
     register_dataset,
 )
-from cdgrad.experiments.data.dense import CITYSCAPES_TRAIN_IDS, read_cityscapes, read_voc, scale_crop_flip
+from cdgrad.experiments.data.dense import CITYSCAPES_TRAIN_IDS, read_cityscapes, read_voc
 from cdgrad.experiments.data.formats import DatasetFormatError, UnsafePickleError, parse_idx, read_cifar_batch
 from cdgrad.experiments.data.scenes import (
     SCENE_DATASETS,

@@ -1,15 +1,23 @@
-"""Augmentation of whole uint8 batches: random crop with zero padding and horizontal flip (the CIFAR protocol).
+"""Augmentation of whole uint8 batches: random crop with zero padding and horizontal flip (the CIFAR protocol); for
+dense tasks, random scale, crop and flip of images and label maps together.
 
 `augment_crop_flip(x, pad, generator)` draws the offsets and flips (`crop_flip_params`) and applies them
-(`crop_flip`) with one gather for the whole batch, on the batch's device.
+(`crop_flip`) with one gather for the whole batch, on the batch's device. `scale_crop_flip(x, y, crop, ...)` does
+the joint augmentation of the dense tasks.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["augment_crop_flip", "crop_flip", "crop_flip_params"]
+from cdgrad import validation as V
+from cdgrad.experiments.data.dataset import IGNORE_INDEX
+
+__all__ = ["augment_crop_flip", "crop_flip", "crop_flip_params", "scale_crop_flip"]
 
 
 def crop_flip_params(
@@ -78,3 +86,67 @@ def augment_crop_flip(x: Tensor, pad: int = 4, generator: torch.Generator | None
         raise ValueError(f"x must be a tensor of shape (N, C, H, W), got {getattr(x, 'shape', x)!r}")
     dy, dx, flip = crop_flip_params(x.shape[0], pad, generator, x.device)
     return _crop_flip(x, dy, dx, flip, pad)  # offsets in range by construction: no device sync
+
+
+def _nearest_index(n_out: int, n_in: int, device: torch.device) -> Tensor:
+    """Source index of each of ``n_out`` output pixels resampled from ``n_in``: the input pixel holding the
+    output pixel's centre, ``floor((j + 1/2) n_in / n_out)``, in exact integer arithmetic."""
+    return (2 * torch.arange(n_out, device=device) + 1) * n_in // (2 * n_out)
+
+
+def scale_crop_flip(
+    x: Tensor,
+    y: Tensor,
+    crop: int,
+    scale: tuple[float, float] = (0.5, 2.0),
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Random scale, crop and horizontal flip of images uint8 ``(N, C, H, W)`` and their label maps int64 ``(N, H, W)``.
+
+    Per image: a factor ``s`` uniform in ``scale``; the image resized to ``(round(s H), round(s W))`` (at least 1)
+    by bilinear interpolation (``align_corners=False``, rounded back to uint8) and the label map by nearest
+    neighbour (the input pixel holding each output pixel's centre); both padded at the bottom and right to at
+    least ``crop x crop`` (image with 0, labels with `IGNORE_INDEX`); a ``crop x crop`` window at a uniformly
+    random offset; both flipped horizontally with probability 1/2. Returns uint8 ``(N, C, crop, crop)`` and int64
+    ``(N, crop, crop)`` on ``x``'s device. All draws come from ``generator`` (on its device; the default generator
+    of ``x``'s device when None): one float64 ``torch.rand((4, N))`` whose rows give the scale, the row and column
+    offsets and the flip.
+    """
+    if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+        raise TypeError(f"x must be a uint8 tensor of shape (N, C, H, W), got {getattr(x, 'shape', x)!r}")
+    n, c, h, w = x.shape
+    if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (n, h, w):
+        raise TypeError(f"y must be an int64 tensor of shape {(n, h, w)}, got {getattr(y, 'shape', y)!r}")
+    V.check_int(crop, "crop", 1)
+    try:
+        lo, hi = (float(s) for s in scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a pair (low, high) of floats, got {scale!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise ValueError(f"scale must satisfy 0 < low <= high (finite), got {scale!r}")
+    dev = x.device
+    draw_device = generator.device if generator is not None else dev
+    draws = torch.rand((4, n), generator=generator, device=draw_device, dtype=torch.float64).cpu().tolist()
+    out_x, out_y = [], []
+    for i in range(n):
+        s = lo + (hi - lo) * draws[0][i]
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        xi, yi = x[i : i + 1], y[i]
+        if (nh, nw) != (h, w):
+            resized = F.interpolate(xi.float(), size=(nh, nw), mode="bilinear", align_corners=False)
+            xi = resized.round_().clamp_(0, 255).to(torch.uint8)
+            yi = yi[_nearest_index(nh, h, dev)[:, None], _nearest_index(nw, w, dev)]
+        ph, pw = max(0, crop - nh), max(0, crop - nw)
+        if ph or pw:
+            xi = F.pad(xi, (0, pw, 0, ph), value=0)
+            yi = F.pad(yi, (0, pw, 0, ph), value=IGNORE_INDEX)
+        oy = min(int(draws[1][i] * (nh + ph - crop + 1)), nh + ph - crop)
+        ox = min(int(draws[2][i] * (nw + pw - crop + 1)), nw + pw - crop)
+        xi, yi = xi[0, :, oy : oy + crop, ox : ox + crop], yi[oy : oy + crop, ox : ox + crop]
+        if draws[3][i] < 0.5:
+            xi, yi = xi.flip(-1), yi.flip(-1)
+        out_x.append(xi)
+        out_y.append(yi)
+    if not out_x:
+        return x.new_empty((0, c, crop, crop)), y.new_empty((0, crop, crop))
+    return torch.stack(out_x), torch.stack(out_y)

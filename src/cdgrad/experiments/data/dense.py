@@ -7,7 +7,6 @@
 * Cityscapes fine annotations (`read_cityscapes`): ``leftImg8bit/{split}/{city}/{name}_leftImg8bit.png`` and
   ``gtFine/{split}/{city}/{name}_gtFine_labelIds.png``; label ids become the 19 train ids by
   `CITYSCAPES_TRAIN_IDS`, images are resized bilinearly and label maps by nearest neighbour to one size.
-* `scale_crop_flip`: random scale, crop and horizontal flip of images and label maps together.
 
 Registered data sets (`load_dataset`): ``voc2012`` (21 classes) and ``cityscapes`` (19 classes), both with the
 official val split as test split. Their files are looked up where `find_dataset_dir` looks (``root``,
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
@@ -29,12 +27,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from cdgrad import validation as V
 from cdgrad.experiments.data.dataset import IGNORE_INDEX, Dataset, channel_stats, register_dataset
 from cdgrad.experiments.data.formats import DatasetFormatError
-from cdgrad.experiments.data.sources import ENV_VAR, DatasetNotFoundError, _cache_root, _candidates, _read_bytes
+from cdgrad.experiments.data.official import read_bytes
+from cdgrad.experiments.data.sources import DatasetNotFoundError, candidate_dirs, not_found_message
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -53,7 +52,6 @@ __all__ = [
     "load_voc2012",
     "read_cityscapes",
     "read_voc",
-    "scale_crop_flip",
 ]
 
 VOC_NUM_CLASSES = 21
@@ -120,12 +118,6 @@ def _check_split(split: str) -> str:
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     return split
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _listing(paths: Sequence[str], limit: int = 5) -> str:
@@ -287,7 +279,7 @@ def read_voc(root: str | os.PathLike[str], split: str, size: int = 500) -> tuple
     and 255; each names the file, and nothing is returned in those cases.
     """
     _check_split(split)
-    _positive_int(size, "size")
+    V.check_int(size, "size", 1)
     with _voc_files(root) as files:
         ids = _voc_ids(files, split)
         pairs = [(f"JPEGImages/{i}.jpg", f"SegmentationClass/{i}.png") for i in ids]
@@ -364,13 +356,13 @@ def read_cityscapes(
     _check_split(split)
     if not isinstance(size, Sequence) or len(size) != 2:
         raise ValueError(f"size must be a pair (height, width) of positive ints, got {size!r}")
-    h, w = (_positive_int(s, "each entry of size") for s in size)
+    h, w = (V.check_int(s, "each entry of size", 1) for s in size)
     pairs = _cityscapes_pairs(Path(root), split)
     images = torch.empty((len(pairs), 3, h, w), dtype=torch.uint8)
     labels = torch.empty((len(pairs), h, w), dtype=torch.int64)
     for n, (img_path, label_path) in enumerate(pairs):
-        image = _open_image(_read_bytes(img_path), str(img_path), "PNG")
-        label = _open_image(_read_bytes(label_path), str(label_path), "PNG")
+        image = _open_image(read_bytes(img_path), str(img_path), "PNG")
+        label = _open_image(read_bytes(label_path), str(label_path), "PNG")
         ids = _label_values(label, str(label_path))
         if label.size != image.size:
             raise DatasetFormatError(
@@ -396,22 +388,14 @@ def read_cityscapes(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _not_found(name: str, searched: Sequence[Path], how: str) -> DatasetNotFoundError:
-    where = "\n".join(f"  {d}" for d in dict.fromkeys(searched))
-    return DatasetNotFoundError(
-        f"data set {name!r} not found (it is not downloaded automatically). Searched:\n{where}\n{how} Put it in "
-        f"{_cache_root() / name}, or in a directory given as root=... or in the environment variable "
-        f"{ENV_VAR}=/path/to/dir (the directory itself or its '{name}' subdirectory)."
-    )
-
-
 def _find(name: str, root: str | os.PathLike[str] | None, found: Callable[[Path], Path | None], how: str) -> Path:
-    candidates = _candidates(name, root)
+    candidates = candidate_dirs(name, root)
     for d in candidates:
         location = found(d) if d.is_dir() else None
         if location is not None:
             return location
-    raise _not_found(name, candidates, how)
+    what = " (it is not downloaded automatically)"
+    raise DatasetNotFoundError(not_found_message(name, candidates, what, name, root, how + " "))
 
 
 def _cityscapes_root(d: Path) -> Path | None:
@@ -465,72 +449,3 @@ def load_cityscapes(root: str | os.PathLike[str] | None = None, download: bool =
 
 register_dataset("voc2012", load_voc2012)
 register_dataset("cityscapes", load_cityscapes)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Joint augmentation
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _nearest_index(n_out: int, n_in: int, device: torch.device) -> Tensor:
-    """Source index of each of ``n_out`` output pixels resampled from ``n_in``: the input pixel holding the
-    output pixel's centre, ``floor((j + 1/2) n_in / n_out)``, in exact integer arithmetic."""
-    return (2 * torch.arange(n_out, device=device) + 1) * n_in // (2 * n_out)
-
-
-def scale_crop_flip(
-    x: Tensor,
-    y: Tensor,
-    crop: int,
-    scale: tuple[float, float] = (0.5, 2.0),
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Random scale, crop and horizontal flip of images uint8 ``(N, C, H, W)`` and their label maps int64 ``(N, H, W)``.
-
-    Per image: a factor ``s`` uniform in ``scale``; the image resized to ``(round(s H), round(s W))`` (at least 1)
-    by bilinear interpolation (``align_corners=False``, rounded back to uint8) and the label map by nearest
-    neighbour (the input pixel holding each output pixel's centre); both padded at the bottom and right to at
-    least ``crop x crop`` (image with 0, labels with `IGNORE_INDEX`); a ``crop x crop`` window at a uniformly
-    random offset; both flipped horizontally with probability 1/2. Returns uint8 ``(N, C, crop, crop)`` and int64
-    ``(N, crop, crop)`` on ``x``'s device. All draws come from ``generator`` (on its device; the default generator
-    of ``x``'s device when None): one float64 ``torch.rand((4, N))`` whose rows give the scale, the row and column
-    offsets and the flip.
-    """
-    if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
-        raise TypeError(f"x must be a uint8 tensor of shape (N, C, H, W), got {getattr(x, 'shape', x)!r}")
-    n, c, h, w = x.shape
-    if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (n, h, w):
-        raise TypeError(f"y must be an int64 tensor of shape {(n, h, w)}, got {getattr(y, 'shape', y)!r}")
-    _positive_int(crop, "crop")
-    try:
-        lo, hi = (float(s) for s in scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"scale must be a pair (low, high) of floats, got {scale!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
-        raise ValueError(f"scale must satisfy 0 < low <= high (finite), got {scale!r}")
-    dev = x.device
-    draw_device = generator.device if generator is not None else dev
-    draws = torch.rand((4, n), generator=generator, device=draw_device, dtype=torch.float64).cpu().tolist()
-    out_x, out_y = [], []
-    for i in range(n):
-        s = lo + (hi - lo) * draws[0][i]
-        nh, nw = max(1, round(h * s)), max(1, round(w * s))
-        xi, yi = x[i : i + 1], y[i]
-        if (nh, nw) != (h, w):
-            resized = F.interpolate(xi.float(), size=(nh, nw), mode="bilinear", align_corners=False)
-            xi = resized.round_().clamp_(0, 255).to(torch.uint8)
-            yi = yi[_nearest_index(nh, h, dev)[:, None], _nearest_index(nw, w, dev)]
-        ph, pw = max(0, crop - nh), max(0, crop - nw)
-        if ph or pw:
-            xi = F.pad(xi, (0, pw, 0, ph), value=0)
-            yi = F.pad(yi, (0, pw, 0, ph), value=IGNORE_INDEX)
-        oy = min(int(draws[1][i] * (nh + ph - crop + 1)), nh + ph - crop)
-        ox = min(int(draws[2][i] * (nw + pw - crop + 1)), nw + pw - crop)
-        xi, yi = xi[0, :, oy : oy + crop, ox : ox + crop], yi[oy : oy + crop, ox : ox + crop]
-        if draws[3][i] < 0.5:
-            xi, yi = xi.flip(-1), yi.flip(-1)
-        out_x.append(xi)
-        out_y.append(yi)
-    if not out_x:
-        return x.new_empty((0, c, crop, crop)), y.new_empty((0, crop, crop))
-    return torch.stack(out_x), torch.stack(out_y)

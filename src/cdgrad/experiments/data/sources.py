@@ -24,12 +24,10 @@ the compressed file or the md5 of its decompressed content matches, since repack
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import tempfile
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,20 +35,37 @@ import torch
 
 from cdgrad.experiments.data.dataset import DATASET_REGISTRY, Dataset, channel_stats, load_registered
 from cdgrad.experiments.data.formats import (
-    CIFAR_BATCH_LIMIT,
-    CIFAR_CLASSES,
     GZIP_MAGIC,
     DatasetFormatError,
     check_labels,
-    gunzip,
     gunzip_idx,
     parse_idx,
     read_cifar_archive,
     read_cifar_batch,
 )
+from cdgrad.experiments.data.official import (
+    CIFAR_FILES,
+    IDX_FILES,
+    MD5,
+    MIRRORS,
+    NUM_CLASSES,
+    ChecksumError,
+    CifarFiles,
+    DatasetNotFoundError,
+    gunzip_batch,
+    md5_hex,
+    read_bytes,
+    read_checked,
+    read_idx,
+    verify_md5,
+)
 
 __all__ = [
     "DATASETS",
+    "ENV_VAR",
+    "cache_root",
+    "candidate_dirs",
+    "not_found_message",
     "ChecksumError",
     "DatasetNotFoundError",
     "download_dataset",
@@ -67,183 +82,6 @@ _SYSTEM_DATASETS_DIR = Path("/usr/share/datasets")
 _DOWNLOAD_TIMEOUT_S = 20.0
 
 # ----------------------------------------------------------------------------------------------------------
-# Official files and checksums
-# ----------------------------------------------------------------------------------------------------------
-
-_IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-# md5 of the official gzipped file ("gz") and of its decompressed content ("raw").
-_MD5: dict[str, dict[str, dict[str, str]]] = {
-    "mnist": {
-        "train-images-idx3-ubyte": {
-            "gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-            "raw": "6bbc9ace898e44ae57da46a324031adb",
-        },
-        "train-labels-idx1-ubyte": {
-            "gz": "d53e105ee54ea40749a09fcbcd1e9432",
-            "raw": "a25bea736e30d166cdddb491f175f624",
-        },
-        "t10k-images-idx3-ubyte": {
-            "gz": "9fb629c4189551a2d022fa330f9573f3",
-            "raw": "2646ac647ad5339dbf082846283269ea",
-        },
-        "t10k-labels-idx1-ubyte": {
-            "gz": "ec29112dd5afa0611ce80d1b7f02629c",
-            "raw": "27ae3e4e09519cfbb04c329615203637",
-        },
-    },
-    "fashion-mnist": {
-        "train-images-idx3-ubyte": {
-            "gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-            "raw": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-        },
-        "train-labels-idx1-ubyte": {
-            "gz": "25c81989df183df01b3e8a0aad5dffbe",
-            "raw": "9018921c3c673c538a1fc5bad174d6f9",
-        },
-        "t10k-images-idx3-ubyte": {
-            "gz": "bef4ecab320f06d8554ea6380940ec79",
-            "raw": "8181f5470baa50b63fa0f6fddb340f0a",
-        },
-        "t10k-labels-idx1-ubyte": {
-            "gz": "bb300cfdad3c16e7a12a480ee83cd310",
-            "raw": "15d484375f8d13e6eb1aabb0c3f46965",
-        },
-    },
-    "cifar10": {
-        "cifar-10-python.tar.gz": {"gz": "c58f30108f718f92721af3b95e74349a"},
-        "data_batch_1": {"raw": "c99cafc152244af753f735de768cd75f"},
-        "data_batch_2": {"raw": "d4bba439e000b95fd0a9bffe97cbabec"},
-        "data_batch_3": {"raw": "54ebc095f3ab1f0389bbae665268c751"},
-        "data_batch_4": {"raw": "634d18415352ddfa80567beed471001a"},
-        "data_batch_5": {"raw": "482c414d41f54cd18b22e5b47cb7c3cb"},
-        "test_batch": {"raw": "40351d587109b95175f43aff81a1287e"},
-    },
-    "cifar100": {
-        "cifar-100-python.tar.gz": {"gz": "eb9058c3a382ffc7106e4002c42a8d85"},
-        "train": {"raw": "16019d7e3df5f24257cddd939b257f8d"},
-        "test": {"raw": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
-    },
-}
-
-_MIRRORS: dict[str, tuple[str, ...]] = {
-    "mnist": ("http://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
-    "fashion-mnist": (
-        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
-    ),
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/",),
-    "cifar100": ("https://www.cs.toronto.edu/~kriz/",),
-}
-
-
-@dataclass(frozen=True)
-class _Cifar:
-    """The files of a CIFAR variant: the archive, its folder, the batches and which labels to read."""
-
-    files: str  # the data set whose files these are (its checksums, download and cache folder)
-    archive: str
-    folder: str
-    train: tuple[str, ...]
-    test: str
-    labels: str
-    classes: int
-    limit: int  # the most bytes one batch may hold (twice the official size)
-
-    @property
-    def batches(self) -> tuple[str, ...]:
-        return (*self.train, self.test)
-
-
-_C10 = _Cifar(
-    "cifar10",
-    "cifar-10-python.tar.gz",
-    "cifar-10-batches-py",
-    tuple(f"data_batch_{i}" for i in range(1, 6)),
-    "test_batch",
-    "labels",
-    CIFAR_CLASSES,
-    CIFAR_BATCH_LIMIT,
-)
-_C100 = _Cifar(
-    "cifar100",
-    "cifar-100-python.tar.gz",
-    "cifar-100-python",
-    ("train",),
-    "test",
-    "fine_labels",
-    100,
-    2 * 50_000 * 3_072,
-)
-_CIFAR: dict[str, _Cifar] = {
-    "cifar10": _C10,
-    "cifar100": _C100,
-    "cifar100-coarse": replace(_C100, labels="coarse_labels", classes=20),  # the same files, the 20 superclasses
-}
-
-_NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, **{name: spec.classes for name, spec in _CIFAR.items()}}
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The files of a data set are in none of the searched directories (and could not be downloaded), or the
-    given root does not exist."""
-
-
-class ChecksumError(DatasetFormatError):
-    """A data file's md5 differs from the official one."""
-
-
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DatasetNotFoundError(f"{path}: cannot read ({e})") from None
-
-
-def _read_checked(
-    path: Path, dataset: str | None, key: str, verify: bool, inflate: Callable[[bytes, Path], bytes]
-) -> bytes:
-    """Contents of ``path`` (decompressed by ``inflate`` when gzipped), md5-checked against the official values."""
-    raw = _read_bytes(path)
-    content = inflate(raw, path) if raw[:2] == GZIP_MAGIC else raw
-    if verify and dataset is not None:
-        _verify(path, raw, content, _MD5[dataset][key])
-    return content
-
-
-def _verify(path: Path, raw: bytes, content: bytes | None, known: dict[str, str]) -> None:
-    """ChecksumError unless the md5 of the gzipped file or of its ``content`` is the official one."""
-    ok = (content is not raw and _md5(raw) == known.get("gz")) or (
-        content is not None and _md5(content) == known.get("raw")
-    )
-    if not ok:
-        expected = " or ".join(f"{v} ({k})" for k, v in known.items())
-        raise ChecksumError(
-            f"{path}: md5 {_md5(raw)} does not match the official {expected}; the file is corrupt, "
-            "truncated or not the official one (pass verify=False to read it anyway)"
-        )
-
-
-def _gunzip_batch(limit: int) -> Callable[[bytes, Path], bytes]:
-    return lambda raw, path: gunzip(raw, path, limit)
-
-
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file, gzipped or not (detected from the content), into a numpy array."""
-    path = Path(path)
-    return parse_idx(_read_checked(path, None, "", False, gunzip_idx), path)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Lookup
 # ----------------------------------------------------------------------------------------------------------
 
@@ -254,7 +92,7 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     return Path.home() / ".cache" / "cdgrad" / "data"
 
 
@@ -266,7 +104,7 @@ def _idx_path(d: Path, base: str) -> Path | None:
     return None
 
 
-def _cifar_batches_dir(d: Path, spec: _Cifar) -> Path | None:
+def _cifar_batches_dir(d: Path, spec: CifarFiles) -> Path | None:
     for folder in (d / spec.folder, d):
         if all((folder / b).is_file() for b in spec.batches):
             return folder
@@ -275,17 +113,17 @@ def _cifar_batches_dir(d: Path, spec: _Cifar) -> Path | None:
 
 def _files_of(name: str) -> str:
     """The data set whose files `name` reads (cifar100-coarse reads cifar100's)."""
-    return _CIFAR[name].files if name in _CIFAR else name
+    return CIFAR_FILES[name].files if name in CIFAR_FILES else name
 
 
 def _missing(name: str, d: Path) -> list[str]:
     """Required files absent from directory ``d``; empty when ``d`` holds the data set."""
-    if name in _CIFAR:
-        spec = _CIFAR[name]
+    if name in CIFAR_FILES:
+        spec = CIFAR_FILES[name]
         if (d / spec.archive).is_file() or _cifar_batches_dir(d, spec) is not None:
             return []
         return [spec.archive]
-    return [f"{b}.gz" for b in _IDX_FILES if _idx_path(d, b) is None]
+    return [f"{b}.gz" for b in IDX_FILES if _idx_path(d, b) is None]
 
 
 def check_root(name: str, root: str | os.PathLike[str] | None) -> Path | None:
@@ -304,7 +142,7 @@ def check_root(name: str, root: str | os.PathLike[str] | None) -> Path | None:
     return r
 
 
-def _candidates(name: str, root: str | os.PathLike[str] | None) -> list[Path]:
+def candidate_dirs(name: str, root: str | os.PathLike[str] | None) -> list[Path]:
     """Directories searched, in order: a given root (``root`` and ``root/<name>``, nothing else); without one,
     $CDGRAD_DATA and the standard locations."""
     out: list[Path] = []
@@ -316,7 +154,7 @@ def _candidates(name: str, root: str | os.PathLike[str] | None) -> list[Path]:
         if entry:
             e = Path(entry).expanduser()
             out += [e, e / folder]
-    out += [_cache_root() / folder, _SYSTEM_DATASETS_DIR / folder]
+    out += [cache_root() / folder, _SYSTEM_DATASETS_DIR / folder]
     return out
 
 
@@ -332,11 +170,11 @@ def find_dataset_dir(name: str, root: str | os.PathLike[str] | None = None) -> P
     its name and, when loading, by the checksums.
     """
     _check_name(name)
-    candidates = _candidates(name, root)
+    candidates = candidate_dirs(name, root)
     for d in candidates:
         if d.is_dir() and not _missing(name, d):
             return d
-    raise DatasetNotFoundError(_not_found_message(name, candidates, _fewest_missing(name, candidates), root))
+    raise DatasetNotFoundError(_missing_files_message(name, candidates, _fewest_missing(name, candidates), root))
 
 
 def _fewest_missing(name: str, searched: Sequence[Path]) -> list[str]:
@@ -345,25 +183,39 @@ def _fewest_missing(name: str, searched: Sequence[Path]) -> list[str]:
     return min(lists, key=len) if lists else _official_files(name)
 
 
-def _not_found_message(
-    name: str, searched: Sequence[Path], missing: Sequence[str], root: str | os.PathLike[str] | None, note: str = ""
+def not_found_message(
+    name: str,
+    searched: Sequence[Path],
+    what: str,
+    folder: str,
+    root: str | os.PathLike[str] | None,
+    how: str = "",
+    downloadable: bool = False,
 ) -> str:
+    """The message of a data set that was not found: `what` is missing (after "not found"), the directories
+    searched, `how` to get it, and where to put it (`folder`: its folder name under a base directory)."""
     where = "\n".join(f"  {d}" for d in dict.fromkeys(searched))
-    alt = f" (or the extracted {_CIFAR[name].folder}/ folder)" if name in _CIFAR else " (gzipped or not)"
-    folder = _files_of(name)
     if root is not None:
         advice = (
             f"Put the missing files in the data root {str(root)!r} (or its '{folder}' subdirectory), or leave the "
-            f"root unset to search the environment variable {ENV_VAR} and the standard locations (and download)."
+            f"root unset to search the environment variable {ENV_VAR} and the standard locations"
+            + (" (and download)." if downloadable else ".")
         )
     else:
         advice = (
-            f"Put the files in {_cache_root() / folder}, or in a directory given as root=... or in the "
+            f"Put the files in {cache_root() / folder}, or in a directory given as root=... or in the "
             f"environment variable {ENV_VAR}=/path/to/dir (the directory itself or its '{folder}' subdirectory)."
         )
-    return f"data set {name!r} not found. Missing files: {', '.join(missing)}{alt}.\nSearched:\n{where}\n{advice}" + (
-        f"\n{note}" if note else ""
-    )
+    return f"data set {name!r} not found{what}.\nSearched:\n{where}\n{how}{advice}"
+
+
+def _missing_files_message(
+    name: str, searched: Sequence[Path], missing: Sequence[str], root: str | os.PathLike[str] | None, note: str = ""
+) -> str:
+    alt = f" (or the extracted {CIFAR_FILES[name].folder}/ folder)" if name in CIFAR_FILES else " (gzipped or not)"
+    what = f". Missing files: {', '.join(missing)}{alt}"
+    text = not_found_message(name, searched, what, _files_of(name), root, downloadable=True)
+    return text + (f"\n{note}" if note else "")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,13 +233,13 @@ def fetch_url(url: str, dest: Path, timeout: float) -> None:
 
 
 def _official_files(name: str) -> list[str]:
-    return [_CIFAR[name].archive] if name in _CIFAR else [f"{b}.gz" for b in _IDX_FILES]
+    return [CIFAR_FILES[name].archive] if name in CIFAR_FILES else [f"{b}.gz" for b in IDX_FILES]
 
 
 def _download_one(name: str, fname: str, md5: str, target: Path, fetch: Fetch) -> list[str] | None:
     """Fetch ``fname`` into ``target`` from the first mirror that serves it intact; the errors otherwise."""
     errors: list[str] = []
-    for base in _MIRRORS[_files_of(name)]:
+    for base in MIRRORS[_files_of(name)]:
         url = base + fname
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -398,7 +250,7 @@ def _download_one(name: str, fname: str, md5: str, target: Path, fetch: Fetch) -
         tmp = Path(tmp_name)
         try:
             fetch(url, tmp, _DOWNLOAD_TIMEOUT_S)
-            got = _md5(tmp.read_bytes())
+            got = md5_hex(tmp.read_bytes())
             if got != md5:
                 raise ChecksumError(f"md5 {got}, expected {md5}")
             os.replace(tmp, target / fname)
@@ -420,12 +272,12 @@ def download_dataset(name: str, dest: str | os.PathLike[str] | None = None, fetc
     """
     _check_name(name)
     fetch = fetch if fetch is not None else fetch_url
-    target = Path(dest) if dest is not None else _cache_root() / _files_of(name)
+    target = Path(dest) if dest is not None else cache_root() / _files_of(name)
     missing = _missing(name, target) if target.is_dir() else _official_files(name)
     failures: list[str] = []
     for fname in missing:
-        key = fname if name in _CIFAR else fname.removesuffix(".gz")
-        errors = _download_one(name, fname, _MD5[_files_of(name)][key]["gz"], target, fetch)
+        key = fname if name in CIFAR_FILES else fname.removesuffix(".gz")
+        errors = _download_one(name, fname, MD5[_files_of(name)][key]["gz"], target, fetch)
         if errors is not None:
             failures.append(f"{fname} ({'; '.join(errors)})")
     if failures:
@@ -440,16 +292,16 @@ def download_dataset(name: str, dest: str | os.PathLike[str] | None = None, fetc
 
 def _load_idx_set(name: str, d: Path, verify: bool) -> tuple[np.ndarray, ...]:
     arrays = {}
-    for base in _IDX_FILES:
+    for base in IDX_FILES:
         path = _idx_path(d, base)
         assert path is not None  # guaranteed by find_dataset_dir
-        arr = parse_idx(_read_checked(path, name, base, verify, gunzip_idx), path)
+        arr = parse_idx(read_checked(path, name, base, verify, gunzip_idx), path)
         is_images = "images" in base
         if arr.dtype != np.uint8 or arr.ndim != (3 if is_images else 1):
             want = "uint8 (N, H, W)" if is_images else "uint8 (N,)"
             raise DatasetFormatError(f"{path}: expected {want}, got {arr.dtype} {arr.shape}")
         if not is_images:
-            check_labels(arr, _NUM_CLASSES[name], path)
+            check_labels(arr, NUM_CLASSES[name], path)
         arrays[base] = (arr, path)
     out = []
     for split in ("train", "t10k"):
@@ -460,18 +312,18 @@ def _load_idx_set(name: str, d: Path, verify: bool) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def _load_cifar(d: Path, verify: bool, spec: _Cifar) -> tuple[np.ndarray, ...]:
+def _load_cifar(d: Path, verify: bool, spec: CifarFiles) -> tuple[np.ndarray, ...]:
     folder = _cifar_batches_dir(d, spec)
     blobs: dict[str, tuple[bytes, str]] = {}
     if folder is not None:
         for b in spec.batches:
             path = folder / b
-            blobs[b] = (_read_checked(path, spec.files, b, verify, _gunzip_batch(spec.limit)), str(path))
+            blobs[b] = (read_checked(path, spec.files, b, verify, gunzip_batch(spec.limit)), str(path))
     else:
         archive = d / spec.archive
-        raw = _read_bytes(archive)
+        raw = read_bytes(archive)
         if verify:  # before anything is decompressed
-            _verify(archive, raw, raw if raw[:2] != GZIP_MAGIC else None, _MD5[spec.files][spec.archive])
+            verify_md5(archive, raw, raw if raw[:2] != GZIP_MAGIC else None, MD5[spec.files][spec.archive])
         names = {f"{spec.folder}/{b}": b for b in spec.batches}
         members = read_cifar_archive(raw, archive, names, spec.limit)
         blobs = {names[m]: (buf, f"{archive}:{m}") for m, buf in members.items()}
@@ -506,14 +358,16 @@ def load_official(
         try:
             d = download_dataset(name)
         except DatasetNotFoundError as e:
-            searched = _candidates(name, root)
+            searched = candidate_dirs(name, root)
             raise DatasetNotFoundError(
-                _not_found_message(name, searched, _fewest_missing(name, searched), root, note=f"Download failed: {e}")
+                _missing_files_message(
+                    name, searched, _fewest_missing(name, searched), root, note=f"Download failed: {e}"
+                )
             ) from None
-    arrays = _load_cifar(d, verify, _CIFAR[name]) if name in _CIFAR else _load_idx_set(name, d, verify)
+    arrays = _load_cifar(d, verify, CIFAR_FILES[name]) if name in CIFAR_FILES else _load_idx_set(name, d, verify)
     train_x, train_y, test_x, test_y = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
     mean, std = channel_stats(train_x)
-    return Dataset(name, train_x, train_y, test_x, test_y, _NUM_CLASSES[name], mean, std)
+    return Dataset(name, train_x, train_y, test_x, test_y, NUM_CLASSES[name], mean, std)
 
 
 def load_dataset(
