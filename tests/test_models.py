@@ -318,7 +318,7 @@ def test_bad_arguments():
         build_model("cnn2", batchnorm=False)
     with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
         build_model("resnet20", num_classes=0)
-    with pytest.raises(ValueError, match="in_channels must be an int >= 1"):
+    with pytest.raises(TypeError, match="in_channels must be an int >= 1, got float"):  # a non-int is a TypeError
         build_model("vgg16", in_channels=2.0)
     with pytest.raises(ValueError, match="image_size must be >= 16"):
         build_model("cnn2", image_size=12)
