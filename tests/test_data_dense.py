@@ -354,6 +354,26 @@ def test_read_cityscapes_missing_folder_and_bad_arguments(city):
         D.read_cityscapes(root, "val")
 
 
+def test_read_cityscapes_refuses_a_size_that_cannot_fit(city, monkeypatch):
+    """(H, W) = (100000, 100000) asks for 11 bytes a pixel per image (uint8 RGB, int64 train ids): refused naming
+    size before any array is allocated; the boundary is that count plus one resized image (24 bytes a pixel)."""
+    from cdgrad import validation
+
+    root, _ = city
+    monkeypatch.setattr(validation, "ALWAYS_FITS", 0)
+    monkeypatch.setattr(validation, "available_memory", lambda device=None: 64 * 2**30)
+    with pytest.raises(validation.MemoryRequestError, match=r"size=\(100000, 100000\) needs about .*3 images"):
+        D.read_cityscapes(root, "train", size=(100000, 100000))
+    expected = D.read_cityscapes(root, "train", size=(8, 16))
+    need = (11 * 3 + 24) * 8 * 16
+    monkeypatch.setattr(validation, "available_memory", lambda device=None: need - 1)
+    with pytest.raises(validation.MemoryRequestError, match=r"size=\(8, 16\)"):
+        D.read_cityscapes(root, "train", size=(8, 16))
+    monkeypatch.setattr(validation, "available_memory", lambda device=None: need)
+    got = D.read_cityscapes(root, "train", size=(8, 16))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_cityscapes_loader(city, clean_env):
     root, _ = city
     ds = D.load_dataset("cityscapes", root=root)

@@ -417,6 +417,18 @@ def test_analyze_stops_on_non_finite_weights(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_analyze_refuses_an_input_size_that_cannot_fit(tmp_path, capsys):
+    """--input-size 100000 asks for terabytes of spectra (4 TB for this 4 x 3 conv): refused naming it, nothing
+    written."""
+    path = tmp_path / "m.pt"
+    torch.save({"model": torch.nn.Conv2d(3, 4, 3).state_dict()}, path)
+    out = tmp_path / "analysis"
+    assert cli.main(["analyze", str(path), "--out-dir", str(out), "--input-size", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "input_size=100000 needs about" in err and "TiB" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------------------- bad input, disk
 @pytest.mark.parametrize("seed", ["-1", str(2**63), str(2**64 + 5)])
 def test_seed_outside_0_to_2_63_is_refused_naming_it_and_nothing_is_created(tmp_path, capsys, seed):

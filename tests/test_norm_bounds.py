@@ -422,3 +422,50 @@ def test_projection_contract(name, dtype):
     assert float(conv_operator_norm(out.double(), (7, 6))) < exact
     inside = project(w, (7, 6), 1.01 * exact * 3.0)  # above the exact norm and above 3x the reshaped norm
     assert torch.equal(inside, w) and inside.data_ptr() != w.data_ptr()
+
+
+# ----------------------------------------------------------------------------- memory: refuse what cannot fit
+def _limit_memory(monkeypatch, free):
+    from cdgrad import validation
+
+    monkeypatch.setattr(validation, "ALWAYS_FITS", 0)
+    monkeypatch.setattr(validation, "available_memory", lambda device=None: free)
+
+
+BOUND_CALLS = {
+    "power": lambda w, s: conv_norm_power(w, s, iters=3)[0],
+    "gram": lambda w, s: conv_norm_gram(w, s),
+}
+
+
+@pytest.mark.parametrize("name", BOUND_CALLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bounds_refuse_a_size_that_cannot_fit_and_compute_at_the_boundary(monkeypatch, name, dtype):
+    from cdgrad.spectral import memory_needed
+    from cdgrad.validation import MemoryRequestError
+
+    w = torch.randn(5, 3, 3, 3, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    expected = BOUND_CALLS[name](w, (7, 9))
+    _limit_memory(monkeypatch, 64 * 2**30)
+    with pytest.raises(MemoryRequestError, match=r"input_size=100000 needs about .*TiB"):
+        BOUND_CALLS[name](w, 100000)
+    need = memory_needed(name, w.shape, (7, 9), dtype)
+    _limit_memory(monkeypatch, need - 1)
+    with pytest.raises(MemoryRequestError, match=r"input_size=\(7, 9\)"):
+        BOUND_CALLS[name](w, (7, 9))
+    _limit_memory(monkeypatch, need)
+    assert torch.equal(BOUND_CALLS[name](w, (7, 9)), expected)
+
+
+def test_reshaped_svds_refuse_a_weight_whose_factors_cannot_fit(monkeypatch):
+    from cdgrad.validation import MemoryRequestError
+
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    expected = (reshaped_norm(w), clip_reshaped_norm(w, 0.5))
+    need = (2 * 6 * 36 + 6 * (6 + 36)) * 8  # R's copy and U, V^H of the 6 x 36 reshaped kernel, float64
+    _limit_memory(monkeypatch, need - 1)
+    for call in (lambda: reshaped_norm(w), lambda: clip_reshaped_norm(w, 0.5)):
+        with pytest.raises(MemoryRequestError, match=r"weight.shape=\(6, 4, 3, 3\) needs .*reshaped kernel"):
+            call()
+    _limit_memory(monkeypatch, need)
+    assert torch.equal(reshaped_norm(w), expected[0]) and torch.equal(clip_reshaped_norm(w, 0.5), expected[1])

@@ -96,3 +96,30 @@ def test_nmi_keeps_the_input_dtype_and_is_close_in_float32():
 def test_nmi_rejects_bad_input(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         normalized_mutual_information(*args, **kwargs)
+
+
+def _limit_memory(monkeypatch, free):
+    from cdgrad import validation
+
+    monkeypatch.setattr(validation, "ALWAYS_FITS", 0)
+    monkeypatch.setattr(validation, "available_memory", lambda device=None: free)
+
+
+def test_bins_whose_histograms_cannot_fit_are_refused_naming_bins(monkeypatch):
+    """bins = 10**9 asks for 10**18 joint cells: refused before anything is allocated; the boundary is the
+    documented count, 40 bytes per joint cell and 16 per observation."""
+    from cdgrad.validation import MemoryRequestError
+
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(3, 50, generator=g, dtype=F64), torch.randn(3, 50, generator=g, dtype=F64)
+    _limit_memory(monkeypatch, 64 * 2**30)
+    with pytest.raises(MemoryRequestError, match=r"bins=1000000000 needs about .*3 joint histograms") as info:
+        normalized_mutual_information(p, q, bins=10**9)
+    assert isinstance(info.value, ValueError)
+    expected = normalized_mutual_information(p, q, bins=20)
+    need = 40 * 3 * 21 * 21 + 16 * 3 * 50
+    _limit_memory(monkeypatch, need - 1)
+    with pytest.raises(MemoryRequestError, match="bins=20"):
+        normalized_mutual_information(p, q, bins=20)
+    _limit_memory(monkeypatch, need)
+    assert torch.equal(normalized_mutual_information(p, q, bins=20), expected)

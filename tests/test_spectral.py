@@ -448,3 +448,112 @@ def test_numpy_scalars_for_the_clipper():
     assert clipper.max_norm == 0.5 and clipper.every == 2 and type(clipper.every) is int
     with pytest.raises(TypeError, match="every"):
         OperatorNormClipper(net, 8, max_norm=1.0, every=1.5)
+
+
+# ----------------------------------------------------------------------------- memory: refuse what cannot fit
+GIB = 2**30
+
+
+def _limit_memory(monkeypatch, free):
+    """Every request is checked (no size is too small to be) against `free` bytes on any device."""
+    from cdgrad import validation
+
+    monkeypatch.setattr(validation, "ALWAYS_FITS", 0)
+    monkeypatch.setattr(validation, "available_memory", lambda device=None: free)
+
+
+def test_memory_needed_is_the_documented_count():
+    """n_h (n_w // 2 + 1) (c O I + 2 (O + I + min(O, I))) complex numbers, counted here by hand."""
+    from cdgrad.spectral import memory_needed
+
+    # O, I = 4, 3 at 10 x 7: 10 * 4 = 40 frequencies; c = 7 (clip) -> 7 * 12 + 2 * (4 + 3 + 3) = 104 per frequency
+    assert memory_needed("clip", (4, 3, 3, 3), (10, 7), F64) == 40 * 104 * 16
+    assert memory_needed("clip", torch.Size((4, 3, 3, 3)), (10, 7), torch.float32) == 40 * 104 * 8
+    assert memory_needed("operator_norm", (1, 1, 1, 1), 1) == 1 * 1 * (2.5 + 6) * 8
+    with pytest.raises(ValueError, match="computation must be one of"):
+        memory_needed("svd", (4, 3, 3, 3), 8)
+    with pytest.raises(TypeError, match="weight_shape"):
+        memory_needed("clip", (4, 3, 3), 8)
+    with pytest.raises(ValueError, match="at least the kernel size"):
+        memory_needed("clip", (4, 3, 5, 5), 4)
+
+
+SPECTRAL_CALLS = {
+    "singular_values": lambda w, s: conv_singular_values(w, s),
+    "operator_norm": lambda w, s: conv_operator_norm(w, s),
+    "clip": lambda w, s: clip_operator_norm(w, s, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", SPECTRAL_CALLS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_size_that_cannot_fit_is_refused_naming_it(monkeypatch, name, dtype):
+    """The issue's size 100,000 asks for terabytes: refused before any allocation, whatever the machine."""
+    from cdgrad.validation import MemoryRequestError
+
+    _limit_memory(monkeypatch, 64 * GIB)
+    w = torch.randn(16, 16, 3, 3, dtype=dtype)
+    with pytest.raises(MemoryRequestError, match=r"input_size=100000 needs about .*TiB.* available on cpu") as info:
+        SPECTRAL_CALLS[name](w, 100000)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, MemoryError)
+    with pytest.raises(MemoryRequestError, match=r"input_size=\(8000, 9000\)"):
+        SPECTRAL_CALLS[name](w, (8000, 9000))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    name=st.sampled_from(sorted(SPECTRAL_CALLS)),
+    o=st.integers(1, 5),
+    i=st.integers(1, 5),
+    n_h=st.integers(3, 9),
+    n_w=st.integers(3, 9),
+    f64=st.booleans(),
+)
+def test_the_refusal_boundary_is_the_estimate(name, o, i, n_h, n_w, f64):
+    """Refused with one byte less than `memory_needed` available; computed, unchanged, with exactly that much."""
+    from cdgrad.spectral import memory_needed
+    from cdgrad.validation import MemoryRequestError
+
+    dtype = F64 if f64 else torch.float32
+    w = torch.randn(o, i, 3, 3, dtype=dtype, generator=torch.Generator().manual_seed(o * 100 + i))
+    need = memory_needed(name, w.shape, (n_h, n_w), dtype)
+    expected = SPECTRAL_CALLS[name](w, (n_h, n_w))
+    with pytest.MonkeyPatch.context() as mp:
+        _limit_memory(mp, need - 1)
+        with pytest.raises(MemoryRequestError, match="input_size"):
+            SPECTRAL_CALLS[name](w, (n_h, n_w))
+        _limit_memory(mp, need)
+        assert torch.equal(SPECTRAL_CALLS[name](w, (n_h, n_w)), expected)
+
+
+def test_dense_matrix_and_clipper_refuse_sizes_that_cannot_fit(monkeypatch):
+    from cdgrad.validation import MemoryRequestError
+
+    _limit_memory(monkeypatch, 64 * GIB)
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(MemoryRequestError, match=r"input_size=300 needs .*the dense matrix"):
+        conv_dense_matrix(w, 300)  # (3 * 300^2) x (10 * 300^2) floats: 9.8 TB
+    for projection in ("exact", "gram"):
+        with pytest.raises(MemoryRequestError, match=r"input_sizes\['1'\]=\(100000, 100000\)"):
+            OperatorNormClipper([w, w.clone()], {"0": 8, "1": 100000}, 1.0, projection=projection)
+    reshaped = OperatorNormClipper([w], 100000, 1.0, projection="reshaped")  # the reshaped kernel ignores the size
+    reshaped.clip_()
+    assert float(reshaped.operator_norms("reshaped")["0"]) <= 1.0 + 1e-6
+
+
+def test_available_memory_reads_the_machine(monkeypatch):
+    from cdgrad import validation
+
+    free = validation.available_memory()
+    assert free is None or (isinstance(free, int) and free > 0)
+    assert validation.available_memory("meta") is None
+    monkeypatch.setattr(validation, "_meminfo_available", lambda: 8 * GIB)
+    monkeypatch.setattr(validation, "_cgroup_headroom", lambda: 3 * GIB)  # a container's limit binds first
+    assert validation.available_memory("cpu") == 3 * GIB
+    monkeypatch.setattr(validation, "_cgroup_headroom", lambda: None)
+    assert validation.available_memory() == 8 * GIB
+    validation.check_memory(8 * GIB, "n", 1)  # exactly what is available: accepted
+    with pytest.raises(validation.MemoryRequestError, match=r"n=2 needs about 8 GiB of memory \(x\), more than the"):
+        validation.check_memory(8 * GIB + 1, "n", 2, what="x")
+    monkeypatch.setattr(validation, "_meminfo_available", lambda: None)
+    validation.check_memory(2**80, "n", 3)  # nothing known about the machine: not checked

@@ -26,7 +26,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._conv_spectrum import _check_weight, _half_spectrum, _input_size, _max_norm, _work_dtype
+from ._conv_spectrum import (
+    SPECTRA_HELD,
+    _check_reshaped_memory,
+    _check_spectrum_memory,
+    _check_weight,
+    _half_spectrum,
+    _input_size,
+    _max_norm,
+    _work_dtype,
+)
 from .validation import check_int, check_tensor
 
 __all__ = [
@@ -78,6 +87,7 @@ def _iters(iters: Any, minimum: int) -> int:
 def reshaped_norm(weight: Tensor) -> Tensor:
     """Exact ``||R||_2``, ``R = weight.reshape(O, I kh kw)`` (a 0-d tensor in the work dtype)."""
     _check_weight(weight)
+    _check_reshaped_memory(weight)
     out: Tensor = torch.linalg.svdvals(_reshaped(weight))[0]
     return out
 
@@ -112,6 +122,7 @@ def clip_reshaped_norm(weight: Tensor, max_norm: float) -> Tensor:
     """
     _check_weight(weight)
     c = _max_norm(max_norm)
+    _check_reshaped_memory(weight)
     with torch.no_grad():
         r = _reshaped(weight)
         u, s, vh = torch.linalg.svd(r, full_matrices=False)
@@ -144,6 +155,7 @@ def conv_norm_power(
     """
     _check_weight(weight)
     size = _input_size(input_size, weight)
+    _check_spectrum_memory(weight, size, SPECTRA_HELD["power"], value=input_size)
     n = _iters(iters, 1)
     with torch.no_grad():
         p = _half_spectrum(weight.detach(), size)
@@ -167,6 +179,7 @@ def conv_norm_gram(weight: Tensor, input_size: Size, iters: int = 6) -> Tensor:
     """
     _check_weight(weight)
     size = _input_size(input_size, weight)
+    _check_spectrum_memory(weight, size, SPECTRA_HELD["gram"], value=input_size)
     n = _iters(iters, 0)
     with torch.no_grad():
         g = _half_spectrum(weight.detach(), size)

@@ -15,6 +15,10 @@ multiply it by a unit phase, which leaves the singular values unchanged. For a r
 
 The characterisation is exact only for stride 1 and wrap-around; see ``docs/spectral.md`` for
 zero padding, stride and the dependence on the input size.
+
+Memory grows with ``O I n_h n_w``: every function here (and in `cdgrad.norm_bounds`) first estimates what it will
+hold at its peak (`memory_needed`) and refuses an input size that cannot fit in the available memory of the
+weight's device (`cdgrad.validation.MemoryRequestError`, a ValueError naming the size) before allocating.
 """
 
 from __future__ import annotations
@@ -28,16 +32,20 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._conv_spectrum import (
+    SPECTRA_HELD,
     _check_finite,
+    _check_reshaped_memory,
+    _check_spectrum_memory,
     _check_weight,
     _half_spectrum,
     _input_size,
     _is_int,
     _max_norm,
     _work_dtype,
+    spectrum_bytes,
 )
 from .norm_bounds import clip_reshaped_norm, conv_norm_gram, conv_norm_power, reshaped_norm
-from .validation import check_choice, check_int
+from .validation import check_choice, check_int, check_memory
 
 __all__ = [
     "NORM_ESTIMATES",
@@ -48,6 +56,7 @@ __all__ = [
     "conv_dense_matrix",
     "conv_operator_norm",
     "conv_singular_values",
+    "memory_needed",
     "record_input_sizes",
 ]
 
@@ -64,6 +73,23 @@ def _mirror(half: Tensor, n_w: int) -> Tensor:
     return torch.cat([half, half[u][:, v]], dim=1)
 
 
+def memory_needed(
+    computation: str, weight_shape: Sequence[int], input_size: Size, dtype: torch.dtype = torch.float32
+) -> int:
+    """Bytes that `computation` holds at its peak for a conv weight of `weight_shape` (O, I, kh, kw) and `dtype`
+    at `input_size`: ``n_h (n_w // 2 + 1) (c O I + 2 (O + I + min(O, I)))`` complex numbers (complex128 for float64
+    weights, else complex64), ``c`` the half spectra it holds at once (`SPECTRA_HELD`).
+
+    computation: "singular_values" (`conv_singular_values`), "operator_norm" (`conv_operator_norm`), "clip"
+    (`clip_operator_norm`), "power" (`cdgrad.norm_bounds.conv_norm_power`) or "gram" (`conv_norm_gram`).
+    """
+    copies = SPECTRA_HELD[check_choice(computation, "computation", tuple(SPECTRA_HELD))]
+    if not (isinstance(weight_shape, Sequence) and len(weight_shape) == 4 and all(_is_int(d) for d in weight_shape)):
+        raise TypeError(f"weight_shape must be a sequence of 4 ints (O, I, kh, kw), got {weight_shape!r}")
+    size = _input_size(input_size, torch.empty(0, 0, int(weight_shape[2]), int(weight_shape[3])))
+    return spectrum_bytes(weight_shape, size, dtype, copies)
+
+
 def conv_singular_values(weight: Tensor, input_size: Size, *, per_frequency: bool = False) -> Tensor:
     """All singular values of the stride-1 circular convolution by ``weight`` on ``input_size`` inputs.
 
@@ -77,10 +103,12 @@ def conv_singular_values(weight: Tensor, input_size: Size, *, per_frequency: boo
             entry ``[u, v]`` holding the singular values of ``P[u, v]`` in descending order.
 
     Computed in float64 (complex128) for float64 weights and in float32 otherwise, on the weight's
-    device; the result has that real dtype. Differentiable through ``torch.linalg.svdvals``.
+    device; the result has that real dtype. Differentiable through ``torch.linalg.svdvals``. An ``input_size``
+    whose spectra cannot fit in the device's available memory is refused (`MemoryRequestError`).
     """
     _check_weight(weight)
     size = _input_size(input_size, weight)
+    _check_spectrum_memory(weight, size, SPECTRA_HELD["singular_values"], value=input_size)
     half = torch.linalg.svdvals(_half_spectrum(weight, size))
     full = _mirror(half, size[1])
     if per_frequency:
@@ -95,6 +123,7 @@ def conv_operator_norm(weight: Tensor, input_size: Size) -> Tensor:
     """
     _check_weight(weight)
     size = _input_size(input_size, weight)
+    _check_spectrum_memory(weight, size, SPECTRA_HELD["operator_norm"], value=input_size)
     out: Tensor = torch.linalg.svdvals(_half_spectrum(weight, size)).amax()
     return out
 
@@ -113,6 +142,7 @@ def clip_operator_norm(weight: Tensor, input_size: Size, max_norm: float) -> Ten
     _check_weight(weight)
     size = _input_size(input_size, weight)
     c = _max_norm(max_norm)
+    _check_spectrum_memory(weight, size, SPECTRA_HELD["clip"], value=input_size)
     kh, kw = weight.shape[-2:]
     with torch.no_grad():
         w = weight.detach().to(_work_dtype(weight))
@@ -174,11 +204,17 @@ def conv_dense_matrix(weight: Tensor, input_size: Size) -> Tensor:
     Column ``j`` is the layer's output (flattened in C order over (O, n_h, n_w)) for the ``j``-th
     basis vector of the input space (C order over (I, n_h, n_w)); padding ``(k - 1) // 2`` before and
     ``k - 1 - (k - 1) // 2`` after in each spatial dimension, so outputs are ``n_h x n_w``.
-    O((n_h n_w)^2 O I) memory and time: a reference for small layers, not for production use.
+    O((n_h n_w)^2 O I) memory and time: a reference for small layers, not for production use; a size whose
+    matrices cannot fit in the available memory is refused (`MemoryRequestError`).
     """
     _check_weight(weight)
     n_h, n_w = _input_size(input_size, weight)
     o, i, kh, kw = weight.shape
+    n = n_h * n_w  # the identity basis, its padded copy and the output: (I n) x ((2 I + O) n) entries
+    what = f"the dense matrix of a {o} x {i} conv at {n_h} x {n_w}"
+    check_memory(
+        i * n * (2 * i + o) * n * weight.element_size(), "input_size", input_size, device=weight.device, what=what
+    )
     basis = torch.eye(i * n_h * n_w, dtype=weight.dtype, device=weight.device).reshape(-1, i, n_h, n_w)
     pad = ((kw - 1) // 2, kw - 1 - (kw - 1) // 2, (kh - 1) // 2, kh - 1 - (kh - 1) // 2)
     out = torch.nn.functional.conv2d(torch.nn.functional.pad(basis, pad, mode="circular"), weight)
@@ -283,6 +319,12 @@ class OperatorNormClipper:
         self.projection = self._check_projection(projection)
         self._layers = self._collect(layers)
         self.input_sizes = self._sizes(input_sizes)
+        for name, size in self.input_sizes.items():  # refuse now what the first projection could not hold
+            if self.projection == "reshaped":
+                _check_reshaped_memory(self._weight(name))
+            else:
+                held = SPECTRA_HELD["clip" if self.projection == "exact" else "gram"]
+                _check_spectrum_memory(self._weight(name), size, held, f"input_sizes[{name!r}]")
         self.step_count = 0
         self._power_vectors: dict[str, Tensor] = {}
 

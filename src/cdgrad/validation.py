@@ -4,12 +4,17 @@ One rule everywhere: a value of the wrong type raises `TypeError`, a value of th
 accepted set raises `ValueError`, and every message names the parameter and what it accepts. Numbers may be
 Python or NumPy scalars (`numbers.Real` / `numbers.Integral`); `bool` is never a number. Each check returns the
 value normalised to a plain Python type.
+
+Sizes and bin counts have no fixed upper bound, but what they ask for must fit: `check_memory` compares the
+memory a call estimates it needs with what is available on its device (`available_memory`) before anything is
+allocated, and refuses with `MemoryRequestError` (a `ValueError`) naming the parameter.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -26,6 +31,9 @@ __all__ = [
     "check_pair",
     "check_tensor",
     "check_grad",
+    "available_memory",
+    "check_memory",
+    "MemoryRequestError",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -192,3 +200,94 @@ def check_interval(
     if not math.isfinite(out) or below or above:
         raise ValueError(f"{name} must be a finite real number{bound}, got {value!r}")
     return out
+
+
+# ------------------------------------------------------------------------------------------ memory requests
+ALWAYS_FITS = 256 * 2**20  # requests up to this many bytes are not checked (no file is read on the fast path)
+
+
+class MemoryRequestError(ValueError, MemoryError):
+    """A parameter asks for more memory than its device has available: a `ValueError` (the value is refused)
+    that is also a `MemoryError` (what an allocation that cannot be served raises)."""
+
+
+def _meminfo_available() -> int | None:
+    """`MemAvailable` of /proc/meminfo in bytes (Linux), else the free physical pages (`os.sysconf`)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+        return int(text)
+    except (OSError, ValueError):  # absent, unreadable, or "max" (no limit)
+        return None
+
+
+def _cgroup_headroom() -> int | None:
+    """The memory this process's control group may still use (limit - usage, cgroup v2 or v1); None if unlimited."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 writes "no limit" as a huge number
+            return max(limit - usage, 0)
+    return None
+
+
+def available_memory(device: torch.device | str | None = None) -> int | None:
+    """Bytes that can still be allocated on `device` (default the CPU); None where that is unknown.
+
+    CPU: `MemAvailable` from /proc/meminfo (else `os.sysconf`'s free pages), bounded by the control group's
+    headroom; CUDA: the driver's free memory plus what torch's caching allocator holds unused; the meta device
+    (no storage) and other devices: None.
+    """
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cpu":
+        found = [m for m in (_meminfo_available(), _cgroup_headroom()) if m is not None]
+        return min(found) if found else None
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free) + int(torch.cuda.memory_reserved(dev)) - int(torch.cuda.memory_allocated(dev))
+    return None
+
+
+def _bytes(n: float) -> str:
+    """`n` bytes in words: `512 MiB`, `3.6 TiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} PiB"  # pragma: no cover - the loop always returns
+
+
+def check_memory(
+    nbytes: float, name: str, value: Any, *, device: torch.device | str | None = None, what: str = ""
+) -> None:
+    """Refuse a call that needs about `nbytes` bytes on `device` when fewer are available (`available_memory`).
+
+    Raises `MemoryRequestError` naming the parameter `name` and its `value`, the estimate and what is available;
+    requests up to `ALWAYS_FITS` bytes, and devices whose free memory is unknown, are not checked.
+    """
+    if nbytes <= ALWAYS_FITS:
+        return
+    free = available_memory(device)
+    if free is None or nbytes <= free:
+        return
+    where = torch.device("cpu" if device is None else device)
+    raise MemoryRequestError(
+        f"{name}={value!r} needs about {_bytes(nbytes)} of memory{f' ({what})' if what else ''}, more than the "
+        f"{_bytes(free)} available on {where}; accepted: a value of {name} whose needs fit in that memory"
+    )

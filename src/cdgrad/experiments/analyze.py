@@ -38,6 +38,7 @@ from ..analysis import (
     singular_value_spectrum,
     summarize_state_dict,
 )
+from ..validation import MemoryRequestError
 
 __all__ = [
     "add_analyze_arguments",
@@ -123,7 +124,9 @@ def analyze_state_dict(
     ``input_size`` is the spatial size used for the singular values: one size for every layer (the
     network's input size, an upper size for layers behind strides or pooling), or a mapping from
     state-dict key or module name to size (``cdgrad.spectral.record_input_sizes``). The Markdown
-    table is also written to ``out_dir/summary.md``; the plots are ``out_dir/<name>.png``.
+    table is also written to ``out_dir/summary.md``; the plots are ``out_dir/<name>.png``. A size whose spectra
+    cannot fit in the available memory is refused (`cdgrad.validation.MemoryRequestError`) before anything is
+    written.
     """
     if not isinstance(input_size, Mapping):
         _input_size(input_size, torch.empty(1, 1, 1, 1))  # validate before any work
@@ -138,6 +141,8 @@ def analyze_state_dict(
         w, size = weights[r["name"]], _lookup_size(input_size, r["name"])
         try:
             spectra[r["name"]] = singular_value_spectrum(w, size) if size is not None else None
+        except MemoryRequestError:  # a size whose spectrum cannot fit: refused, before anything is written
+            raise
         except ValueError:  # input smaller than the kernel
             spectra[r["name"]] = None
         s = spectra[r["name"]]

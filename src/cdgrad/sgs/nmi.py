@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..validation import check_int, check_tensor
+from ..validation import check_int, check_memory, check_tensor
 
 __all__ = ["normalized_mutual_information"]
 
@@ -112,7 +112,8 @@ def normalized_mutual_information(p: Tensor, q: Tensor, bins: int | None = None)
     Degenerate cases: a constant sample puts all its mass in one bin; if exactly one sample is constant
     the NMI is 0 (it carries no information about the other); if both are constant, `H(P,Q) = 0` and the
     NMI is defined as 1. The result lies in `[0, 1]` (clamped against rounding), is symmetric in `p, q`,
-    and `NMI(p, p) = 1`. Computed in float64, returned in the inputs' dtype.
+    and `NMI(p, p) = 1`. Computed in float64, returned in the inputs' dtype. A `bins` whose histograms cannot
+    fit in the available memory (about 40 bytes per joint cell, `batch * (bins + 1)^2` cells) is refused.
     """
     check_tensor(p, "p")
     check_tensor(q, "q")
@@ -128,6 +129,10 @@ def normalized_mutual_information(p: Tensor, q: Tensor, bins: int | None = None)
     pf, qf = p.reshape(m, n), q.reshape(m, n)
     if m == 0:
         return torch.empty(batch, dtype=p.dtype, device=p.device)
+    # the joint counts (int64), their folded copy and three float64 arrays of the entropy; the codes of both samples
+    cells = m * (nbins + 1) ** 2
+    what = f"{m} joint histogram{'s' if m != 1 else ''} of {nbins + 1} x {nbins + 1} cells"
+    check_memory(40 * cells + 16 * m * n, "bins", nbins if bins is not None else None, device=p.device, what=what)
     lo_p, hi_p = pf.aminmax(dim=1, keepdim=True)
     lo_q, hi_q = qf.aminmax(dim=1, keepdim=True)
     for name, lo, hi in (("p", lo_p, hi_p), ("q", lo_q, hi_q)):

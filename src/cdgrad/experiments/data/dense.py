@@ -34,6 +34,7 @@ from cdgrad.experiments.data.dataset import IGNORE_INDEX, Dataset, channel_stats
 from cdgrad.experiments.data.formats import DatasetFormatError
 from cdgrad.experiments.data.official import read_bytes
 from cdgrad.experiments.data.sources import DatasetNotFoundError, candidate_dirs, not_found_message
+from cdgrad.validation import check_memory
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -349,7 +350,8 @@ def read_cityscapes(
     for id -1, to `IGNORE_INDEX`). The image is resized by Pillow's bilinear filter, the label map by nearest
     neighbour. Raises `DatasetNotFoundError` for a missing folder or label map and `DatasetFormatError` for a
     label map of another size than its image, not an 'L' or 'P' PNG or holding a value that is no label id;
-    each names the file, and nothing is returned in those cases.
+    each names the file, and nothing is returned in those cases. A ``size`` whose arrays cannot fit in the
+    available memory is refused (`MemoryRequestError`) before any is allocated.
     """
     from PIL import Image
 
@@ -358,6 +360,9 @@ def read_cityscapes(
         raise ValueError(f"size must be a pair (height, width) of positive ints, got {size!r}")
     h, w = (V.check_int(s, "each entry of size", 1) for s in size)
     pairs = _cityscapes_pairs(Path(root), split)
+    # uint8 images and int64 maps (11 bytes a pixel), and one resized image with its maps (about 24 bytes a pixel)
+    what = f"{len(pairs)} images and label maps of {h} x {w} pixels"
+    check_memory((11 * len(pairs) + 24) * h * w, "size", tuple(size), what=what)
     images = torch.empty((len(pairs), 3, h, w), dtype=torch.uint8)
     labels = torch.empty((len(pairs), h, w), dtype=torch.int64)
     for n, (img_path, label_path) in enumerate(pairs):
