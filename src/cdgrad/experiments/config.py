@@ -120,7 +120,8 @@ class RunConfig:
     """One training configuration (everything except the seed).
 
     Numbers given as NumPy scalars, and ints given for float fields, are stored as Python floats / ints, so one
-    configuration has one run key. `cdgrad.experiments.checks.validate` checks the values.
+    configuration has one run key. A method parameter may be given by name, `RunConfig(method="h0", lam=2.0)`:
+    it is an entry of `method_args`. `cdgrad.experiments.checks.validate` checks the values.
     """
 
     # task and data
@@ -234,6 +235,18 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "method_args"}
+_dataclass_init = RunConfig.__init__
+
+
+def _init(self: RunConfig, **values: Any) -> None:
+    """`RunConfig(method="h0", lam=2.0)`: a method parameter given by name is an entry of `method_args`."""
+    args = {k: values.pop(k) for k in list(values) if k in PARAMS and k not in FIELDS}
+    if args:
+        values["method_args"] = {**(values.get("method_args") or {}), **args}
+    _dataclass_init(self, **values)
+
+
+RunConfig.__init__ = _init  # type: ignore[method-assign]
 
 
 def normalise(value: Any, kind: type) -> Any:
