@@ -59,7 +59,7 @@ def setup(name: str, kind: str, device: torch.device, batch: int, image: int):
     torch.manual_seed(0)
     model = build_model(name, num_classes=100, image_size=image)
     if kind in ("acb", "repvgg", "dbb"):
-        cdgrad.reparameterize(model, kind)
+        cdgrad.reparam.reparameterize(model, kind)
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     sgs = None

@@ -431,3 +431,49 @@ def features(seed: int, shape, kind: str = "smooth") -> torch.Tensor:
     elif kind == "relu":
         x = np.maximum(x.cumsum(axis=-1), 0.0)
     return torch.tensor(x, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------- code run from the docs
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def docs_python_blocks(page: str) -> list[str]:
+    """The code blocks fenced as ```python in docs/<page> (blocks fenced otherwise, e.g. ```py, are not run)."""
+    import re
+
+    text = (DOCS / page).read_text(encoding="utf-8")
+    return re.findall(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+def run_docs_page(page: str) -> dict:
+    """Execute the ```python blocks of docs/<page> in order in one namespace; return the namespace."""
+    namespace: dict = {"__name__": "docs_" + page.replace("/", "_").removesuffix(".md")}
+    for i, block in enumerate(docs_python_blocks(page)):
+        exec(compile(block, f"docs/{page} (python block {i})", "exec"), namespace)
+    return namespace
+
+
+# ---------------------------------------------------------------------------------- multi-process tests
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(worker, world: int, outdir: str, timeout: float = 300) -> list[dict]:
+    """Run `worker(rank, world, port, outdir)` in `world` spawned processes; return each rank's rank{r}.json."""
+    import json
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(world, free_port(), outdir), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"the {world}-process run did not finish in {timeout:.0f} s")
+    return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(world)]

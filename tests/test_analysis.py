@@ -184,8 +184,9 @@ def test_summarize_state_dict_rows():
     rows = summarize_state_dict(sd, sizes)
     assert rows[0]["op_norm"] == pytest.approx(float(dense_svdvals(sd["conv1.weight"], 6)[0]), abs=1e-10)
     assert rows[1]["op_norm"] == pytest.approx(float(dense_svdvals(sd["conv2.weight"], 6)[0]), abs=1e-10)
-    rows = summarize_state_dict(sd, {"conv1.weight": 4, "conv2.weight": 2})  # 2 < kernel: no norm
-    assert rows[0]["op_norm"] is not None and rows[1]["op_norm"] is None
+    rows = summarize_state_dict(sd, {"conv1.weight": 4, "conv2.weight": 2})  # 2 < kernel: the folded kernel's norm
+    assert rows[1]["op_norm"] == pytest.approx(float(dense_svdvals(sd["conv2.weight"], 2)[0]), abs=1e-10)
+    assert summarize_state_dict(sd, {"conv1.weight": 4})[1]["op_norm"] is None  # no size: no norm
 
 
 def test_bad_inputs():

@@ -15,10 +15,8 @@ import contextlib
 import functools
 import json
 import os
-import socket
 import sys
 import tempfile
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -32,7 +30,7 @@ import cdgrad
 from cdgrad import distributed as D
 from cdgrad import sharded as S
 from cdgrad.experiments import launch
-from helpers import dense_sobolev, fft_sobolev, rel_err
+from helpers import dense_sobolev, fft_sobolev, rel_err, spawn
 
 # ---------------------------------------------------------------------------------------------- references
 
@@ -569,26 +567,6 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         torch.distributed.barrier()
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(worker, world: int, outdir: str, timeout: float = 300) -> list[dict]:
-    """Run `worker(rank, world, port, outdir)` in `world` spawned processes; return each rank's rank{r}.json."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(worker, args=(world, _free_port(), outdir), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"the {world}-process run did not finish in {timeout:.0f} s")
-    return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(world)]
 
 
 @functools.cache

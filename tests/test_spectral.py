@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import cdgrad
 from cdgrad.spectral import (
     OperatorNormClipper,
     clip_operator_norm,
@@ -246,9 +247,9 @@ def test_clip_one_by_one_kernel_is_matrix_clip():
 def test_bad_input_errors(fn):
     w = torch.randn(2, 2, 3, 3)
     with pytest.raises(ValueError, match="input_size"):
-        fn(w, 2)
+        fn(w, 0)
     with pytest.raises(ValueError, match="input_size"):
-        fn(w, (5, 2))
+        fn(w, (5, -1))
     with pytest.raises(TypeError, match="input_size"):
         fn(w, 4.0)
     with pytest.raises(TypeError, match="input_size"):
@@ -317,7 +318,7 @@ def test_clipper_fires_exactly_every_k_steps():
     sizes = record_input_sizes(net, torch.randn(1, 2, 8, 8, dtype=F64))
     clipper = OperatorNormClipper(net, sizes, max_norm=1.0, every=3)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)  # steps leave weights alone; only the clipper moves them
-    handle = clipper.attach(opt)
+    handle = cdgrad.attach(opt, clipper)
     changed = []
     for _ in range(9):
         before = [m.weight.clone() for m in (net.c1, net.c2, net.c3)]
@@ -345,7 +346,7 @@ def test_clipper_drives_norms_into_the_ball():
     clipper = OperatorNormClipper([net.c1, net.c2.weight], [8, (8, 6)], max_norm=0.8, every=1)
     assert clipper.layer_names == ["0", "1"]
     for _ in range(200):
-        clipper.step()
+        clipper.after_step()
     norms = clipper.operator_norms()
     assert norms["0"] <= 0.8 * (1 + 1e-6) and norms["1"] <= 0.8 * (1 + 1e-6)
     assert float(conv_operator_norm(net.c3.weight.detach(), 4)) > 1.0  # not chosen, not clipped
@@ -355,27 +356,30 @@ def test_clipper_state_dict_round_trip():
     net = Net()
     a = OperatorNormClipper(net, {"c1": 8, "c2": (8, 6), "c3": 4}, max_norm=0.5, every=5)
     for _ in range(7):
-        a.step()
+        a.after_step()
     b = OperatorNormClipper(net, 16, max_norm=2.0, every=100)
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == a.state_dict()
     assert (b.step_count, b.max_norm, b.every) == (7, 0.5, 5)
     assert b.input_sizes == {"c1": (8, 8), "c2": (8, 6), "c3": (4, 4)}
-    fired = [b.step() for _ in range(3)]
-    assert fired == [False, False, True]
+    fired: list[int] = []
+    b.clip_ = lambda: fired.append(b.step_count)  # records when it projects
+    for _ in range(3):
+        b.after_step()
+    assert fired == [10]
 
 
 def test_clipper_load_bad_state_leaves_it_untouched():
     net = Net()
     c = OperatorNormClipper(net, 8, max_norm=1.0, every=2)
-    c.step()
+    c.after_step()
     good = c.state_dict()
     for bad in [
         {**good, "max_norm": -1.0},
         {**good, "every": 0},
         {**good, "step_count": -3},
         {**good, "input_sizes": {"c1": [8, 8]}},
-        {**good, "input_sizes": {**good["input_sizes"], "c1": [2, 2]}},
+        {**good, "input_sizes": {**good["input_sizes"], "c1": [0, 2]}},
         {**good, "type": "Other"},
         {k: v for k, v in good.items() if k != "every"},
     ]:
@@ -391,7 +395,7 @@ def test_clipper_bad_construction():
     with pytest.raises(ValueError, match="every"):
         OperatorNormClipper(net, 8, max_norm=1.0, every=0)
     with pytest.raises(ValueError, match="input_sizes"):
-        OperatorNormClipper(net, 2, max_norm=1.0)
+        OperatorNormClipper(net, 0, max_norm=1.0)
     with pytest.raises(ValueError, match="input_sizes"):
         OperatorNormClipper(net, {"c1": 8}, max_norm=1.0)
     with pytest.raises(ValueError, match="input_sizes"):
@@ -405,7 +409,7 @@ def test_clipper_bad_construction():
     with pytest.raises(ValueError, match="no nn.Conv2d"):
         OperatorNormClipper(nn.Linear(2, 2), 8, max_norm=1.0)
     with pytest.raises(TypeError, match="optimizer"):
-        OperatorNormClipper(net, 8, max_norm=1.0).attach(net)
+        cdgrad.attach(net, OperatorNormClipper(net, 8, max_norm=1.0))
 
 
 def test_clipper_float32_weights_in_place():
@@ -415,7 +419,7 @@ def test_clipper_float32_weights_in_place():
     ptr = conv.weight.data_ptr()
     c = OperatorNormClipper(conv, 6, max_norm=1.0, every=1)
     for _ in range(200):
-        c.step()
+        c.after_step()
     assert conv.weight.data_ptr() == ptr and conv.weight.dtype == torch.float32
     assert c.operator_norms()[""] <= 1.0 + 1e-4
     assert math.isfinite(c.operator_norms()[""])

@@ -2,37 +2,29 @@
 
 import cdgrad
 handle = cdgrad.attach(optimizer, cdgrad.ChannelDirected("sobolev", lam=1.0, beta=0.1))
+
+The top level holds `attach`, the transforms, their combinators and the pure functions.  Exact singular values
+and the operator-norm projection are in `cdgrad.spectral`, fast norm bounds in `cdgrad.norm_bounds`,
+re-parameterisations in `cdgrad.reparam` and the SGS analysis in `cdgrad.sgs`.
 """
 
+from . import norm_bounds, reparam, sgs, spectral
 from .attach import AttachHandle, UpdateHandle, attach, attach_update
 from .functional import centralize, laplacian_smooth, reweighted_h0, sobolev
-from .norm_bounds import clip_reshaped_norm, conv_norm_gram, conv_norm_power, reshaped_norm, reshaped_norm_power
-from .reparam import merge, reparameterize
-from .sgs import (
-    FixedSpatialScaling,
-    SpatialGradientScaling,
-    normalized_mutual_information,
-    sgs_scaling,
-    spatial_dependence,
-)
-from .spectral import (
-    OperatorNormClipper,
-    clip_operator_norm,
-    conv_operator_norm,
-    conv_singular_values,
-    record_input_sizes,
-)
+from .sgs import FixedSpatialScaling, SpatialGradientScaling
 from .transforms import (
     Centralize,
     Chain,
     ChannelDirected,
     LaplacianSmoothing,
     Masked,
+    OnUpdate,
     Scaled,
     masked,
+    on_update,
     paper_convention,
 )
-from .transforms_base import GradientTransform
+from .transforms_base import ConfiguredTransform, GradientTransform
 
 __version__ = "0.1.0"
 
@@ -45,30 +37,22 @@ __all__ = [
     "sobolev",
     "laplacian_smooth",
     "centralize",
+    "GradientTransform",
+    "ConfiguredTransform",
     "ChannelDirected",
     "LaplacianSmoothing",
     "Centralize",
+    "SpatialGradientScaling",
+    "FixedSpatialScaling",
     "Scaled",
     "Chain",
     "Masked",
     "masked",
+    "OnUpdate",
+    "on_update",
     "paper_convention",
-    "GradientTransform",
-    "conv_singular_values",
-    "conv_operator_norm",
-    "clip_operator_norm",
-    "OperatorNormClipper",
-    "record_input_sizes",
-    "conv_norm_power",
-    "conv_norm_gram",
-    "reshaped_norm",
-    "reshaped_norm_power",
-    "clip_reshaped_norm",
-    "reparameterize",
-    "merge",
-    "SpatialGradientScaling",
-    "FixedSpatialScaling",
-    "normalized_mutual_information",
-    "sgs_scaling",
-    "spatial_dependence",
+    "norm_bounds",
+    "reparam",
+    "sgs",
+    "spectral",
 ]

@@ -3,6 +3,11 @@
 Used by `cdgrad.spectral` (exact singular values and projections) and `cdgrad.norm_bounds` (fast bounds).
 A conv weight has shape ``(O, I, kh, kw)``; ``P[u, v] = FFT2(weight zero-padded to n_h x n_w)[:, :, u, v]`` is the
 ``O x I`` block of the layer's linear map at frequency ``(u, v)`` (docs/spectral.md).
+
+An input smaller than the kernel (``n < k`` in a dimension) is allowed: on an ``n``-periodic grid taps whose offsets
+agree modulo ``n`` hit the same input pixel, so the convolution is exactly the one by the kernel folded modulo ``n``,
+``fold(K)[..., a mod n_h, b mod n_w] = sum K[..., a, b]``, whose FFT is the spectrum (``fold`` is the identity when
+``n >= k``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def _is_int(x: Any) -> bool:
 
 
 def _input_size(input_size: Any, weight: Tensor, name: str = "input_size") -> tuple[int, int]:
-    """Normalise ``input_size`` (int or (n_h, n_w)) and check it is at least the kernel size."""
+    """Normalise ``input_size`` (int or (n_h, n_w)) and check it is positive (smaller than the kernel: folded)."""
     if _is_int(input_size):
         size = (int(input_size), int(input_size))
     elif (
@@ -56,9 +61,8 @@ def _input_size(input_size: Any, weight: Tensor, name: str = "input_size") -> tu
         size = (int(input_size[0]), int(input_size[1]))
     else:
         raise TypeError(f"{name} must be an int or a pair of ints (n_h, n_w), got {input_size!r}")
-    kh, kw = weight.shape[-2:]
-    if size[0] < kh or size[1] < kw:
-        raise ValueError(f"{name} must be at least the kernel size ({kh}, {kw}) in each dimension, got {size}")
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"{name} must be positive in each dimension, got {size}")
     return size
 
 
@@ -120,8 +124,39 @@ def _work_dtype(weight: Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------- spectra
 
 
+def needs_fold(shape: Sequence[int], size: tuple[int, int]) -> bool:
+    """Whether a kernel of spatial ``shape[-2:]`` exceeds ``size`` in a dimension (its taps then fold)."""
+    return size[0] < shape[-2] or size[1] < shape[-1]
+
+
+def fold_kernel(weight: Tensor, size: tuple[int, int]) -> Tensor:
+    """``fold(K)[..., a mod n_h, b mod n_w] = sum K[..., a, b]``, spatial shape ``min(k, n)`` per dimension."""
+    for dim, n in ((-2, size[0]), (-1, size[1])):
+        k = weight.shape[dim]
+        if k > n:
+            m = -(-k // n)  # taps a = q n + r: pad to m n, then sum over q
+            pad = [0, 0] * (-1 - dim) + [0, m * n - k]
+            padded = torch.nn.functional.pad(weight, pad)
+            weight = padded.reshape(*padded.shape[:dim], m, n, *padded.shape[dim:][1:]).sum(dim=dim - 1)
+    return weight
+
+
+def unfold_correction(delta: Tensor, kernel: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """The minimum-norm kernel change whose fold is ``delta`` (spatial shape ``min(k, n)``): every tap ``a`` gets
+    ``delta[a mod n] / #{a' : a' = a mod n}``, the change of its folded tap split equally among the taps folding
+    onto it (the orthogonal projection onto kernels with a given fold)."""
+    for dim, k, n in ((-2, kernel[0], size[0]), (-1, kernel[1], size[1])):
+        if k > n:
+            taps = torch.arange(k, device=delta.device) % n
+            count = torch.bincount(taps, minlength=n).to(delta.dtype)
+            delta = (delta / count.view([-1] + [1] * (-1 - dim))).index_select(dim, taps)
+    return delta
+
+
 def _half_spectrum(weight: Tensor, size: tuple[int, int]) -> Tensor:
     """``P[u, v]`` for ``v = 0 .. n_w // 2`` as a batch of O x I matrices, shape (n_h, n_w//2+1, O, I)."""
     w = weight.to(_work_dtype(weight))
+    if needs_fold(w.shape, size):
+        w = fold_kernel(w, size)
     out: Tensor = torch.fft.rfft2(w, s=size).permute(2, 3, 0, 1)
     return out

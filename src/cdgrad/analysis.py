@@ -207,7 +207,7 @@ def summarize_state_dict(
     (``axis_correlation`` at ``distance``), ``ratio`` (``output_input_ratio``) and ``op_norm``:
     ``conv_operator_norm`` at the layer's input size, or ``None`` where the size is unknown.
     ``input_sizes`` is one size for every layer, or a mapping keyed by state-dict key or module name
-    (as ``cdgrad.spectral.record_input_sizes`` returns); layers whose kernel exceeds the size get ``None``.
+    (as ``cdgrad.spectral.record_input_sizes`` returns); an input smaller than the kernel is the folded kernel's map.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping from names to tensors, got {type(state_dict).__name__}")
@@ -222,12 +222,8 @@ def summarize_state_dict(
         size = _lookup_size(input_sizes, name)
         op_norm = None
         if size is not None:
-            try:
-                n = _input_size(size, w, f"input_sizes[{name!r}]")
-            except ValueError:  # input smaller than the kernel: no circular operator norm
-                n = None
-            if n is not None:
-                op_norm = float(conv_operator_norm(w.detach(), n))
+            n = _input_size(size, w, f"input_sizes[{name!r}]")
+            op_norm = float(conv_operator_norm(w.detach(), n))
         rows.append(
             {
                 "name": name,

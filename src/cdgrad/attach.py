@@ -12,7 +12,11 @@ calls `optimizer.step()` and skips that call on overflow, so the transform sees 
 skipped step skips it.  Fused optimizers (`SGD/Adam/AdamW(fused=True)`) are instead stepped with scaled
 gradients and `grad_scale`/`found_inf` set on them: the hook then skips on overflow too, runs homogeneous
 (linear) transforms on the scaled gradients (they commute with the scale) and unscales around any other.
-Gradients are replaced in place.
+Gradients are replaced in place.  After every step that ran, a step post-hook calls the transform's
+`after_step()` (a step GradScaler skips, or a fused step with `found_inf` set, does not call it).
+
+`attach(optimizer, cdgrad.OnUpdate(transform))` (or `cdgrad.on_update(transform)`) makes the transform act on
+the step's update instead of the gradient: it is `attach_update(optimizer, transform)`.
 
 Optimizer wrappers are unwrapped: the transform attaches to the optimizer that updates the weights, found by
 following `base_optimizer` (SAM), `optimizer` (Lookahead, accelerate's `AcceleratedOptimizer`) and
@@ -30,13 +34,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
 
 from . import functional as F
-from .transforms import Masked, _check_transform
+from .transforms import Masked, OnUpdate, _check_transform
 from .transforms_base import GradientTransform
 from .validation import FLOAT_DTYPES
 
@@ -105,6 +109,7 @@ class AttachHandle:
         self._cache_version = self._effective.state_version
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self.removed = False
+        self._post_hook = optimizer.register_step_post_hook(self._post_step)
 
     def selected(self) -> list[Tensor]:
         """The parameters the transform acts on at the next step (those with a gradient)."""
@@ -158,8 +163,7 @@ class AttachHandle:
         # Fused optimizers under GradScaler (`_step_supports_amp_scaling`) are stepped with the gradients still
         # scaled, `grad_scale` and `found_inf` set on the optimizer: skip with the step on overflow (no transform
         # state advances), and unscale around a transform that does not commute with the scale.
-        found_inf = getattr(optimizer, "found_inf", None)
-        if isinstance(found_inf, Tensor) and bool(found_inf.any()):
+        if _skipped(optimizer):
             return
         params, grads = self._selection()  # validates every gradient before any is touched
         if not params:
@@ -175,8 +179,13 @@ class AttachHandle:
             self._effective.apply_(grads, params)
             F.scale_(grads, factor)
 
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not _skipped(optimizer):
+            self._effective.after_step()
+
     def remove(self) -> None:
         self._hook.remove()
+        self._post_hook.remove()
         self.removed = True
 
     def __enter__(self) -> AttachHandle:
@@ -186,44 +195,83 @@ class AttachHandle:
         self.remove()
 
 
+def _skipped(optimizer: torch.optim.Optimizer) -> bool:
+    """A fused optimizer stepped by GradScaler with `found_inf` set skips its update (an overflow)."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    return isinstance(found_inf, Tensor) and bool(found_inf.any())
+
+
+def _nested_on_update(transform: GradientTransform) -> bool:
+    children = [getattr(transform, "transform", None), *getattr(transform, "transforms", ())]
+    return any(isinstance(c, OnUpdate) or (isinstance(c, GradientTransform) and _nested_on_update(c)) for c in children)
+
+
+@overload
+def attach(  # type: ignore[overload-overlap]  # an OnUpdate gives the update's handle
+    optimizer: torch.optim.Optimizer, transform: OnUpdate, params: Iterable[Tensor] | None = None
+) -> UpdateHandle: ...
+
+
+@overload
 def attach(
     optimizer: torch.optim.Optimizer, transform: GradientTransform, params: Iterable[Tensor] | None = None
-) -> AttachHandle:
-    """Make every `optimizer.step()` replace the gradients by `transform`'s output first.
+) -> AttachHandle: ...
+
+
+def attach(
+    optimizer: torch.optim.Optimizer, transform: GradientTransform, params: Iterable[Tensor] | None = None
+) -> AttachHandle | UpdateHandle:
+    """Make every `optimizer.step()` replace the gradients by `transform`'s output first, and call
+    `transform.after_step()` after it.
 
     params: restrict the transform to these parameters (default: every parameter of the optimizer,
     including parameter groups added later).  Parameters without a gradient are skipped.
     A wrapper (Lookahead, SAM, ...) is unwrapped: `handle.optimizer` is the one that updates the weights.
     ValueError if the transform is attached to this optimizer already, or a parameter is listed twice.
+    `transform = OnUpdate(t)` acts on the step's update instead: `attach_update(optimizer, t)` (restricted to
+    `params` when given), an `UpdateHandle`.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    optimizer = weight_updating_optimizer(optimizer)
     transform = _check_transform(transform, "transform")
-    chosen = None
-    if params is not None:
-        if isinstance(params, Tensor) or not isinstance(params, Iterable):
-            what = "a single tensor (wrap it in a list)" if isinstance(params, Tensor) else type(params).__name__
-            raise TypeError(f"params must be an iterable of parameters of the optimizer, or None; got {what}")
-        chosen = list(params)
-        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        first: dict[int, int] = {}
-        for i, p in enumerate(chosen):
-            if not isinstance(p, Tensor):
-                raise TypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
-            if id(p) not in known:
-                raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the optimizer")
-            if id(p) in first:
-                raise ValueError(f"params[{first[id(p)]}] and params[{i}] are the same parameter; list each once")
-            first[id(p)] = i
+    if _nested_on_update(transform):
+        raise ValueError(
+            f"transform {transform!r} holds an OnUpdate inside another transform; accepted: OnUpdate(t) as the "
+            "attached transform itself (it applies to the whole update)"
+        )
+    chosen = None if params is None else _params(optimizer, params)
+    if isinstance(transform, OnUpdate):
+        inner = transform.transform
+        return attach_update(optimizer, inner if chosen is None else Masked(inner, chosen))
+    optimizer = weight_updating_optimizer(optimizer)
     _check_once(optimizer, transform)
     handle = AttachHandle(optimizer, transform, chosen)
     _register(optimizer, handle)
     return handle
 
 
+def _params(optimizer: torch.optim.Optimizer, params: Any) -> list[Tensor]:
+    """`params` checked: an iterable of distinct parameters of the optimizer."""
+    if isinstance(params, Tensor) or not isinstance(params, Iterable):
+        what = "a single tensor (wrap it in a list)" if isinstance(params, Tensor) else type(params).__name__
+        raise TypeError(f"params must be an iterable of parameters of the optimizer, or None; got {what}")
+    chosen = list(params)
+    known = {id(p) for group in weight_updating_optimizer(optimizer).param_groups for p in group["params"]}
+    first: dict[int, int] = {}
+    for i, p in enumerate(chosen):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
+        if id(p) not in known:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the optimizer")
+        if id(p) in first:
+            raise ValueError(f"params[{first[id(p)]}] and params[{i}] are the same parameter; list each once")
+        first[id(p)] = i
+    return chosen
+
+
 class UpdateHandle:
-    """Returned by `attach_update`; `remove()` detaches (also usable as a context manager)."""
+    """Returned by `attach_update` (and `attach(optimizer, OnUpdate(t))`); `remove()` detaches (also usable as a
+    context manager).  After every step that ran, the transform's `after_step()` is called."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, transform: GradientTransform) -> None:
         self.optimizer = optimizer
@@ -246,8 +294,13 @@ class UpdateHandle:
 
     def _rewrite(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         before, self._before = [(p, old) for p, old in self._before if p.grad is not None], []
-        if not before:
+        if _skipped(optimizer):
             return
+        if before:
+            self._rewrite_updates(before)
+        self.transform.after_step()
+
+    def _rewrite_updates(self, before: list[tuple[Tensor, Tensor]]) -> None:
         with torch.no_grad():
             params = [p for p, _ in before]
             updates = [p.detach() - old for p, old in before]
@@ -276,13 +329,16 @@ def attach_update(optimizer: torch.optim.Optimizer, transform: GradientTransform
     for each parameter the transform selects (and that has a gradient): the post-optimizer variant of a scaling
     (the SGS paper's "Adagrad*", where `G` multiplies Adagrad's update rather than its input).  For plain SGD
     without momentum or weight decay and a linear `T` this equals `attach`; with any optimizer state it differs.
-    A step that GradScaler skips runs neither hook; wrappers are unwrapped as by `attach`. ValueError if the
-    transform is attached to this optimizer already, or the optimizer lists a parameter twice.
+    A step that GradScaler skips runs neither hook; wrappers are unwrapped as by `attach`.  After every step that
+    ran, `transform.after_step()` is called.  `attach(optimizer, OnUpdate(transform))` is this function.  ValueError
+    if the transform is attached to this optimizer already, or the optimizer lists a parameter twice.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    optimizer = weight_updating_optimizer(optimizer)
     transform = _check_transform(transform, "transform")
+    if isinstance(transform, OnUpdate) or _nested_on_update(transform):
+        raise ValueError("attach_update: transform must not hold an OnUpdate (it already acts on the update)")
+    optimizer = weight_updating_optimizer(optimizer)
     _check_once(optimizer, transform)
     handle = UpdateHandle(optimizer, transform)
     _register(optimizer, handle)

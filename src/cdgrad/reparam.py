@@ -17,9 +17,9 @@ k x k, centred; a 1 x 1 conv followed by a k x k one is the k x k kernel `K2 @ K
 the conv with `K = sum_n K_n`, `b = sum_n b_n`.  `merge` writes that back as the plain architecture: the conv
 (no bias) and a BatchNorm that adds `b` (weight 1, bias b, running mean 0, running variance 1 - eps).
 
-    model = cdgrad.reparameterize(model, "dbb")   # every eligible conv + BN pair becomes a DBB
+    model = cdgrad.reparam.reparameterize(model, "dbb")  # every eligible conv + BN pair becomes a DBB
     ... train ...
-    plain = cdgrad.merge(model)                    # the same eval-mode function, the plain model's state_dict keys
+    plain = cdgrad.reparam.merge(model)  # the same eval-mode function, the plain model's state_dict keys
 
 Eligible: a `Conv2d` with an odd square kernel k >= 3, padding >= k // 2 (symmetric, zero padding), dilation 1,
 groups 1, followed by a `BatchNorm2d` that reads nothing else.  The pairs are found by tracing the model with

@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from . import functional as F
-from .transforms_base import Commit, GradientTransform, config_fields, state_fields
+from .transforms_base import Commit, ConfiguredTransform, GradientTransform, state_fields
 from .validation import check_choice, check_nonnegative, check_positive, check_real
 
 __all__ = [
@@ -23,7 +23,11 @@ __all__ = [
     "Chain",
     "Masked",
     "masked",
+    "OnUpdate",
+    "on_update",
     "paper_convention",
+    "Directional",
+    "Wrapper",
     "DIRECTIONS",
     "SCOPES",
 ]
@@ -52,36 +56,30 @@ def _check_direction_dims(grads: Sequence[Tensor], direction: str) -> None:
             )
 
 
-class Configured(GradientTransform):
-    """Base of the transforms whose whole state is their validated hyper-parameters `_KEYS`.
+class Directional(ConfiguredTransform):
+    """Base of the transforms that smooth along `direction` ("output", "input", "flat") within `scope` ("conv",
+    "all"): the selection, the dimension check and the validation of those two keys, written once."""
 
-    A subclass declares `_KEYS` and `_validate(cfg) -> {key: checked value}`; construction, `config`,
-    `state_dict` (`{"type": <class name>, "config": config()}`) and the all-or-nothing load come from here.
-    """
-
-    _KEYS: tuple[str, ...] = ()
+    direction: str
+    scope: str
 
     @staticmethod
-    def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+    def validate_direction(config: Mapping[str, Any]) -> dict[str, Any]:
+        """`{"direction", "scope"}` of `config`, checked."""
+        return {
+            "direction": check_choice(config["direction"], "direction", tuple(DIRECTIONS)),
+            "scope": check_choice(config["scope"], "scope", SCOPES),
+        }
 
-    def _set(self, cfg: Mapping[str, Any]) -> None:
-        for k in self._KEYS:
-            setattr(self, k, cfg[k])
+    def select(self, param: Tensor) -> bool:
+        return _in_scope(param, self.scope, self.direction)
 
-    def config(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._KEYS}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, "config": self.config()}
-
-    def _loader(self, state: Any) -> Commit:
-        name = type(self).__name__
-        cfg = self._validate(config_fields(state_fields(state, name, ("config",))["config"], name, self._KEYS))
-        return lambda: self._set(cfg)
+    def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        super().check(grads, params)
+        _check_direction_dims(grads, self.direction)
 
 
-class ChannelDirected(Configured):
+class ChannelDirected(Directional):
     """Channel-directed gradient (Lao et al.): the metric gradient plus `beta` times the ordinary gradient.
 
         update = g_metric(f) + beta * f,   g_metric = reweighted_h0(f, lam) or sobolev(f, lam)
@@ -92,7 +90,7 @@ class ChannelDirected(Configured):
     `lam` is the metric's own lambda as in docs/math.md; `paper_convention` converts the paper's settings.
     """
 
-    _KEYS = ("metric", "lam", "beta", "direction", "scope")
+    config_keys = ("metric", "lam", "beta", "direction", "scope")
     metric: str
     lam: float
     beta: float
@@ -108,24 +106,16 @@ class ChannelDirected(Configured):
         direction: str = "output",
         scope: str = "conv",
     ) -> None:
-        self._set(self._validate(dict(metric=metric, lam=lam, beta=beta, direction=direction, scope=scope)))
+        super().__init__(metric=metric, lam=lam, beta=beta, direction=direction, scope=scope)
 
-    @staticmethod
-    def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         return {
-            "metric": F.check_metric(cfg["metric"]),
-            "lam": check_positive(cfg["lam"], "lam"),
-            "beta": check_real(cfg["beta"], "beta"),
-            "direction": check_choice(cfg["direction"], "direction", tuple(DIRECTIONS)),
-            "scope": check_choice(cfg["scope"], "scope", SCOPES),
+            "metric": F.check_metric(config["metric"]),
+            "lam": check_positive(config["lam"], "lam"),
+            "beta": check_real(config["beta"], "beta"),
+            **cls.validate_direction(config),
         }
-
-    def select(self, param: Tensor) -> bool:
-        return _in_scope(param, self.scope, self.direction)
-
-    def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-        super().check(grads, params)
-        _check_direction_dims(grads, self.direction)
 
     def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
         F.channel_directed_(grads, self.metric, self.lam, self.beta, DIRECTIONS[self.direction])
@@ -135,36 +125,25 @@ class ChannelDirected(Configured):
         return F.channel_directed_checked(grad, self.metric, self.lam, self.beta, DIRECTIONS[self.direction])
 
 
-class LaplacianSmoothing(Configured):
+class LaplacianSmoothing(Directional):
     """Laplacian smoothing (Osher et al.): `(I - sigma L)^-1 f` along `direction`.
 
     "flat" with scope "all" is the published method (every parameter rasterised); "output" is
     LS-ChanDir, the classic H1 Sobolev gradient along the output channels.  Scalars are never selected.
     """
 
-    _KEYS = ("sigma", "direction", "scope")
+    config_keys = ("sigma", "direction", "scope")
     sigma: float
     direction: str
     scope: str
     homogeneous = True  # linear in the gradient
 
     def __init__(self, sigma: float = 1.0, direction: str = "flat", scope: str = "all") -> None:
-        self._set(self._validate(dict(sigma=sigma, direction=direction, scope=scope)))
+        super().__init__(sigma=sigma, direction=direction, scope=scope)
 
-    @staticmethod
-    def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
-        return {
-            "sigma": check_nonnegative(cfg["sigma"], "sigma"),
-            "direction": check_choice(cfg["direction"], "direction", tuple(DIRECTIONS)),
-            "scope": check_choice(cfg["scope"], "scope", SCOPES),
-        }
-
-    def select(self, param: Tensor) -> bool:
-        return _in_scope(param, self.scope, self.direction)
-
-    def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-        super().check(grads, params)
-        _check_direction_dims(grads, self.direction)
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {"sigma": check_nonnegative(config["sigma"], "sigma"), **cls.validate_direction(config)}
 
     def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
         F.laplacian_smooth_(grads, self.sigma, DIRECTIONS[self.direction])
@@ -174,22 +153,22 @@ class LaplacianSmoothing(Configured):
         return F.laplacian_smooth_checked(grad, self.sigma, DIRECTIONS[self.direction])
 
 
-class Centralize(Configured):
+class Centralize(ConfiguredTransform):
     """Gradient centralisation (Yong et al.): subtract each output channel's mean over (I, kh, kw).
 
     scope "conv": tensors with 3+ dims; "all": every tensor with 2+ dims (conv and linear weights).
     """
 
-    _KEYS = ("scope",)
+    config_keys = ("scope",)
     scope: str
     homogeneous = True  # linear in the gradient
 
     def __init__(self, scope: str = "conv") -> None:
-        self._set(self._validate(dict(scope=scope)))
+        super().__init__(scope=scope)
 
-    @staticmethod
-    def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
-        return {"scope": check_choice(cfg["scope"], "scope", SCOPES)}
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {"scope": check_choice(config["scope"], "scope", SCOPES)}
 
     def select(self, param: Tensor) -> bool:
         return param.dim() >= (3 if self.scope == "conv" else 2)
@@ -241,8 +220,11 @@ class Wrapper(GradientTransform):
     def __call__(self, grad: Tensor, param: Tensor | None = None) -> Tensor:
         return self.transform(grad, param)
 
-    def begin_epoch(self, epoch: int) -> None:
-        self.transform.begin_epoch(epoch)
+    def begin_epoch(self, epoch: int, batches: Iterable[Tensor] | None = None) -> None:
+        self.transform.begin_epoch(epoch, batches)
+
+    def after_step(self) -> None:
+        self.transform.after_step()
 
 
 class Scaled(Wrapper):
@@ -268,19 +250,19 @@ class Scaled(Wrapper):
     def state_dict(self) -> dict[str, Any]:
         return {"type": "Scaled", "factor": self.factor, "transform": self.transform.state_dict()}
 
-    def _loader(self, state: Any) -> Commit:
+    def prepare_load(self, state: Any) -> Commit:
         """A `Scaled` state; also the bare state of the wrapped transform's type (loaded with factor 1)."""
         if (
             isinstance(state, Mapping)
             and state.get("type") != "Scaled"
             and state.get("type") == type(self.transform).__name__
         ):
-            inner = self.transform._loader(state)
+            inner = self.transform.prepare_load(state)
             factor = 1.0
         else:
             fields = state_fields(state, "Scaled", ("factor", "transform"))
             factor = check_real(fields["factor"], "factor")
-            inner = self.transform._loader(fields["transform"])
+            inner = self.transform.prepare_load(fields["transform"])
 
         def commit() -> None:
             inner()
@@ -337,20 +319,25 @@ class Chain(GradientTransform):
         for t, g, p in parts:
             t.apply_(g, p)
 
-    def begin_epoch(self, epoch: int) -> None:
+    def begin_epoch(self, epoch: int, batches: Iterable[Tensor] | None = None) -> None:
+        """Each transform's epoch hook in order; they share `batches` (each consumes what it needs)."""
         super().begin_epoch(epoch)
         for t in self.transforms:
-            t.begin_epoch(epoch)
+            t.begin_epoch(epoch, batches)
+
+    def after_step(self) -> None:
+        for t in self.transforms:
+            t.after_step()
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "Chain", "transforms": [t.state_dict() for t in self.transforms]}
 
-    def _loader(self, state: Any) -> Commit:
+    def prepare_load(self, state: Any) -> Commit:
         children = state_fields(state, "Chain", ("transforms",))["transforms"]
         if not isinstance(children, Sequence) or len(children) != len(self.transforms):
             got = len(children) if isinstance(children, Sequence) else type(children).__name__
             raise ValueError(f"state_dict['transforms'] must hold {len(self.transforms)} states, got {got}")
-        commits = [t._loader(s) for t, s in zip(self.transforms, children, strict=True)]
+        commits = [t.prepare_load(s) for t, s in zip(self.transforms, children, strict=True)]
 
         def commit() -> None:
             for c in commits:
@@ -398,8 +385,8 @@ class Masked(Wrapper):
     def state_dict(self) -> dict[str, Any]:
         return {"type": "Masked", "transform": self.transform.state_dict()}
 
-    def _loader(self, state: Any) -> Commit:
-        return self.transform._loader(state_fields(state, "Masked", ("transform",))["transform"])
+    def prepare_load(self, state: Any) -> Commit:
+        return self.transform.prepare_load(state_fields(state, "Masked", ("transform",))["transform"])
 
     def __repr__(self) -> str:
         mask = getattr(self._predicate, "__name__", "predicate") if self._predicate else f"{len(self._params)} params"
@@ -410,6 +397,39 @@ def masked(transform: GradientTransform, mask: Callable[[Tensor], bool] | Iterab
     """`transform` restricted to the parameters `mask` accepts (a predicate, or an iterable of parameters),
     optax-style: `cdgrad.attach(opt, cdgrad.masked(cdgrad.ChannelDirected(), lambda p: p.dim() == 4))`."""
     return Masked(transform, mask)
+
+
+class OnUpdate(Wrapper):
+    """Marks `transform` to act on the optimizer's update instead of the gradient: `cdgrad.attach(optimizer,
+    OnUpdate(t))` is `cdgrad.attach_update(optimizer, t)`,
+
+        w <- w_before + T(w_after - w_before)     for each parameter T selects.
+
+    Applied to a tensor directly (`transform_`, `__call__`) it is the wrapped transform.  Its state is
+    `{"type": "OnUpdate", "transform": <the wrapped state>}`; the wrapped transform's bare state loads too.
+    """
+
+    def __init__(self, transform: GradientTransform) -> None:
+        if isinstance(transform, OnUpdate):
+            raise ValueError("transform is already an OnUpdate; wrap the transform itself once")
+        self.transform = _check_transform(transform, "transform")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "OnUpdate", "transform": self.transform.state_dict()}
+
+    def prepare_load(self, state: Any) -> Commit:
+        if isinstance(state, Mapping) and state.get("type") == type(self.transform).__name__ != "OnUpdate":
+            return self.transform.prepare_load(state)  # the wrapped transform's own state
+        return self.transform.prepare_load(state_fields(state, "OnUpdate", ("transform",))["transform"])
+
+    def __repr__(self) -> str:
+        return f"OnUpdate({self.transform!r})"
+
+
+def on_update(transform: GradientTransform) -> OnUpdate:
+    """`transform` acting on the optimizer's update instead of the gradient, once attached:
+    `cdgrad.attach(opt, cdgrad.on_update(cdgrad.FixedSpatialScaling()))` (the SGS paper's "Adagrad*")."""
+    return OnUpdate(transform)
 
 
 def paper_convention(

@@ -16,24 +16,37 @@ The protocol, method by method:
 * `transform_(grads, params)` = `check` then `apply_`: every gradient is validated before any is touched.
 * `transform(grad, param)` (`__call__`): the pure, out-of-place form for one tensor.
 * `state_dict()` / `load_state_dict(state)`: each transform's own; a failed load leaves it exactly as it was.
-* `begin_epoch(epoch)`: an optional epoch hook, a no-op unless a transform needs one (SGS).
+  A subclass with state provides `prepare_load(state)`: validate `state` completely and return the function that
+  commits it (and cannot fail); `load_state_dict` is `prepare_load(state)()`, and wrappers compose the commits.
+* `begin_epoch(epoch, batches=None)`: called at the start of every epoch (epoch 0 first), a no-op unless a
+  transform needs it.  `batches` is what a method may measure on: an iterable (typically a lazy iterator) of
+  normalised training input batches, of which the transform consumes only what it needs (SGS with the authors'
+  pipeline measures on its first `num_batches`); a transform that needs them raises `ValueError` when it is None.
+* `after_step()`: called by `attach` after every `optimizer.step()` the handle is attached to (a step
+  post-hook), not after a skipped step (GradScaler's overflow); a no-op unless a transform needs it (the
+  operator-norm projection of `cdgrad.spectral.OperatorNormClipper`).
 * `state_version`: a counter that grows whenever the state changes (a load, a hyper-parameter assignment);
   callers that cache `select` decisions re-decide when it changed.
 * `homogeneous`: True when `T(s g) = s T(g)` for every `s > 0` (every linear transform), so that the transform
   may run on gradients still multiplied by an AMP loss scale; False (the default) makes `attach` unscale first.
+
+`ConfiguredTransform` is the base of the transforms whose whole state is their validated hyper-parameters: a
+subclass declares `config_keys` and `validate_config(config) -> {key: checked value}` and gets construction
+(`super().__init__(**config)`), `config()`, `state_dict()` and the all-or-nothing load.  Write your own:
+docs/extending.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .validation import FLOAT_DTYPES, check_grad, check_int
 
-__all__ = ["GradientTransform", "state_fields"]
+__all__ = ["Commit", "ConfiguredTransform", "GradientTransform", "config_fields", "state_fields"]
 
 Commit = Callable[[], None]
 _STRIDED = torch.strided
@@ -66,7 +79,8 @@ def config_fields(config: Any, type_name: str, keys: Sequence[str]) -> Mapping[s
 
 
 class GradientTransform:
-    """Base class. Subclasses implement `apply_` (and `check`, `select`, `state_dict`, `_loader` as needed)."""
+    """Base class. Subclasses implement `apply_` (and `check`, `select`, `state_dict`, `prepare_load`, `config`,
+    `begin_epoch`, `after_step` as needed); none of the names a subclass overrides starts with an underscore."""
 
     _version: int = 0
     homogeneous: bool = False
@@ -76,8 +90,8 @@ class GradientTransform:
             object.__setattr__(self, "_version", self._version + 1)
         object.__setattr__(self, name, value)
 
-    def _changed(self) -> None:
-        """Record a state change (selection caches re-decide)."""
+    def mark_changed(self) -> None:
+        """Record a state change not made by assigning a public attribute (selection caches re-decide)."""
         object.__setattr__(self, "_version", self._version + 1)
 
     @property
@@ -124,9 +138,15 @@ class GradientTransform:
         return out
 
     # -------------------------------------------------------------------------------------------- hooks
-    def begin_epoch(self, epoch: int) -> None:
-        """Called at the start of every epoch (epoch 0 first); a no-op unless the transform needs it."""
+    def begin_epoch(self, epoch: int, batches: Iterable[Tensor] | None = None) -> None:
+        """Called at the start of every epoch (epoch 0 first) with an iterable of normalised training input
+        `batches` to measure on (consumed only as far as needed; None when the caller has none); a no-op unless
+        the transform needs it."""
         check_int(epoch, "epoch", minimum=0)
+
+    def after_step(self) -> None:
+        """Called by `cdgrad.attach` after every optimizer step it is attached to (not after a skipped step); a
+        no-op unless the transform needs it."""
 
     # -------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -135,9 +155,9 @@ class GradientTransform:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load `state` (from `state_dict()` of a transform of the same type); all-or-nothing."""
-        self._loader(state)()
+        self.prepare_load(state)()
 
-    def _loader(self, state: Any) -> Commit:
+    def prepare_load(self, state: Any) -> Commit:
         """Validate `state` completely, then return the function that commits it (and cannot fail)."""
         if type(self).load_state_dict is not GradientTransform.load_state_dict:  # a subclass with its own load
             return lambda: self.load_state_dict(state)
@@ -151,3 +171,43 @@ class GradientTransform:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
+
+
+class ConfiguredTransform(GradientTransform):
+    """Base of the transforms whose whole state is their validated hyper-parameters `config_keys`.
+
+    A subclass declares `config_keys` (the constructor's arguments, in order) and the classmethod
+    `validate_config(config) -> {key: checked value}` (raising `TypeError`/`ValueError` naming the key), and calls
+    `super().__init__(**arguments)` from its constructor.  This base stores each key as an attribute and gives
+    `config()`, `state_dict()` (`{"type": <class name>, "config": config()}`) and the all-or-nothing load.
+    """
+
+    config_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **config: Any) -> None:
+        if set(config) != set(self.config_keys):
+            raise TypeError(
+                f"{type(self).__name__} takes exactly the arguments {list(self.config_keys)}, got {sorted(config)}"
+            )
+        self._assign(self.validate_config(config))
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """`config` (a mapping with exactly `config_keys`) with every value checked; raise for a bad one."""
+        raise NotImplementedError(f"{cls.__name__} must implement validate_config")
+
+    def _assign(self, config: Mapping[str, Any]) -> None:
+        for k in self.config_keys:
+            setattr(self, k, config[k])
+
+    def config(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.config_keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "config": self.config()}
+
+    def prepare_load(self, state: Any) -> Commit:
+        name = type(self).__name__
+        fields = state_fields(state, name, ("config",))
+        config = self.validate_config(config_fields(fields["config"], name, self.config_keys))
+        return lambda: self._assign(config)

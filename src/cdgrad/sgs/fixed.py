@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..transforms import Configured
+from ..transforms_base import ConfiguredTransform
 from ..validation import check_positive
 
 __all__ = ["FixedSpatialScaling", "fixed_scaling"]
@@ -33,20 +33,20 @@ def fixed_scaling(kernel_size: tuple[int, int], edge: float, corner: float) -> T
     return g / g.mean()
 
 
-class FixedSpatialScaling(Configured):
+class FixedSpatialScaling(ConfiguredTransform):
     """`grad <- G * grad` with the fixed `G = fixed_scaling(kernel_size, edge, corner)` of each conv's kernel."""
 
-    _KEYS = ("edge", "corner")
+    config_keys = ("edge", "corner")
     edge: float
     corner: float
     homogeneous = True  # linear in the gradient
 
     def __init__(self, edge: float = 2.0, corner: float = 4.0) -> None:
-        self._set(self._validate(dict(edge=edge, corner=corner)))
+        super().__init__(edge=edge, corner=corner)
 
-    @staticmethod
-    def _validate(cfg: Mapping[str, Any]) -> dict[str, Any]:
-        return {"edge": check_positive(cfg["edge"], "edge"), "corner": check_positive(cfg["corner"], "corner")}
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {"edge": check_positive(config["edge"], "edge"), "corner": check_positive(config["corner"], "corner")}
 
     def select(self, param: Tensor) -> bool:
         return param.dim() == 4 and param.shape[2] * param.shape[3] >= 2

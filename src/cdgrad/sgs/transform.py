@@ -21,6 +21,7 @@ its gradient (SGD, momentum, coupled weight decay); SGS replaces the hand-picked
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -95,7 +96,8 @@ class SpatialGradientScaling(GradientTransform):
 
     `pipeline="authors"` computes `G` as the authors' code does (`authors_sgs_scaling`: inputs zero-padded by each
     layer's padding, the k-transform per channel before the channel mean; `diagonal_removal` their ImageNet
-    option); `measure(batches)` captures as they do, in eval mode without gradients.
+    option); it captures as they do, in eval mode without gradients: `begin_epoch(epoch, batches)` measures on the
+    first `num_batches` of `batches` when `due(epoch)` (`measure(batches)` does it at any time).
     """
 
     homogeneous = True  # G * grad is linear in the gradient
@@ -265,19 +267,29 @@ class SpatialGradientScaling(GradientTransform):
         warmup: int = self._hyper["warmup"]
         return epoch >= warmup and (epoch - warmup) % every == 0
 
-    def begin_epoch(self, epoch: int) -> None:
-        """Call at the start of every epoch: arms capture when `due(epoch)` (epoch 0 included).
+    def begin_epoch(self, epoch: int, batches: Iterable[Tensor] | None = None) -> None:
+        """Call at the start of every epoch: when `due(epoch)` (epoch 0 included), arms capture of the next
+        `num_batches` training-mode forward passes (`batches` is not used).
 
-        With `pipeline="authors"` nothing is armed: the authors measure in eval mode, by `measure(batches)`,
-        which the training loop calls at the epochs `due` names.
+        With `pipeline="authors"` nothing is armed: when due, `G` is measured now in eval mode on the first
+        `num_batches` of `batches` (model inputs; `measure`), which must then be given (`ValueError` if None).
         """
         due = self.due(epoch)
         if not self._hooks:
             raise RuntimeError("the hooks of this SpatialGradientScaling were removed; build a new one")
-        if due and self._hyper["pipeline"] != "authors":
-            self._armed = True
-            self._seen = 0
-            self._captured = {}
+        if not due:
+            return
+        if self._hyper["pipeline"] == "authors":
+            if batches is None:
+                raise ValueError(
+                    f"SpatialGradientScaling(pipeline='authors') measures in eval mode at the start of epoch {epoch}: "
+                    "pass batches= (an iterable of normalised training input batches) to begin_epoch"
+                )
+            self.measure(itertools.islice(batches, self._hyper["num_batches"]))
+            return
+        self._armed = True
+        self._seen = 0
+        self._captured = {}
 
     # ------------------------------------------------------------------------------------ computation
     def update(self) -> None:
@@ -326,7 +338,7 @@ class SpatialGradientScaling(GradientTransform):
             self._first.setdefault(name, scalings[name].clone())
         self._scalings = scalings
         self._cast = {}
-        self._changed()
+        self.mark_changed()
 
     # -------------------------------------------------------------------------------------- transform
     def _name_of(self, param: Tensor) -> str | None:
@@ -401,7 +413,7 @@ class SpatialGradientScaling(GradientTransform):
             loaded[name] = g.detach().to(device=m.weight.device, dtype=torch.float64).clone()
         return loaded
 
-    def _loader(self, state: Any) -> Commit:
+    def prepare_load(self, state: Any) -> Commit:
         """Hyper-parameters and scalings saved from the same architecture; validated before any change.  States
         saved before `first_scalings` existed load with none."""
         if isinstance(state, Mapping) and "first_scalings" not in state:
@@ -417,6 +429,6 @@ class SpatialGradientScaling(GradientTransform):
             self._setup_layers()
             self._scalings = loaded
             self._first = first
-            self._changed()
+            self.mark_changed()
 
         return commit

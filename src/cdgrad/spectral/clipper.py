@@ -1,227 +1,41 @@
-"""Exact singular values of convolutional layers and projection onto an operator-norm ball.
+"""Training-time projection of conv weights towards an operator-norm ball, as a gradient transform.
 
-A stride-1 convolution with wrap-around (``nn.Conv2d`` with circular padding) of a weight
-``K`` of shape ``(O, I, kh, kw)`` on ``I x n_h x n_w`` inputs is a linear map
-``R^(I n_h n_w) -> R^(O n_h n_w)``. It is block-circulant, so the 2-D DFT block-diagonalises it
-(Sedghi, Gupta and Long, 2019):
+`OperatorNormClipper` selects no gradient (gradients pass untouched); after every ``every``-th optimizer step
+(its `after_step` hook, called by `cdgrad.attach`) it replaces each chosen weight ``K`` in place by
+``PROJECTIONS[projection].apply(K, input_size, max_norm)``. `record_input_sizes` finds each conv's input size.
 
-    singular values of the layer = union over (u, v) of svd(P[u, v]),
-    P[u, v] = FFT2(K zero-padded to n_h x n_w)[:, :, u, v]            (an O x I complex matrix).
-
-Cross-correlation versus convolution and the placement of the padding only conjugate ``P`` or
-multiply it by a unit phase, which leaves the singular values unchanged. For a real kernel
-``P[-u, -v] = conj(P[u, v])``, so only the half spectrum ``v = 0 .. n_w // 2`` is decomposed
-(``torch.fft.rfft2``) and the other half is mirrored.
-
-The characterisation is exact only for stride 1 and wrap-around; see ``docs/spectral.md`` for
-zero padding, stride and the dependence on the input size.
-
-Memory grows with ``O I n_h n_w``: every function here (and in `cdgrad.norm_bounds`) first estimates what it will
-hold at its peak (`memory_needed`) and refuses an input size that cannot fit in the available memory of the
-weight's device (`cdgrad.validation.MemoryRequestError`, a ValueError naming the size) before allocating.
+    clipper = OperatorNormClipper(model, record_input_sizes(model, batch), max_norm=1.0, every=100)
+    handle = cdgrad.attach(optimizer, clipper)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._conv_spectrum import (
+from .._conv_spectrum import (
     SPECTRA_HELD,
     _check_finite,
     _check_reshaped_memory,
     _check_spectrum_memory,
     _check_weight,
-    _half_spectrum,
     _input_size,
     _is_int,
     _max_norm,
-    _work_dtype,
-    spectrum_bytes,
 )
-from .norm_bounds import clip_reshaped_norm, conv_norm_gram, conv_norm_power, reshaped_norm
-from .validation import check_choice, check_int, check_memory
+from ..norm_bounds import conv_norm_gram, conv_norm_power, reshaped_norm
+from ..transforms_base import Commit, GradientTransform
+from ..validation import check_choice, check_int
+from .operator import NORM_ESTIMATES, PROJECTIONS, Size, conv_operator_norm
 
-__all__ = [
-    "NORM_ESTIMATES",
-    "PROJECTIONS",
-    "OperatorNormClipper",
-    "Projection",
-    "clip_operator_norm",
-    "conv_dense_matrix",
-    "conv_operator_norm",
-    "conv_singular_values",
-    "memory_needed",
-    "record_input_sizes",
-]
+__all__ = ["OperatorNormClipper", "record_input_sizes"]
 
-Size = int | tuple[int, int]
-
-
-def _mirror(half: Tensor, n_w: int) -> Tensor:
-    """Full (n_h, n_w, ...) from the half spectrum, using ``X[u, v] = X[-u, -v]`` for ``v > n_w // 2``."""
-    n_h = half.shape[0]
-    if n_w // 2 + 1 == n_w:  # n_w in (1, 2): the half spectrum is the full spectrum
-        return half
-    u = (-torch.arange(n_h, device=half.device)) % n_h
-    v = n_w - torch.arange(n_w // 2 + 1, n_w, device=half.device)
-    return torch.cat([half, half[u][:, v]], dim=1)
-
-
-def memory_needed(
-    computation: str, weight_shape: Sequence[int], input_size: Size, dtype: torch.dtype = torch.float32
-) -> int:
-    """Bytes that `computation` holds at its peak for a conv weight of `weight_shape` (O, I, kh, kw) and `dtype`
-    at `input_size`: ``n_h (n_w // 2 + 1) (c O I + 2 (O + I + min(O, I)))`` complex numbers (complex128 for float64
-    weights, else complex64), ``c`` the half spectra it holds at once (`SPECTRA_HELD`).
-
-    computation: "singular_values" (`conv_singular_values`), "operator_norm" (`conv_operator_norm`), "clip"
-    (`clip_operator_norm`), "power" (`cdgrad.norm_bounds.conv_norm_power`) or "gram" (`conv_norm_gram`).
-    """
-    copies = SPECTRA_HELD[check_choice(computation, "computation", tuple(SPECTRA_HELD))]
-    if not (isinstance(weight_shape, Sequence) and len(weight_shape) == 4 and all(_is_int(d) for d in weight_shape)):
-        raise TypeError(f"weight_shape must be a sequence of 4 ints (O, I, kh, kw), got {weight_shape!r}")
-    size = _input_size(input_size, torch.empty(0, 0, int(weight_shape[2]), int(weight_shape[3])))
-    return spectrum_bytes(weight_shape, size, dtype, copies)
-
-
-def conv_singular_values(weight: Tensor, input_size: Size, *, per_frequency: bool = False) -> Tensor:
-    """All singular values of the stride-1 circular convolution by ``weight`` on ``input_size`` inputs.
-
-    ``sigma = union_{u, v} svd(P[u, v])``, ``P[u, v] = FFT2(weight zero-padded to n_h x n_w)[:, :, u, v]``.
-
-    Args:
-        weight: conv weight (O, I, kh, kw), as ``nn.Conv2d`` stores it.
-        input_size: ``n`` or ``(n_h, n_w)``, at least ``(kh, kw)``.
-        per_frequency: if False (default) return the ``n_h * n_w * min(O, I)`` singular values as a
-            1-D tensor sorted in descending order; if True return shape ``(n_h, n_w, min(O, I))``,
-            entry ``[u, v]`` holding the singular values of ``P[u, v]`` in descending order.
-
-    Computed in float64 (complex128) for float64 weights and in float32 otherwise, on the weight's
-    device; the result has that real dtype. Differentiable through ``torch.linalg.svdvals``. An ``input_size``
-    whose spectra cannot fit in the device's available memory is refused (`MemoryRequestError`).
-    """
-    _check_weight(weight)
-    size = _input_size(input_size, weight)
-    _check_spectrum_memory(weight, size, SPECTRA_HELD["singular_values"], value=input_size)
-    half = torch.linalg.svdvals(_half_spectrum(weight, size))
-    full = _mirror(half, size[1])
-    if per_frequency:
-        return full
-    return torch.sort(full.reshape(-1), descending=True).values
-
-
-def conv_operator_norm(weight: Tensor, input_size: Size) -> Tensor:
-    """Largest singular value ``max_{u, v} sigma_max(P[u, v])`` of the circular conv (a 0-d tensor).
-
-    Needs only the half spectrum ``v <= n_w // 2``; no dense matrix is formed.
-    """
-    _check_weight(weight)
-    size = _input_size(input_size, weight)
-    _check_spectrum_memory(weight, size, SPECTRA_HELD["operator_norm"], value=input_size)
-    out: Tensor = torch.linalg.svdvals(_half_spectrum(weight, size)).amax()
-    return out
-
-
-def clip_operator_norm(weight: Tensor, input_size: Size, max_norm: float) -> Tensor:
-    """One alternating-projection step towards the ball ``{K : ||conv_K|| <= max_norm}``.
-
-    ``P[u, v] = U S V^H`` -> ``U min(S, max_norm) V^H`` at every frequency, inverse FFT2, real part,
-    cut back to the kernel support ``kh x kw``. Implemented as
-    ``weight - crop(IFFT2(U (S - min(S, c)) V^H))``, so a layer already inside the ball is returned
-    exactly unchanged. The cut-back can push the norm above ``max_norm`` again; repeated application
-    converges to a kernel inside the ball.
-
-    Pure: returns a new tensor (same dtype, device and shape, not attached to autograd).
-    """
-    _check_weight(weight)
-    size = _input_size(input_size, weight)
-    c = _max_norm(max_norm)
-    _check_spectrum_memory(weight, size, SPECTRA_HELD["clip"], value=input_size)
-    kh, kw = weight.shape[-2:]
-    with torch.no_grad():
-        w = weight.detach().to(_work_dtype(weight))
-        p = _half_spectrum(w, size)
-        u, s, vh = torch.linalg.svd(p, full_matrices=False)
-        excess = (s - s.clamp(max=c)).to(p.dtype)
-        d = (u * excess.unsqueeze(-2)) @ vh  # (n_h, n_w//2+1, O, I), Hermitian-symmetric as a full spectrum
-        delta = torch.fft.irfft2(d.permute(2, 3, 0, 1), s=size)[..., :kh, :kw]
-        out: Tensor = (w - delta).to(weight.dtype)
-        return out
-
-
-@dataclass(frozen=True)
-class Projection:
-    """A way to pull a conv weight towards an operator-norm ball: ``apply(weight, input_size, max_norm) -> weight``."""
-
-    name: str
-    summary: str
-    apply: Callable[[Tensor, tuple[int, int], float], Tensor]
-
-
-def _gram_rescale(weight: Tensor, input_size: tuple[int, int], max_norm: float) -> Tensor:
-    """``weight * min(1, c / gram_bound)``: certified to end with operator norm <= c (unchanged when inside)."""
-    bound = float(conv_norm_gram(weight, input_size))
-    return weight.detach().clone() if bound <= max_norm else weight.detach() * (max_norm / bound)
-
-
-def _reshaped_clip(weight: Tensor, input_size: tuple[int, int], max_norm: float) -> Tensor:
-    return clip_reshaped_norm(weight, max_norm)
-
-
-PROJECTIONS: dict[str, Projection] = {
-    p.name: p
-    for p in (
-        Projection(
-            "exact",
-            "clip the singular values of every P[u, v] to max_norm, cut back to the kernel support (Sedghi et al.)",
-            clip_operator_norm,
-        ),
-        Projection(
-            "reshaped",
-            "clip the singular values of the O x (I kh kw) reshaped kernel (Yoshida & Miyato; bounds the true "
-            "norm only up to sqrt(kh kw))",
-            _reshaped_clip,
-        ),
-        Projection(
-            "gram",
-            "rescale the kernel by min(1, max_norm / Gram-iteration bound): certified inside the ball, no SVD",
-            _gram_rescale,
-        ),
-    )
-}
-NORM_ESTIMATES = ("exact", "power", "gram", "reshaped")
-
-
-def conv_dense_matrix(weight: Tensor, input_size: Size) -> Tensor:
-    """The dense ``(O n_h n_w) x (I n_h n_w)`` matrix of ``nn.Conv2d(padding_mode="circular")``, stride 1.
-
-    Column ``j`` is the layer's output (flattened in C order over (O, n_h, n_w)) for the ``j``-th
-    basis vector of the input space (C order over (I, n_h, n_w)); padding ``(k - 1) // 2`` before and
-    ``k - 1 - (k - 1) // 2`` after in each spatial dimension, so outputs are ``n_h x n_w``.
-    O((n_h n_w)^2 O I) memory and time: a reference for small layers, not for production use; a size whose
-    matrices cannot fit in the available memory is refused (`MemoryRequestError`).
-    """
-    _check_weight(weight)
-    n_h, n_w = _input_size(input_size, weight)
-    o, i, kh, kw = weight.shape
-    n = n_h * n_w  # the identity basis, its padded copy and the output: (I n) x ((2 I + O) n) entries
-    what = f"the dense matrix of a {o} x {i} conv at {n_h} x {n_w}"
-    check_memory(
-        i * n * (2 * i + o) * n * weight.element_size(), "input_size", input_size, device=weight.device, what=what
-    )
-    basis = torch.eye(i * n_h * n_w, dtype=weight.dtype, device=weight.device).reshape(-1, i, n_h, n_w)
-    pad = ((kw - 1) // 2, kw - 1 - (kw - 1) // 2, (kh - 1) // 2, kh - 1 - (kh - 1) // 2)
-    out = torch.nn.functional.conv2d(torch.nn.functional.pad(basis, pad, mode="circular"), weight)
-    return out.reshape(i * n_h * n_w, o * n_h * n_w).T
-
-
-# ----------------------------------------------------------------------------- training-time projection
+_STATE_KEYS = ("step_count", "max_norm", "every", "input_sizes")  # required; "projection", "power_vectors" optional
+_OPTIONAL_KEYS = ("projection", "power_vectors")  # absent from states written before they existed
 
 
 def _is_supported_conv(module: nn.Module) -> bool:
@@ -277,11 +91,12 @@ def record_input_sizes(model: nn.Module, batch: Tensor | Sequence[Any]) -> dict[
     return sizes
 
 
-class OperatorNormClipper:
+class OperatorNormClipper(GradientTransform):
     """Project conv weights towards ``||conv_K|| <= max_norm`` every ``every`` optimizer steps.
 
-    After optimizer steps ``every, 2 * every, ...`` each chosen weight is replaced in place by
-    ``PROJECTIONS[projection].apply(weight, input_size, max_norm)``: by default ``"exact"``,
+    A gradient transform that selects no gradient: attached with ``cdgrad.attach(optimizer, clipper)``, its
+    `after_step` counts the optimizer's steps, and after steps ``every, 2 * every, ...`` each chosen weight is
+    replaced in place by ``PROJECTIONS[projection].apply(weight, input_size, max_norm)``: by default ``"exact"``,
     `clip_operator_norm` (one alternating-projection step; Sedghi et al. clip every 100 steps); ``"reshaped"``
     clips the reshaped kernel's singular values (the Yoshida & Miyato baseline); ``"gram"`` rescales each kernel
     under a certified Gram-iteration bound.
@@ -292,7 +107,8 @@ class OperatorNormClipper:
             4-D weight tensors (named ``"0"``, ``"1"``, ...). Convs must have groups=1 and dilation=1;
             strided convs are clipped through their stride-1 circular map, whose norm bounds theirs.
         input_sizes: one size (``n`` or ``(n_h, n_w)``) for every layer, a mapping from layer name to
-            size (for a model, ``record_input_sizes(model, batch)`` gives one; it must cover every
+            size (positive; smaller than the kernel is exact too, by folding; for a model,
+            ``record_input_sizes(model, batch)`` gives one; it must cover every
             layer), or a sequence of sizes aligned with ``layers`` (a pair of ints is always read as
             one ``(n_h, n_w)`` for all layers).
         max_norm: the operator-norm bound, > 0.
@@ -302,9 +118,10 @@ class OperatorNormClipper:
     `operator_norms(estimate)` reports each layer's norm for monitoring (``"exact"``, or the cheaper ``"power"``,
     which keeps one warm-started vector per layer in the clipper's state, ``"gram"`` and ``"reshaped"``).
 
-    Use ``handle = clipper.attach(optimizer)`` (an ``optimizer.register_step_post_hook``) or call
-    ``clipper.step()`` after each ``optimizer.step()``.
+    Its state (``state_dict``) holds the step counter, the hyper-parameters, the input sizes and the power vectors.
     """
+
+    homogeneous = True  # it changes no gradient
 
     def __init__(
         self,
@@ -325,7 +142,7 @@ class OperatorNormClipper:
             else:
                 held = SPECTRA_HELD["clip" if self.projection == "exact" else "gram"]
                 _check_spectrum_memory(self._weight(name), size, held, f"input_sizes[{name!r}]")
-        self.step_count = 0
+        self._step_count = 0
         self._power_vectors: dict[str, Tensor] = {}
 
     # -- construction helpers
@@ -397,6 +214,28 @@ class OperatorNormClipper:
     def layer_names(self) -> list[str]:
         return list(self._layers)
 
+    @property
+    def step_count(self) -> int:
+        """The optimizer steps counted so far (by `after_step`)."""
+        return self._step_count
+
+    def select(self, param: Tensor) -> bool:
+        """False: the clipper changes weights after the step, never a gradient."""
+        return False
+
+    def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        """Nothing: gradients pass untouched."""
+
+    def after_step(self) -> None:
+        """Count one optimizer step; project every layer (`clip_`) when the count is a multiple of ``every``."""
+        self._step_count += 1
+        if self._step_count % self.every == 0:
+            self.clip_()
+
+    def config(self) -> dict[str, Any]:
+        """The hyper-parameters other than the layers and their input sizes."""
+        return {"max_norm": self.max_norm, "every": self.every, "projection": self.projection}
+
     def clip_(self) -> None:
         """Apply one projection step to every layer now (in place, under ``torch.no_grad()``)."""
         with torch.no_grad():
@@ -433,29 +272,11 @@ class OperatorNormClipper:
                 out[n] = float(value)
             return out
 
-    def step(self) -> bool:
-        """Count one optimizer step; clip when the count is a multiple of ``every``. True if it clipped."""
-        self.step_count += 1
-        if self.step_count % self.every == 0:
-            self.clip_()
-            return True
-        return False
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Call ``self.step()`` after every ``optimizer.step()``; ``handle.remove()`` detaches."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-
-        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self.step()
-
-        return optimizer.register_step_post_hook(hook)
-
     # -- persistence
     def state_dict(self) -> dict[str, Any]:
         return {
             "type": type(self).__name__,
-            "step_count": self.step_count,
+            "step_count": self._step_count,
             "max_norm": self.max_norm,
             "every": self.every,
             "projection": self.projection,
@@ -463,14 +284,21 @@ class OperatorNormClipper:
             "power_vectors": {n: v.clone() for n, v in self._power_vectors.items()},
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the step counter, hyper-parameters and input sizes (validated before any change)."""
-        if not isinstance(state, Mapping) or state.get("type") != type(self).__name__:
-            got = state.get("type") if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"state is for {got!r}, cannot load it into {type(self).__name__}")
-        missing = {"step_count", "max_norm", "every", "input_sizes"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing keys {sorted(missing)}")
+    def prepare_load(self, state: Any) -> Commit:
+        """Check a state (the step counter, hyper-parameters and input sizes; states written before `projection`
+        and `power_vectors` existed load as "exact" with none), then return its commit."""
+        name = type(self).__name__
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state_dict must be a dict (from {name}.state_dict()), got {type(state).__name__}")
+        if state.get("type") != name:
+            raise ValueError(f"state_dict is for {state.get('type')!r}, cannot load it into {name}")
+        missing = set(_STATE_KEYS) - set(state)
+        unknown = set(state) - {"type", *_STATE_KEYS, *_OPTIONAL_KEYS}
+        if missing or unknown:
+            raise ValueError(
+                f"state_dict of {name} must have the keys {sorted(_STATE_KEYS)} (and optionally "
+                f"{sorted(_OPTIONAL_KEYS)}); missing {sorted(missing)}, unknown {sorted(unknown)}"
+            )
         step = check_int(state["step_count"], "state['step_count']", minimum=0)
         max_norm = _max_norm(state["max_norm"])
         every = self._check_every(state["every"])
@@ -489,9 +317,14 @@ class OperatorNormClipper:
             if not isinstance(v, Tensor) or tuple(v.shape) != shape:
                 got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
                 raise ValueError(f"state['power_vectors'][{n!r}] must be a tensor of shape {shape}, got {got}")
-        self.step_count, self.max_norm, self.every, self.input_sizes = step, max_norm, every, new_sizes
-        self.projection = projection
-        self._power_vectors = {n: v.detach().clone() for n, v in vectors.items()}
+        new_vectors = {n: v.detach().clone() for n, v in vectors.items()}
+
+        def commit() -> None:
+            self._step_count, self.max_norm, self.every, self.input_sizes = step, max_norm, every, new_sizes
+            self.projection = projection
+            self._power_vectors = new_vectors
+
+        return commit
 
     def __repr__(self) -> str:
         return (

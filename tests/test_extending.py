@@ -1,0 +1,51 @@
+"""docs/extending.md: its example code runs as written and computes what the page says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import DOCS, docs_python_blocks, run_docs_page
+
+
+def reference(g: torch.Tensor, eps: float) -> torch.Tensor:
+    """g[o] / sqrt(mean(g[o]^2) + eps), one output channel at a time."""
+    out = torch.empty_like(g)
+    for o in range(g.shape[0]):
+        out[o] = g[o] / torch.sqrt((g[o] ** 2).mean() + eps)
+    return out
+
+
+@pytest.fixture(scope="module")
+def page() -> dict:
+    return run_docs_page("extending.md")
+
+
+def test_the_page_has_its_example_and_the_toolkit_section():
+    blocks = docs_python_blocks("extending.md")
+    assert len(blocks) == 2 and "class ChannelRMSNormalize(cdgrad.ConfiguredTransform)" in blocks[0]
+    text = (DOCS / "extending.md").read_text(encoding="utf-8")
+    assert "## Make it a toolkit method" in text
+
+
+def test_pure_form(page):
+    conv_grad, normalized = page["conv_grad"], page["normalized"]
+    torch.testing.assert_close(normalized, reference(conv_grad, 1e-12), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(normalized, conv_grad)  # it did something, and left its input alone
+    rms = normalized.pow(2).mean(dim=(1, 2, 3)).sqrt()
+    torch.testing.assert_close(rms, torch.ones(8), rtol=1e-5, atol=0)
+
+
+def test_the_attached_step(page):
+    model, before, grads = page["model"], page["before"], page["grads"]
+    for p, b, g in zip(model.parameters(), before, grads, strict=True):
+        expected = b - 0.1 * (reference(g, 1e-12) if p.dim() >= 2 else g)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+    assert [p.dim() >= 2 for p in model.parameters()] == [True, False, True, False]
+
+
+def test_state_round_trip_and_bad_state(page):
+    restored = page["restored"]
+    assert restored.eps == 1e-12 and restored.state_dict() == page["saved"]
+    assert "eps" in page["rejected"]
+    assert restored.config() == {"eps": 1e-12}
