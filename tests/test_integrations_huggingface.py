@@ -155,3 +155,29 @@ def test_bad_arguments():
         TransformCallback("sobolev")
     with pytest.raises(TypeError, match="resume_from"):
         TransformCallback(sobolev(), resume_from=3)
+
+
+def test_sgs_authors_pipeline_measures_on_the_callbacks_batches(tmp_path):
+    """`batches=` feeds `begin_epoch`: the first measurement is `measure` of those batches at initialisation."""
+    drawn: list[int] = []
+
+    def batches(epoch):
+        for i, x in enumerate(Images(torch.float64).x.split(BATCH)):
+            drawn.append(i)
+            yield x
+
+    def authors(model):  # on the network body: it measures by calling the module on the batches
+        return cdgrad.SpatialGradientScaling(model.body, num_batches=2, every=1, pipeline="authors")
+
+    _, callback = hf_train(tmp_path / "a", make=authors, callback_kwargs={"batches": batches})
+    assert drawn == [0, 1] * EPOCHS  # two batches per epoch, drawn lazily
+    reference = authors(Net(torch.float64))
+    reference.measure(Images(torch.float64).x.split(BATCH)[:2])
+    first = callback.transform.first_scalings
+    assert first.keys() == reference.scalings.keys()
+    for name, g in reference.scalings.items():
+        assert torch.equal(first[name], g) and not torch.equal(g, torch.ones_like(g))
+    with pytest.raises(ValueError, match="batches"):
+        hf_train(tmp_path / "b", make=authors)
+    with pytest.raises(TypeError, match="batches"):
+        TransformCallback(sobolev(), batches=[1])

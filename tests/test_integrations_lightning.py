@@ -201,3 +201,29 @@ def test_bad_transform_and_bad_checkpoint_state():
     with pytest.raises(ValueError):
         callback.load_state_dict({"transform": sobolev().state_dict()["config"]})
     assert callback.transform.state_dict() == before
+
+
+def test_sgs_authors_pipeline_measures_on_the_callbacks_batches():
+    """`batches=` feeds `begin_epoch`: the first measurement is `measure` of those batches at initialisation."""
+    drawn: list[int] = []
+
+    def batches(epoch):
+        for i, (x, _) in enumerate(data()):
+            drawn.append(i)
+            yield x
+
+    module = Classifier()
+    sgs = cdgrad.SpatialGradientScaling(module.net, num_batches=2, every=1, pipeline="authors")
+    trainer(callbacks=[TransformCallback(sgs, batches=batches)]).fit(module, data())
+    assert drawn == [0, 1] * EPOCHS  # two batches per epoch, drawn lazily
+    reference = cdgrad.SpatialGradientScaling(net(), num_batches=2, every=1, pipeline="authors")
+    reference.measure([x for x, _ in list(data())[:2]])
+    first = sgs.first_scalings
+    assert first.keys() == reference.scalings.keys()
+    for name, g in reference.scalings.items():
+        assert torch.equal(first[name], g) and not torch.equal(g, torch.ones_like(g))
+    with pytest.raises(ValueError, match="batches"):
+        bare = cdgrad.SpatialGradientScaling(Classifier().net, pipeline="authors")
+        trainer(callbacks=[TransformCallback(bare)]).fit(Classifier(), data())
+    with pytest.raises(TypeError, match="batches"):
+        TransformCallback(sobolev(), batches=[1])

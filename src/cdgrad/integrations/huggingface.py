@@ -8,7 +8,9 @@ What it does, in the Trainer's terms:
 * `on_train_begin`: `cdgrad.attach` to the optimizer (the torch optimizer inside accelerate's wrapper), removed
   again at `on_train_end`.  The transform runs inside `optimizer.step()`: after `max_grad_norm` clipping, after
   AMP unscaling, once per optimizer step on the gradient accumulated over `gradient_accumulation_steps`.
-* `on_epoch_begin` calls `transform.begin_epoch(epoch)` (SGS re-measures its scalings).
+* `on_epoch_begin` calls `transform.begin_epoch(epoch, batches)` (SGS re-measures its scalings), `batches` from the
+  callback's `batches(epoch)` (None without it): the normalised input batches a method measures on (SGS with
+  `pipeline="authors"` needs them).  After every optimizer step, the transform's `after_step()`.
 * `on_save` writes the transform's `state_dict` to `cdgrad_transform.pt` in the checkpoint folder the Trainer has
   just written (`<output_dir>/checkpoint-<step>`), atomically.  When training resumes (`global_step > 0` at
   `on_train_begin`), the state is loaded from that file in `<output_dir>/checkpoint-<step>`, or from
@@ -18,9 +20,11 @@ What it does, in the Trainer's terms:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -45,10 +49,20 @@ class TransformCallback(TrainerCallback):  # type: ignore[misc]
 
     resume_from: the checkpoint folder to load the transform's state from when training resumes (default: the
     Trainer's own `<output_dir>/checkpoint-<global_step>`).
+    batches: a function of the epoch returning an iterable (e.g. a lazy iterator) of normalised training input
+    batches, passed to `transform.begin_epoch` for methods that measure on data.
     """
 
-    def __init__(self, transform: GradientTransform, resume_from: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        transform: GradientTransform,
+        resume_from: str | os.PathLike[str] | None = None,
+        batches: Callable[[int], Iterable[Tensor]] | None = None,
+    ) -> None:
         self.transform = _check_transform(transform, "transform")
+        if batches is not None and not callable(batches):
+            raise TypeError(f"batches must be a function epoch -> iterable of batches or None, got {batches!r}")
+        self.batches = batches
         if resume_from is not None and not isinstance(resume_from, str | os.PathLike):
             raise TypeError(f"resume_from must be a checkpoint folder path or None, got {type(resume_from).__name__}")
         self.resume_from = resume_from
@@ -71,7 +85,8 @@ class TransformCallback(TrainerCallback):  # type: ignore[misc]
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.transform.begin_epoch(int(state.epoch or 0))
+        epoch = int(state.epoch or 0)
+        self.transform.begin_epoch(epoch, None if self.batches is None else self.batches(epoch))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         folder = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}")

@@ -10,14 +10,20 @@ What it does, in Lightning's terms:
 * The transform runs inside `optimizer.step()`: after Lightning's gradient clipping, after AMP unscaling
   (`precision="16-mixed"`: a step GradScaler skips on overflow skips the transform too), once per optimizer step
   under `accumulate_grad_batches` (on the accumulated gradient), with manual optimisation as well.
-* `on_train_epoch_start` calls `transform.begin_epoch(trainer.current_epoch)` (SGS re-measures its scalings).
+* `on_train_epoch_start` calls `transform.begin_epoch(trainer.current_epoch, batches)` (SGS re-measures its
+  scalings), `batches` from the callback's `batches(epoch)` (None without it): the normalised input batches a
+  method measures on (SGS with `pipeline="authors"` needs them).
+* After every optimizer step, the transform's `after_step()` (once per step of each optimizer).
 * The transform's `state_dict` is saved in Lightning checkpoints (`callbacks` entry) and loaded on resume, before
   the first step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from torch import Tensor
 
 try:
     import lightning.pytorch as pl
@@ -32,10 +38,17 @@ __all__ = ["TransformCallback"]
 
 
 class TransformCallback(pl.Callback):  # type: ignore[misc]
-    """Attach `transform` to every optimizer of `trainer.fit` (see the module docstring)."""
+    """Attach `transform` to every optimizer of `trainer.fit` (see the module docstring).
 
-    def __init__(self, transform: GradientTransform) -> None:
+    batches: a function of the epoch returning an iterable (e.g. a lazy iterator) of normalised training input
+    batches, passed to `transform.begin_epoch` for methods that measure on data.
+    """
+
+    def __init__(self, transform: GradientTransform, batches: Callable[[int], Iterable[Tensor]] | None = None) -> None:
         self.transform = _check_transform(transform, "transform")
+        if batches is not None and not callable(batches):
+            raise TypeError(f"batches must be a function epoch -> iterable of batches or None, got {batches!r}")
+        self.batches = batches
         self._handles: list[AttachHandle] = []
 
     @property
@@ -47,7 +60,8 @@ class TransformCallback(pl.Callback):  # type: ignore[misc]
         self._handles = [attach(optimizer, self.transform) for optimizer in trainer.optimizers]
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.transform.begin_epoch(trainer.current_epoch)
+        epoch = trainer.current_epoch
+        self.transform.begin_epoch(epoch, None if self.batches is None else self.batches(epoch))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
