@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import platform
 import socket
@@ -30,20 +29,35 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import torch
 
 from cdgrad._files import replace_durably
 from cdgrad.experiments.checkpoint import remove_orphans
 from cdgrad.experiments.config import RunConfig, from_dict, run_key, to_dict
-from cdgrad.experiments.store_errors import StoreError, store_error
+from cdgrad.experiments.store_errors import STATUSES, StoreError, final_problem, named_causes, store_error
 
-__all__ = ["Claim", "ResultStore", "Run", "StoreError", "environment", "final_problem", "git_revision"]
+__all__ = [
+    "CLAIM_TIMEOUT_S",
+    "COLUMNS",
+    "SCHEMA",
+    "STATUSES",
+    "Claim",
+    "ResultStore",
+    "Run",
+    "StoreError",
+    "environment",
+    "final_problem",
+    "git_revision",
+    "kernel_path",
+    "process_start",
+    "source_revision",
+]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -67,7 +81,6 @@ CREATE TABLE IF NOT EXISTS claims (
 );
 """
 COLUMNS = ("key", "seed", "config", "version", "env", "curves", "final", "wall_s", "finished", "status")
-STATUSES = ("completed", "diverged")
 _CLAIM_COLUMNS = "key, pid, host, heartbeat, started"
 CLAIM_TIMEOUT_S = 6 * 3600.0  # a claim whose owner has not reported for this long is taken over
 
@@ -98,48 +111,6 @@ class Claim:
     host: str
     heartbeat: float
     started: str = ""
-
-
-def final_problem(config: RunConfig, status: str, final: dict[str, Any]) -> str | None:
-    """Why a stored run's `final` cannot be reported (None if it can): each metric the report reads (the task's
-    primary and `report` metrics) must be a number, and a finite one in a completed run."""
-    from cdgrad.experiments.tasks import get_task
-
-    if status not in STATUSES:
-        return f"status must be one of {', '.join(STATUSES)}, got {status!r}"
-    task = get_task(config.task)
-    for name in (task.primary.name, *task.report):
-        if name not in final:
-            return f"its final metrics lack {name!r}"
-        value = final[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"its final {name!r} is {value!r}, not a number"
-        if status == "completed" and not math.isfinite(value):
-            return f"its final {name!r} is {value!r} in a completed run"
-    return None
-
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-def _named_causes(method: Callable[P, T]) -> Callable[P, T]:
-    """Re-raise a file-system or SQLite error of a store method as a `StoreError` naming its cause (a full disk,
-    a corrupt file, a folder that cannot be written); other errors pass unchanged."""
-
-    @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return method(*args, **kwargs)
-        except (OSError, sqlite3.Error) as exc:
-            store = args[0]
-            assert isinstance(store, ResultStore)
-            named = store_error(exc, store.root, store.path)
-            if named is None or named is exc:
-                raise
-            raise named from exc
-
-    return wrapper
 
 
 @functools.lru_cache(maxsize=1)
@@ -256,7 +227,7 @@ class ResultStore:
             assert named is not None  # a default cause always names one
             raise named from None
 
-    @_named_causes
+    @named_causes
     def remove_orphans(self) -> list[str]:
         """Delete temporary files left by killed writers in the checkpoint and model folders."""
         return remove_orphans(self.checkpoint_dir) + remove_orphans(os.path.join(self.root, "models"))
@@ -311,7 +282,7 @@ class ResultStore:
         return True
 
     # -- queries
-    @_named_causes
+    @named_causes
     def done_keys(self) -> set[str]:
         """Keys of every stored run, completed or diverged."""
         if not os.path.exists(self.path):
@@ -322,7 +293,7 @@ class ResultStore:
     def is_done(self, config: RunConfig, seed: int) -> bool:
         return run_key(config, seed) in self.done_keys()
 
-    @_named_causes
+    @named_causes
     def runs(self, keys: Iterable[str] | None = None, warn: bool = True) -> list[Run]:
         """Stored runs, all of them or those with the given keys (in that order, missing ones skipped).
 
@@ -369,7 +340,7 @@ class ResultStore:
         return [by_key[k] for k in keys if k in by_key]
 
     # -- writing
-    @_named_causes
+    @named_causes
     def save(self, config: RunConfig, seed: int, metrics: dict[str, Any], env: dict[str, Any] | None = None) -> str:
         """Record a finished run (and release its claim) in one transaction, then remove its checkpoint (or, with
         `config.save_model` and a completed run, keep it as `model_path(key)`); returns the run key."""
@@ -398,7 +369,7 @@ class ResultStore:
         self.finish_checkpoint(config, key, keep=config.save_model and status == "completed")
         return key
 
-    @_named_causes
+    @named_causes
     def finish_checkpoint(self, config: RunConfig, key: str, keep: bool | None = None) -> None:
         """The checkpoint of the stored run `key`: moved to `model_path(key)` if `keep` (default: the config's
         `save_model`), removed otherwise. Also finishes what a process killed right after storing left behind."""
@@ -421,7 +392,7 @@ class ResultStore:
             return True  # our own (e.g. left by an earlier run of this process)
         return not _owner_alive(claim) or now - claim.heartbeat > self.claim_timeout_s
 
-    @_named_causes
+    @named_causes
     def claim(self, key: str) -> bool:
         """Claim run `key` for this process; False if it is stored already or another live process holds it."""
         pid, host = self.owner
@@ -438,7 +409,7 @@ class ResultStore:
             )
             return True
 
-    @_named_causes
+    @named_causes
     def heartbeat(self, key: str) -> None:
         """Refresh this process's claim on `key` (called after every epoch)."""
         pid, host = self.owner
@@ -447,14 +418,14 @@ class ResultStore:
                 "UPDATE claims SET heartbeat = ? WHERE key = ? AND pid = ? AND host = ?", (time.time(), key, pid, host)
             )
 
-    @_named_causes
+    @named_causes
     def release(self, key: str) -> None:
         """Drop this process's claim on `key` (a run that failed; a stored run's claim goes with `save`)."""
         pid, host = self.owner
         with closing(self._connect()) as conn:
             conn.execute("DELETE FROM claims WHERE key = ? AND pid = ? AND host = ?", (key, pid, host))
 
-    @_named_causes
+    @named_causes
     def claims(self) -> dict[str, Claim]:
         """Every claim in the store, live or stale, by run key."""
         if not os.path.exists(self.path):

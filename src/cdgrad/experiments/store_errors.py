@@ -1,15 +1,23 @@
-"""Why a results store cannot be used, named: a full disk, a corrupt file, or a folder that cannot be written.
+"""Why a results store, or one of its rows, cannot be used.
 
-SQLite reports all three as `sqlite3.DatabaseError`s and the file system as `OSError`s; `store_error` turns
-those it recognises into one `StoreError` whose message names the cause, the place and what to do.
+A store: a full disk, a corrupt file, or a folder that cannot be written. SQLite reports all three as
+`sqlite3.DatabaseError`s and the file system as `OSError`s; `store_error` turns those it recognises into one
+`StoreError` whose message names the cause, the place and what to do (`named_causes` does it for a store method).
+A row: `final_problem` says why a stored run's final metrics cannot be reported.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import math
 import sqlite3
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["CAUSES", "StoreError", "cause_of", "store_error"]
+__all__ = ["CAUSES", "STATUSES", "StoreError", "cause_of", "final_problem", "named_causes", "store_error"]
+
+STATUSES = ("completed", "diverged")
 
 CAUSES = ("disk full", "corrupt", "not writable")
 
@@ -85,3 +93,45 @@ def store_error(exc: BaseException, root: str, path: str, default: str | None = 
     else:
         return None
     return StoreError(message, cause)
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def named_causes(method: Callable[P, T]) -> Callable[P, T]:
+    """Re-raise a file-system or SQLite error of a store method (its first argument the store, with `root` and
+    `path`) as a `StoreError` naming its cause; errors of no known cause pass unchanged."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except (OSError, sqlite3.Error) as exc:
+            store: Any = args[0]
+            named = store_error(exc, str(store.root), str(store.path))
+            if named is None or named is exc:
+                raise
+            raise named from exc
+
+    return wrapper
+
+
+def final_problem(config: Any, status: str, final: dict[str, Any]) -> str | None:
+    """Why a stored run's `final` cannot be reported (None if it can): its `status` must be one of `STATUSES`, and
+    each metric the report reads (the primary and `report` metrics of `config.task`) a number, finite in a
+    completed run."""
+    from cdgrad.experiments.tasks import get_task
+
+    if status not in STATUSES:
+        return f"status must be one of {', '.join(STATUSES)}, got {status!r}"
+    task = get_task(config.task)
+    for name in (task.primary.name, *task.report):
+        if name not in final:
+            return f"its final metrics lack {name!r}"
+        value = final[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"its final {name!r} is {value!r}, not a number"
+        if status == "completed" and not math.isfinite(value):
+            return f"its final {name!r} is {value!r} in a completed run"
+    return None
