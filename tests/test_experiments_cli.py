@@ -75,7 +75,7 @@ def test_train_subcommand_stores_and_skips(tmp_path, capsys):
     assert cli.main(argv) == 0
     assert "already complete" in capsys.readouterr().out
     (run,) = ResultStore(results).runs()
-    assert run.config.method == "ls" and run.config.sigma == 0.5 and run.seed == 1
+    assert run.config.method == "ls" and run.config.arg("sigma") == 0.5 and run.seed == 1
 
 
 @pytest.mark.parametrize(
@@ -206,7 +206,7 @@ def test_clipping_preset_with_every_projection_reports_the_published_number(tmp_
             model = state.get("model", state)
             convs = {k: v.double() for k, v in model.items() if k.endswith(".weight") and v.dim() == 4}
             sizes = {"conv1.weight": 8, "conv2.weight": 4}  # the synthetic 8x8 images, then a 2x2 pool
-            projection = run.config.clip_projection
+            projection = run.config.arg("clip_projection")
             for name, w in convs.items():
                 if projection == "reshaped":
                     assert float(reshaped_norm(w)) <= 0.3 * (1 + 1e-5)

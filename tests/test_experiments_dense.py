@@ -166,7 +166,9 @@ def test_task_data_and_model_mismatches_fail_before_anything_is_written(tmp_path
         validate(SEG.replace(model="tiny"))
     with pytest.raises(ValueError, match="task 'classification': model must be one of .*got 'spade'"):
         validate(RunConfig(model="spade"))
-    with pytest.raises(ValueError, match="lr_d, fid_weights and fid_stats apply to task 'synthesis' only"):
+    with pytest.raises(
+        ValueError, match="lr_d applies to task 'synthesis' only; leave it unset for task 'segmentation'"
+    ):
         validate(SEG.replace(lr_d=0.1))
 
 
