@@ -445,10 +445,11 @@ def docs_python_blocks(page: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)
 
 
-def run_docs_page(page: str) -> dict:
-    """Execute the ```python blocks of docs/<page> in order in one namespace; return the namespace."""
+def run_docs_page(page: str, first: int | None = None) -> dict:
+    """Execute the ```python blocks of docs/<page> (the `first` ones only, when given) in order in one namespace;
+    return the namespace."""
     namespace: dict = {"__name__": "docs_" + page.replace("/", "_").removesuffix(".md")}
-    for i, block in enumerate(docs_python_blocks(page)):
+    for i, block in enumerate(docs_python_blocks(page)[:first]):
         exec(compile(block, f"docs/{page} (python block {i})", "exec"), namespace)
     return namespace
 

@@ -17,13 +17,19 @@ def reference(g: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def page() -> dict:
-    return run_docs_page("extending.md")
+def page():
+    from cdgrad.experiments.methods import unregister_method
+
+    try:
+        yield run_docs_page("extending.md")
+    finally:
+        unregister_method("channel-rms")
 
 
 def test_the_page_has_its_example_and_the_toolkit_section():
     blocks = docs_python_blocks("extending.md")
-    assert len(blocks) == 2 and "class ChannelRMSNormalize(cdgrad.ConfiguredTransform)" in blocks[0]
+    assert len(blocks) == 3 and "class ChannelRMSNormalize(cdgrad.ConfiguredTransform)" in blocks[0]
+    assert "register_method(" in blocks[2]
     text = (DOCS / "extending.md").read_text(encoding="utf-8")
     assert "## Make it a toolkit method" in text
 
@@ -49,3 +55,12 @@ def test_state_round_trip_and_bad_state(page):
     assert restored.eps == 1e-12 and restored.state_dict() == page["saved"]
     assert "eps" in page["rejected"]
     assert restored.config() == {"eps": 1e-12}
+
+
+def test_the_toolkit_method(page):
+    built, config = page["built"], page["config"]
+    assert type(built).__name__ == "ChannelRMSNormalize" and built.eps == 1e-6
+    assert config.method_args == {"rms_eps": 1e-6} and page["label"] == "channel-rms rms_eps=1e-06"
+    assert "| `channel-rms` |" in page["method_table"]()
+    assert "rms_eps" in page["refused"] and "> 0" in page["refused"]
+    assert page["key"] != page["run_key"](config.replace(rms_eps=1e-5), 0)

@@ -246,7 +246,7 @@ def _init(self: RunConfig, **values: Any) -> None:
     _dataclass_init(self, **values)
 
 
-RunConfig.__init__ = _init  # type: ignore[method-assign]
+RunConfig.__init__ = _init  # type: ignore[method-assign, assignment]
 
 
 def normalise(value: Any, kind: type) -> Any:
@@ -255,14 +255,18 @@ def normalise(value: Any, kind: type) -> Any:
         return value
     if kind is bool and isinstance(value, np.bool_):
         return bool(value)
-    if kind is float and isinstance(value, numbers.Real) and type(value) is not float:
+    if kind is float and isinstance(value, numbers.Real) and not _exactly(value, float):
         try:
             return float(value)
         except OverflowError:
             return value
-    if kind is int and isinstance(value, numbers.Integral) and type(value) is not int:
+    if kind is int and isinstance(value, numbers.Integral) and not _exactly(value, int):
         return int(value)
     return value
+
+
+def _exactly(value: object, kind: type) -> bool:
+    return type(value) is kind
 
 
 def _field_type(name: str) -> type:

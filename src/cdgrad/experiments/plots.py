@@ -189,27 +189,15 @@ def _label_colours(num_classes: int) -> Any:
 
 
 def sample_panels(config: Any, state: dict[str, Any], ds: Any, count: int) -> tuple[Any, Any, Any]:
-    """(inputs, truths, outputs) of the first `count` test examples of `ds` for a dense-task run of `config`: label
-    maps (N, H, W) and uint8 images (N, C, H, W); `state` is the run's final checkpoint."""
-    import torch
-
-    from cdgrad.experiments.data import normalize
-    from cdgrad.experiments.setup import make_model
-
-    x, y = ds.test_x[:count], ds.test_y[:count]
-    if config.task == "segmentation":
-        model = make_model(config, ds)
-        model.load_state_dict(state["model"])
-        model.eval()
-        with torch.no_grad():
-            pred = model(normalize(x, ds.mean, ds.std)).argmax(1)
-        return x, y, pred
-    from cdgrad.experiments.spade import spade_generator
-    from cdgrad.experiments.tasks.synthesis import render
-
-    g = spade_generator(config.model, ds.num_classes, tuple(x.shape[2:]), x.shape[1])
-    g.load_state_dict(state["model"])
-    return y, x, render(g, y, ds.num_classes, count)
+    """(inputs, truths, outputs) of the first `count` test examples of `ds` for a run of `config` whose task draws
+    samples (`Task.samples`: segmentation, synthesis); `state` is the run's final checkpoint."""
+    task = get_task(config.task)
+    if task.samples is None:
+        raise ValueError(f"plot 'samples' shows dense tasks' outputs; task {task.name!r} has none")
+    model = task.networks(config, ds)[0].module
+    model.load_state_dict(state["model"])
+    model.eval()
+    return task.samples(model, ds.test_x[:count], ds.test_y[:count], ds)
 
 
 def plot_samples(

@@ -6,12 +6,14 @@ The one training loop (`cdgrad.experiments.train`) asks a task for
 * `networks(config, ds)`: the networks to train, in creation order, each a `Network` (its name in checkpoints, the
   module, its learning rate, and `inputs(x, y)`, the network's input made from a batch of data: what a method
   samples and measures on);
-* `step(units, x, y, ctx) -> sums`: one training step on a batch of data (forward, backward and `optimizer.step()`
-  of each unit), returning tensors that add up over the epoch's batches (and over processes);
+* `step(units, x, y, ctx, count) -> sums`: one training step on a batch of data (`count` examples in the global
+  batch; forward, backward and `optimizer.step()` of each unit), returning tensors that add up over the epoch's
+  batches (and over processes);
 * `epoch_curves(sums, n)`: the epoch's training curves from those sums;
 * `evaluator(config, ds)`: made once before training (a task loads what its evaluation needs there, and fails
-  early); called as `evaluate(units, ds, ctx, diverged)` it returns the evaluated curves' values;
-* `finish(units, ds, ctx, curves, evaluate)`: the final metrics.
+  early); called as `evaluate(units, ctx, diverged)` it returns the evaluated curves' values;
+* `finish(units, ctx, curves)`: the final metrics;
+* `samples(model, x, y, ds)` (optional): inputs, truths and outputs of the first network to show side by side.
 
 `metrics` names the final metrics a run reports, the primary one first; `curves` the per-epoch curves.
 """
@@ -119,8 +121,8 @@ class Task:
     summary: str
     metrics: tuple[Metric, ...]
     networks: Callable[[Any, Any], list[Network]]
-    step: Callable[[list[Unit], Tensor, Tensor, Context], Sums]
-    epoch_curves: Callable[[Sums, int], dict[str, float]]
+    step: Callable[[list[Unit], Tensor, Tensor, Context, int], Sums]
+    epoch_curves: Callable[[dict[str, Tensor], int], dict[str, float]]
     evaluator: Callable[[Any, Any], Callable[..., dict[str, float]]]
     finish: Callable[..., dict[str, float]]
     curves: tuple[str, ...] = BASE_CURVES
@@ -131,6 +133,8 @@ class Task:
     progress: tuple[str, str] = ("loss", "loss")
     check: Callable[[Any], None] | None = None  # extra checks of a config for this task
     check_data: Callable[[Any, Any], None] | None = None  # extra checks of the data and files before training
+    # (first network, x, y, data set) -> (inputs, truths, outputs) to show side by side (`plots.plot_samples`)
+    samples: Callable[[nn.Module, Tensor, Tensor, Any], tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
     def primary(self) -> Metric:

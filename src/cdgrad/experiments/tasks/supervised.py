@@ -55,6 +55,7 @@ class Supervised:
     curves: tuple[str, ...] = BASE_CURVES
     report: tuple[str, ...] = field(default=())
     models: tuple[str, ...] | None = None
+    samples: bool = False  # the plots show inputs, truths and predictions (dense tasks)
 
 
 @torch.no_grad()
@@ -154,6 +155,10 @@ def supervised_task(spec: Supervised) -> Task:
                 final[f"gap_{key}"] = value - final[f"test_{key}"]
         return final
 
+    def samples(model: nn.Module, x: Tensor, y: Tensor, ds: Any) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.no_grad():
+            return x, y, model(normalize(x, ds.mean, ds.std)).argmax(1)
+
     return Task(
         name=spec.name,
         summary=spec.summary,
@@ -167,6 +172,7 @@ def supervised_task(spec: Supervised) -> Task:
         dense=spec.dense,
         report=spec.report,
         models=spec.models,
+        samples=samples if spec.samples else None,
     )
 
 
@@ -252,5 +258,6 @@ SEGMENTATION_SPEC = Supervised(
     curves=supervised_curves(("acc", "miou")),
     report=("test_acc", "gap_miou"),
     models=("unet-small", "unet-resnet50"),
+    samples=True,
 )
 SEGMENTATION = supervised_task(SEGMENTATION_SPEC)

@@ -284,4 +284,5 @@ SYNTHESIS = Task(
     distributed=False,
     progress=("G", "loss"),
     check_data=_check_data,
+    samples=lambda g, x, y, ds: (y, x, render(g, y, ds.num_classes, len(y))),
 )
