@@ -95,26 +95,12 @@ def import_graph(functions: bool = False) -> dict[str, set[str]]:
     known = modules()
     graph: dict[str, set[str]] = {}
     for name, path in known.items():
-        is_package = path.name == "__init__.py"
-        edges: set[str] = set()
         body = ast.parse(path.read_text(), str(path)).body
-        for node in _everywhere(body) if functions else _module_level(body):
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = name.split(".") if is_package else name.split(".")[:-1]
-                    base = base[: len(base) - (node.level - 1)]
-                    prefix = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    prefix = node.module or ""
-                targets = [prefix] + [f"{prefix}.{a.name}" for a in node.names]
-            ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
-            for t in targets:  # an ancestor package is initialised before its modules: no edge back to it
-                if t in known and t != name and t not in ancestors:
-                    edges.add(t)
-        graph[name] = edges
+        statements = _everywhere(body) if functions else _module_level(body)
+        # an ancestor package is initialised before its modules: no edge back to it
+        ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+        targets = {t for t, _ in _imports(name, path, known, statements)}
+        graph[name] = {t for t in targets if t != name and t not in ancestors}
     return graph
 
 
@@ -168,7 +154,7 @@ TOOLKIT_LAYERS = [
     ("registry", "launch", "progress"),
     ("data", "models", "unet", "spade", "metrics", "fid", "method_params", "methods", "tasks"),
     ("config", "config_cli", "checks"),
-    ("setup", "checkpoint", "store"),
+    ("setup", "checkpoint", "store", "store_errors"),
     ("train",),
     ("runner", "presets"),
     ("report", "plots", "analyze", "cli"),
