@@ -46,11 +46,26 @@ from torch import Tensor
 
 from .validation import FLOAT_DTYPES, check_grad, check_int
 
-__all__ = ["Commit", "ConfiguredTransform", "GradientTransform", "config_fields", "state_fields"]
+__all__ = ["Commit", "ConfiguredTransform", "GradientTransform", "config_fields", "state_fields", "trained_weight"]
 
 Commit = Callable[[], None]
 _STRIDED = torch.strided
 _FLOATING = frozenset(FLOAT_DTYPES)
+
+
+def trained_weight(module: torch.nn.Module) -> Tensor:
+    """The parameter that holds `module`'s weight and receives its gradient: `module.weight`, or, for a module whose
+    weight is parametrized (`torch.nn.utils.parametrize`, e.g. spectral norm), the parametrization's `original`.
+
+    Reading `module.weight` of a parametrized module computes it anew, and spectral norm then also advances its
+    power iteration in training mode: a transform that only needs to know the weight tensor reads this instead.
+    """
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and "weight" in parametrizations:
+        original: Tensor = parametrizations["weight"].original
+        return original
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    return weight
 
 
 def state_fields(state: Any, type_name: str, keys: Sequence[str]) -> Mapping[str, Any]:

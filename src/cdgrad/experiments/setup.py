@@ -117,11 +117,14 @@ class Run:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # methods first: a method that reads a weight while it loads (a spectral-norm parametrization updates its
+        # power-iteration vectors on every read in training mode) cannot change what the networks then load
+        for u in self.units:
+            load_method_state(u, state[_part_key(u.name, "method")])
         for u in self.units:
             u.module.load_state_dict(state[_part_key(u.name, "model")])
             u.optimizer.load_state_dict(state[_part_key(u.name, "optimizer")])
             u.scheduler.load_state_dict(state[_part_key(u.name, "scheduler")])
-            load_method_state(u, state[_part_key(u.name, "method")])
         self.generator.set_state(state["generator"].to(self.generator.get_state().device))
 
     def remove(self) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..transforms_base import Commit, GradientTransform, config_fields, state_fields
+from ..transforms_base import Commit, GradientTransform, config_fields, state_fields, trained_weight
 from ..validation import check_choice, check_int, check_positive, check_tensor
 from .dependence import _check_method, _dependence, authors_channel_dependence
 from .nmi import _check_bins
@@ -206,7 +206,7 @@ class SpatialGradientScaling(GradientTransform):
         self.remove()
         self._layers = self._select_layers(self._hyper["min_kernel"])
         self._scalings = {
-            name: torch.ones(m.kernel_size, dtype=torch.float64, device=m.weight.device)
+            name: torch.ones(m.kernel_size, dtype=torch.float64, device=trained_weight(m).device)
             for name, m in self._layers.items()
         }
         self._first: dict[str, Tensor] = {}  # each layer's G at its first measurement
@@ -316,7 +316,7 @@ class SpatialGradientScaling(GradientTransform):
                 for x in xs:
                     groups.setdefault(tuple(x.shape[1:]), []).append(x)
                 total = sum(x.shape[0] for x in xs)
-                s = torch.zeros(module.kernel_size, dtype=torch.float64, device=module.weight.device)
+                s = torch.zeros(module.kernel_size, dtype=torch.float64, device=trained_weight(module).device)
                 for group in groups.values():
                     feats = group[0] if len(group) == 1 else torch.cat(group)
                     try:
@@ -343,8 +343,8 @@ class SpatialGradientScaling(GradientTransform):
     # -------------------------------------------------------------------------------------- transform
     def _name_of(self, param: Tensor) -> str | None:
         name = self._by_id.get(id(param))
-        if name is None or self._layers[name].weight is not param:
-            self._by_id = {id(m.weight): n for n, m in self._layers.items()}
+        if name is None or trained_weight(self._layers[name]) is not param:
+            self._by_id = {id(trained_weight(m)): n for n, m in self._layers.items()}
             name = self._by_id.get(id(param))
         return name
 
@@ -410,7 +410,7 @@ class SpatialGradientScaling(GradientTransform):
                 raise ValueError(f"scaling of layer {name!r} has shape {tuple(g.shape)}, expected {m.kernel_size}")
             if not torch.isfinite(g).all() or (g < 0).any():
                 raise ValueError(f"scaling of layer {name!r} must contain only finite values >= 0")
-            loaded[name] = g.detach().to(device=m.weight.device, dtype=torch.float64).clone()
+            loaded[name] = g.detach().to(device=trained_weight(m).device, dtype=torch.float64).clone()
         return loaded
 
     def prepare_load(self, state: Any) -> Commit:

@@ -28,7 +28,7 @@ from .._conv_spectrum import (
     _max_norm,
 )
 from ..norm_bounds import conv_norm_gram, conv_norm_power, reshaped_norm
-from ..transforms_base import Commit, GradientTransform
+from ..transforms_base import Commit, GradientTransform, trained_weight
 from ..validation import check_choice, check_int
 from .operator import NORM_ESTIMATES, PROJECTIONS, Size, conv_operator_norm
 
@@ -185,7 +185,7 @@ class OperatorNormClipper(GradientTransform):
 
     def _weight(self, name: str) -> Tensor:
         layer = self._layers[name]
-        return layer.weight if isinstance(layer, nn.Module) else layer
+        return trained_weight(layer) if isinstance(layer, nn.Module) else layer
 
     def _sizes(self, input_sizes: Any) -> dict[str, tuple[int, int]]:
         names = list(self._layers)
