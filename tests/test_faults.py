@@ -8,6 +8,7 @@ after a kill stores exactly the numbers of an uninterrupted sweep. Processes tha
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -15,9 +16,11 @@ import re
 import shutil
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -264,12 +267,27 @@ def _make_bad_checkpoint(kind: str, path: str, tmp_path) -> None:
         state = torch.load(real, weights_only=True)
         state["model"]["conv1.weight"] = torch.zeros(2, 2)
         torch.save(state, path)
+    elif kind == "flipped-byte":  # one bit of one weight changes: still a loadable checkpoint of this run
+        Path(path).write_bytes(flip_tensor_byte(data))
     elif kind == "epoch-past-the-end":
         state = torch.load(real, weights_only=True)
         state["epoch"] = 99
         torch.save(state, path)
     else:
         raise AssertionError(kind)
+
+
+def flip_tensor_byte(data: bytes) -> bytes:
+    """`data` (a torch.save archive) with one bit flipped inside the data of its largest tensor (not the pickle)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        assert info.compress_type == zipfile.ZIP_STORED
+    # a stored member's bytes follow its local header: 30 bytes, then the name and the extra field
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    out = bytearray(data)
+    out[at] ^= 0x01
+    return bytes(out)
 
 
 CORRUPT = [
@@ -281,6 +299,7 @@ CORRUPT = [
     "missing-entries",
     "wrong-shapes",
     "epoch-past-the-end",
+    "flipped-byte",
 ]
 
 
@@ -296,6 +315,7 @@ def test_corrupt_checkpoint_is_set_aside_named_and_the_run_starts_afresh(tmp_pat
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert ckpt in err and "moved it to" in err and "afresh" in err
+    assert "weights_only" not in err  # no advice to load the file in a way that would run code from it
     (aside,) = [p for p in os.listdir(store.checkpoint_dir) if ".corrupt-" in p]
     assert Path(store.checkpoint_dir, aside).read_bytes() == bad  # kept for inspection, unchanged
     assert not (tmp_path / "code-ran").exists()  # nothing in the file was executed
