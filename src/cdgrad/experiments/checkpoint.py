@@ -218,11 +218,12 @@ def verify_archive(path: str) -> None:
 
 def _load_reason(exc: BaseException) -> str:
     """What `torch.load` found wrong, without its advice to load with `weights_only=False` (which would run code
-    from the file): the weights-only unpickler's own finding where there is one."""
+    from the file, or to allow-list what the file asks for): the weights-only unpickler's own finding where there
+    is one."""
     text = str(exc).strip()
     marker = "WeightsUnpickler error:"
     if marker in text:
-        finding = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+        finding = text.split(marker, 1)[1].split("Check the documentation", 1)[0].split("Please use", 1)[0]
         finding = " ".join(finding.split()) or "unsupported content"
         return f"it holds more than tensors and plain containers: {finding}"
     return text.splitlines()[0] if text else type(exc).__name__
