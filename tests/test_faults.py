@@ -8,7 +8,6 @@ after a kill stores exactly the numbers of an uninterrupted sweep. Processes tha
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -16,11 +15,9 @@ import re
 import shutil
 import socket
 import sqlite3
-import struct
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -34,7 +31,7 @@ from cdgrad.experiments.presets import Preset
 from cdgrad.experiments.runner import run_all
 from cdgrad.experiments.store import ResultStore, process_start
 from cdgrad.experiments.train import train
-from helpers import install_preset, register_fixtures, uninstall_preset
+from helpers import flip_tensor_byte, install_preset, register_fixtures, uninstall_preset
 
 register_fixtures()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -275,19 +272,6 @@ def _make_bad_checkpoint(kind: str, path: str, tmp_path) -> None:
         torch.save(state, path)
     else:
         raise AssertionError(kind)
-
-
-def flip_tensor_byte(data: bytes) -> bytes:
-    """`data` (a torch.save archive) with one bit flipped inside the data of its largest tensor (not the pickle)."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-        assert info.compress_type == zipfile.ZIP_STORED
-    # a stored member's bytes follow its local header: 30 bytes, then the name and the extra field
-    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
-    at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
-    out = bytearray(data)
-    out[at] ^= 0x01
-    return bytes(out)
 
 
 CORRUPT = [

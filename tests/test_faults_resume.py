@@ -9,10 +9,7 @@ on the synthetic data.
 from __future__ import annotations
 
 import errno
-import io
 import os
-import struct
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +26,7 @@ from cdgrad.experiments.runner import run_all
 from cdgrad.experiments.store import ResultStore
 from cdgrad.experiments.train import train
 from cdgrad.functional import plain_route
-from helpers import install_preset, register_fixtures
+from helpers import flip_tensor_byte, install_preset, register_fixtures
 
 register_fixtures()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,17 +74,6 @@ def _interrupted(path: str, config: RunConfig = CONFIG, seed: int = 0) -> None:
         train(config, seed, checkpoint=path, callback=stop)
 
 
-def _flip_tensor_byte(path: str) -> None:
-    """Flip one bit in the middle of the data of the largest tensor of the torch.save archive at `path`."""
-    data = bytearray(Path(path).read_bytes())
-    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
-        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-        assert info.compress_type == zipfile.ZIP_STORED
-    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
-    data[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x01
-    Path(path).write_bytes(bytes(data))
-
-
 # ------------------------------------------------------------------------------------------ kept models
 def test_a_kept_model_with_a_flipped_byte_is_refused_and_set_aside_by_analyze(tmp_path, capsys):
     results = tmp_path / "res"
@@ -95,7 +81,7 @@ def test_a_kept_model_with_a_flipped_byte_is_refused_and_set_aside_by_analyze(tm
     store = ResultStore(str(results))
     key = run_key(CONFIG, 0)
     model = store.model_path(key)
-    _flip_tensor_byte(model)
+    Path(model).write_bytes(flip_tensor_byte(Path(model).read_bytes()))
     damaged = Path(model).read_bytes()
     out = tmp_path / "analysis"
     capsys.readouterr()
