@@ -478,3 +478,21 @@ def spawn(worker, world: int, outdir: str, timeout: float = 300) -> list[dict]:
                 p.kill()
             raise TimeoutError(f"the {world}-process run did not finish in {timeout:.0f} s")
     return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+# ------------------------------------------------------------------------------------------- damaged files
+def flip_tensor_byte(data: bytes) -> bytes:
+    """`data` (a torch.save archive) with one bit flipped in the middle of its largest tensor's data (not the
+    pickle): still a loadable file, whose numbers have changed; only the archive's CRC-32 tells."""
+    import io
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        assert info.compress_type == zipfile.ZIP_STORED
+    # a stored member's bytes follow its local header: 30 bytes, then the name and the extra field
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    out = bytearray(data)
+    out[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x01
+    return bytes(out)

@@ -505,3 +505,24 @@ def test_scale_crop_flip_deterministic_and_validated():
     for bad in ((0.0, 1.0), (2.0, 1.0), (1.0, float("inf"))):
         with pytest.raises(ValueError, match="scale"):
             D.scale_crop_flip(x, y, 4, scale=bad)
+
+
+def test_read_voc_refuses_a_size_that_cannot_fit(voc, monkeypatch):
+    """size 100000 asks for 11 bytes a pixel per image (uint8 RGB, int64 mask) on a 100000 x 100000 canvas: refused
+    naming size before any array is allocated; the boundary is that count plus one decoded image (24 bytes a
+    pixel)."""
+    from cdgrad import validation
+
+    folder, _ = voc
+    monkeypatch.setattr(validation, "ALWAYS_FITS", 0)
+    monkeypatch.setattr(validation, "available_memory", lambda device=None: 64 * 2**30)
+    with pytest.raises(validation.MemoryRequestError, match=r"size=100000 needs about .*2 images and masks"):
+        dense.read_voc(folder, "train", size=100000)
+    expected = dense.read_voc(folder, "train", size=36)
+    need = (11 * 2 + 24) * 36 * 36
+    monkeypatch.setattr(validation, "available_memory", lambda device=None: need - 1)
+    with pytest.raises(validation.MemoryRequestError, match=r"size=36 needs"):
+        dense.read_voc(folder, "train", size=36)
+    monkeypatch.setattr(validation, "available_memory", lambda device=None: need)
+    got = dense.read_voc(folder, "train", size=36)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -213,8 +213,10 @@ def test_cifar_tar_gz(clean_env):
     assert ds.train_x.shape == (4 + 5 + 6 + 7 + 8, 3, 32, 32) and ds.test_x.shape == (9, 3, 32, 32)
     check_cifar(ds, payloads)
     assert not (clean_env / "cifar-10-batches-py").exists()  # nothing extracted to disk
-    with pytest.raises(D.ChecksumError, match="cifar-10-python.tar.gz"):
+    with pytest.raises(D.ChecksumError, match="cifar-10-python.tar.gz") as info:
         D.load_dataset("cifar10", root=clean_env, download=False)
+    # advice a user can follow wherever the error shows, the command line included (which has no verify=False)
+    assert "verify=False" not in str(info.value) and "replace it with the official file" in str(info.value)
 
 
 def test_cifar_archive_checksum_is_checked_before_decompression(clean_env, monkeypatch):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 import traceback
@@ -167,7 +169,11 @@ def test_interrupted_ddp_run_resumes_to_the_same_numbers():
     _assert_weights_close(state["model"], weights)
 
 
-def test_resuming_under_another_world_size_is_refused():
+def test_a_checkpoint_of_another_world_size_is_set_aside_and_the_run_starts_afresh(tmp_path, capsys):
     outdir, _ = _ddp()
-    with pytest.raises(ValueError, match="world size 2.*world size 1"):
-        train(CONFIG, SEED, checkpoint=os.path.join(outdir, "interrupted.pt"))
+    ckpt = str(tmp_path / "interrupted.pt")
+    shutil.copyfile(os.path.join(outdir, "interrupted.pt"), ckpt)  # written under world size 2
+    got = train(CONFIG, SEED, checkpoint=ckpt)
+    err = capsys.readouterr().err
+    assert re.search("world size 2.*world size 1", err) and "moved it to" in err and "launch" not in err
+    assert _curves(got) == _curves(train(CONFIG, SEED))  # trained from the start, as a fresh run

@@ -215,9 +215,10 @@ def test_a_dense_preset_runs_reports_and_draws_samples_from_the_stored_models(tm
     from pathlib import Path
 
     from cdgrad.experiments import cli
-    from cdgrad.experiments.config import to_dict
+    from cdgrad.experiments.config import run_key, to_dict
     from cdgrad.experiments.presets import Preset, grid
-    from helpers import install_preset, uninstall_preset
+    from cdgrad.experiments.store import ResultStore
+    from helpers import flip_tensor_byte, install_preset, uninstall_preset
 
     fields = {k: v for k, v in to_dict(base.replace(epochs=1, save_model=True)).items() if v != getattr(RunConfig(), k)}
     methods = [{"method": "none"}, {"method": "h0", "lam": 5.0}]
@@ -233,6 +234,13 @@ def test_a_dense_preset_runs_reports_and_draws_samples_from_the_stored_models(tm
         assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 1000
         text = Path(out, "dense-test.md").read_text()
         assert ("| FID (mean ± std) |" if base.task == "synthesis" else "| test mIoU % (mean ± std) |") in text
+        # a kept model with one flipped byte is set aside, not drawn from: the plot shows the other method only
+        damaged = ResultStore(results).model_path(run_key(*preset.runs()[1]))
+        Path(damaged).write_bytes(flip_tensor_byte(Path(damaged).read_bytes()))
+        assert cli.main(["report", "dense-test", "--results", results, "--out", out]) == 0
+        err = capsys.readouterr().err
+        assert damaged in err and "CRC-32" in err and "leaving it out of the samples plot" in err
+        assert not Path(damaged).exists() and path.stat().st_size > 1000
     finally:
         uninstall_preset(preset.name)
 

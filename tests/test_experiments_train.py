@@ -121,15 +121,19 @@ def test_resume_after_interruption_gives_identical_numbers(tmp_path, changes):
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # atomic writes leave no temporaries
 
 
-def test_checkpoint_of_another_run_is_refused(tmp_path):
+def test_checkpoint_of_another_run_is_set_aside_and_the_run_starts_afresh(tmp_path, capsys):
     ckpt = str(tmp_path / "run.pt")
-    train(TINY.replace(epochs=1), 0, checkpoint=ckpt)
-    with pytest.raises(ValueError, match="different run"):
-        train(TINY.replace(epochs=1), 1, checkpoint=ckpt)
-    with pytest.raises(ValueError, match="different run"):
-        train(TINY.replace(epochs=1, lr=0.2), 0, checkpoint=ckpt)
-    # paths, threads and device do not change a run: its checkpoint is accepted
-    assert train(TINY.replace(epochs=1, threads=2, data_root=str(tmp_path)), 0, checkpoint=ckpt)["curves"]
+    first = train(TINY.replace(epochs=1), 0, checkpoint=ckpt)
+    # paths, threads and device do not change a run: its checkpoint is accepted (nothing is left to train)
+    resumed = train(TINY.replace(epochs=1, threads=2, data_root=str(tmp_path)), 0, checkpoint=ckpt)
+    assert "moved it to" not in capsys.readouterr().err
+    assert resumed["curves"]["train_loss"] == first["curves"]["train_loss"] and resumed["wall_s"] == first["wall_s"]
+    for config, seed in ((TINY.replace(epochs=1), 1), (TINY.replace(epochs=1, lr=0.2), 0)):
+        got = train(config, seed, checkpoint=ckpt)
+        err = capsys.readouterr().err
+        assert "different run" in err and "moved it to" in err and "remove it" not in err
+        assert got["curves"]["train_loss"] == train(config, seed)["curves"]["train_loss"]
+    assert len([p for p in os.listdir(tmp_path) if ".corrupt-" in p]) == 2
 
 
 def test_bad_seed_and_config_fail_before_training():

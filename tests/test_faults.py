@@ -31,7 +31,7 @@ from cdgrad.experiments.presets import Preset
 from cdgrad.experiments.runner import run_all
 from cdgrad.experiments.store import ResultStore, process_start
 from cdgrad.experiments.train import train
-from helpers import install_preset, register_fixtures, uninstall_preset
+from helpers import flip_tensor_byte, install_preset, register_fixtures, uninstall_preset
 
 register_fixtures()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -264,6 +264,8 @@ def _make_bad_checkpoint(kind: str, path: str, tmp_path) -> None:
         state = torch.load(real, weights_only=True)
         state["model"]["conv1.weight"] = torch.zeros(2, 2)
         torch.save(state, path)
+    elif kind == "flipped-byte":  # one bit of one weight changes: still a loadable checkpoint of this run
+        Path(path).write_bytes(flip_tensor_byte(data))
     elif kind == "epoch-past-the-end":
         state = torch.load(real, weights_only=True)
         state["epoch"] = 99
@@ -281,6 +283,7 @@ CORRUPT = [
     "missing-entries",
     "wrong-shapes",
     "epoch-past-the-end",
+    "flipped-byte",
 ]
 
 
@@ -296,6 +299,8 @@ def test_corrupt_checkpoint_is_set_aside_named_and_the_run_starts_afresh(tmp_pat
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert ckpt in err and "moved it to" in err and "afresh" in err
+    # no advice to load the file in a way that would run code from it
+    assert "weights_only" not in err and "safe_globals" not in err and "can still be loaded" not in err
     (aside,) = [p for p in os.listdir(store.checkpoint_dir) if ".corrupt-" in p]
     assert Path(store.checkpoint_dir, aside).read_bytes() == bad  # kept for inspection, unchanged
     assert not (tmp_path / "code-ran").exists()  # nothing in the file was executed

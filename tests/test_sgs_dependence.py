@@ -151,3 +151,23 @@ def test_wide_joint_codes_use_int32():
     want = [ref_nmi(a, b, 20) for a, b in zip(p, q, strict=True)]
     got = normalized_mutual_information(torch.tensor(p), torch.tensor(q), bins=20)
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12)
+
+
+def test_spatial_dependence_refuses_bins_whose_histograms_cannot_fit(monkeypatch):
+    """bins=10**6 asks for terabytes of joint histograms: refused naming bins before any is allocated; the boundary
+    is 4 displacements (one of each pair d, -d of a 3 x 3 kernel) x 2 channels x 21^2 cells at 8 bytes, plus one
+    displacement's folded counts and entropy terms at 40 bytes a cell."""
+    from cdgrad import validation
+
+    x = features(0, (3, 2, 5, 5), "noise")
+    with pytest.raises(validation.MemoryRequestError, match=r"bins=1000000 needs about .*TiB"):
+        spatial_dependence(x, 3, bins=10**6)
+    expected = spatial_dependence(x, 3, bins=20)
+    need = (8 * 4 + 40) * 2 * 21 * 21
+    monkeypatch.setattr(validation, "ALWAYS_FITS", 0)
+    monkeypatch.setattr(validation, "available_memory", lambda device=None: need - 1)
+    with pytest.raises(validation.MemoryRequestError, match=r"bins=20 needs"):
+        spatial_dependence(x, 3, bins=20)
+    monkeypatch.setattr(validation, "available_memory", lambda device=None: need)
+    assert torch.equal(spatial_dependence(x, 3, bins=20), expected)
+    spatial_dependence(x, 3, bins=10**6, method="autocorr")  # bins are not used by the correlation

@@ -38,7 +38,7 @@ from ..analysis import (
     singular_value_spectrum,
     summarize_state_dict,
 )
-from ..validation import MemoryRequestError
+from ..validation import MemoryRequestError, check_memory
 
 __all__ = [
     "add_analyze_arguments",
@@ -62,10 +62,16 @@ SGS_PLOTS = ("sgs_scalings_start.png", "sgs_scalings_end.png")
 
 
 def load_state_dict(source: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """The model state dict in a ``torch.save`` checkpoint: ``ckpt["model"]`` if present, else ``ckpt``."""
+    """The model state dict in a ``torch.save`` checkpoint: ``ckpt["model"]`` if present, else ``ckpt``.
+
+    The file is first checked against the checksums its archive records (a damaged file raises
+    `cdgrad.experiments.checkpoint.CorruptCheckpointError`, a ValueError naming it)."""
+    from cdgrad.experiments.checkpoint import verify_archive
+
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r} (source must be a file saved with torch.save)")
+    verify_archive(str(path))
     try:
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # torch raises several types for non-checkpoint or unsafe files
@@ -124,9 +130,9 @@ def analyze_state_dict(
     ``input_size`` is the spatial size used for the singular values: one size for every layer (the
     network's input size, an upper size for layers behind strides or pooling), or a mapping from
     state-dict key or module name to size (``cdgrad.spectral.record_input_sizes``). The Markdown
-    table is also written to ``out_dir/summary.md``; the plots are ``out_dir/<name>.png``. A size whose spectra
-    cannot fit in the available memory is refused (`cdgrad.validation.MemoryRequestError`) before anything is
-    written.
+    table is also written to ``out_dir/summary.md``; the plots are ``out_dir/<name>.png``. A size whose spectra,
+    or a ``max_distance`` or ``bins`` whose plot data, cannot fit in the available memory is refused
+    (`cdgrad.validation.MemoryRequestError`) before anything is written.
     """
     if not isinstance(input_size, Mapping):
         _input_size(input_size, torch.empty(1, 1, 1, 1))  # validate before any work
@@ -135,6 +141,7 @@ def analyze_state_dict(
     rows = summarize_state_dict(state_dict, None)
     if not rows:
         raise ValueError("state_dict has no conv weights (4-D floating tensors with kh * kw > 1) to analyze")
+    _check_plot_memory(len(rows), max_distance, bins)
     weights = {r["name"]: state_dict[r["name"]].detach().to("cpu", torch.float64) for r in rows}
     spectra: dict[str, Tensor | None] = {}
     for r in rows:
@@ -177,6 +184,14 @@ def analyze_state_dict(
     _plot_ratios(spectra, label, out / PLOTS[4])
     _plot_kernel_magnitude(weights, out / PLOTS[5])
     return table
+
+
+def _check_plot_memory(layers: int, max_distance: int, bins: int) -> None:
+    """Refuse a `max_distance` or `bins` whose plot data cannot fit: per distance, each layer's two correlations as
+    Python floats and in the plot's arrays (about 128 bytes a layer) and the distance itself; per bin, the layers'
+    counts (8 bytes each) and the edges and densities as tensors, lists and plot arrays (about 160 bytes)."""
+    check_memory((128 * layers + 64) * max_distance, "max_distance", max_distance, what=f"profiles of {layers} layers")
+    check_memory((8 * layers + 160) * bins, "bins", bins, what=f"histograms of {layers} layers")
 
 
 def _heatmaps(ax_grid: Any, mats: list[tuple[str, Tensor]], vmax: float) -> Any:
@@ -334,6 +349,18 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bins", type=int, default=40, help="bins of the channel-correlation histogram")
 
 
+def _set_aside_if_damaged(path: str, what: str) -> None:
+    """Set aside (`<path>.corrupt-<timestamp>`) the kept model `path` when it fails its checksums, and raise
+    CorruptCheckpointError saying so."""
+    from cdgrad.experiments.checkpoint import CorruptCheckpointError, set_aside, verify_archive
+
+    try:
+        verify_archive(path)
+    except CorruptCheckpointError as exc:
+        target = set_aside(path, str(exc), then="not analyzing it")
+        raise CorruptCheckpointError(f"{what} is damaged and was moved to {target}") from None
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``cdgrad analyze`` from parsed arguments: print the table, return the exit status."""
     source = args.source
@@ -343,6 +370,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         stored = ResultStore(args.results).model_path(source)
         if os.path.exists(stored):
             source = stored
+            _set_aside_if_damaged(stored, f"the kept model of run {args.source}")
     table = analyze(source, args.out_dir, args.input_size, max_distance=args.max_distance, bins=args.bins)
     print(table)
     print(f"plots and summary.md written to {args.out_dir}")

@@ -16,10 +16,14 @@ import shlex
 import sqlite3
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from cdgrad.experiments.config import RunConfig, parse_overrides, run_key
 from cdgrad.experiments.config_cli import add_config_arguments, config_from_args
 from cdgrad.experiments.tasks import get_task
+
+if TYPE_CHECKING:
+    from cdgrad.experiments.store import ResultStore, Run
 
 DEFAULT_RESULTS = "results"
 
@@ -157,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     key = run_key(config, args.seed)
     main = is_main_process()
     if store is not None and key in store.done_keys():
-        run = store.runs([key])[0]
+        run = _stored_run(store, key)
         what = get_task(config.task).headline(run.final) if run.status == "completed" else run.status
         print(
             f"run {key} is already {'complete' if run.status == 'completed' else 'stored'}: {what} "
@@ -201,9 +205,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_run(store: ResultStore, key: str) -> Run:
+    """The stored run `key` (known to be stored); ValueError naming the row when it cannot be used."""
+    found = store.runs([key])
+    if not found:
+        raise ValueError(
+            f"run {key} is stored in {store.path}, but its row cannot be used (unusable rows: "
+            f"{', '.join(store.bad_rows)}); pass another folder with --results to train it again"
+        )
+    return found[0]
+
+
+def _check_runs(runs: list[tuple[RunConfig, int]]) -> None:
+    """Validate every config and seed as a real run does (TypeError / ValueError naming the field)."""
+    from cdgrad.experiments.checks import validate
+    from cdgrad.experiments.train import check_seed
+
+    for config, seed in runs:
+        validate(config)
+        check_seed(seed)
+
+
 def _preset_runs(args: argparse.Namespace, name: str) -> list[tuple[RunConfig, int]]:
     from cdgrad.experiments.presets import get_preset
 
+    max_seeds = getattr(args, "max_seeds", None)
+    if max_seeds is not None and max_seeds < 1:
+        raise ValueError(f"--max-seeds must be at least 1 (leave it out to run every seed), got {max_seeds}")
     return get_preset(name).runs(
         parse_overrides(args.overrides), parse_overrides(args.where), getattr(args, "max_seeds", None)
     )
@@ -258,6 +286,7 @@ def cmd_run(args: argparse.Namespace, command: str) -> int:
         raise ValueError(f"--where {args.where} matches none of preset {args.preset!r}'s runs")
     store = ResultStore(args.results)
     if args.dry_run:
+        _check_runs(runs)  # an invalid config is an error, as in a real run, not a run to do
         done = store.done_keys()
         busy = store.held_elsewhere(run_key(c, s) for c, s in runs) if os.path.exists(store.path) else {}
         for config, seed in runs:

@@ -208,7 +208,9 @@ class RunConfig:
     eval_every: int = _f(1, "evaluate on the test split every N epochs (the last epoch always is)", minimum=1)
     eval_batch_size: int = _f(250, "batch size of the (no-grad) evaluation", identity=False, minimum=1)
     device: str = _f("cpu", "torch device to train on, e.g. cpu, cuda, cuda:1", identity=False)
-    threads: int = _f(0, "torch CPU threads (0 = leave torch's default)", identity=False, minimum=0)
+    threads: int = _f(
+        0, "torch CPU threads (0 = leave torch's default; at most 4 x this machine's cores)", identity=False, minimum=0
+    )
     save_model: bool = _f(
         False, "keep the final checkpoint as <results>/models/<run key>.pt (for `cdgrad analyze`)", identity=False
     )

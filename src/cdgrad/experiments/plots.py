@@ -200,19 +200,32 @@ def sample_panels(config: Any, state: dict[str, Any], ds: Any, count: int) -> tu
     return task.samples(model, ds.test_x[:count], ds.test_y[:count], ds)
 
 
+def _intact(path: str) -> bool:
+    """Whether the kept model `path` passes its checksums; a damaged one is set aside (said on stderr)."""
+    from cdgrad.experiments.checkpoint import CorruptCheckpointError, set_aside, verify_archive
+
+    try:
+        verify_archive(path)
+    except CorruptCheckpointError as exc:
+        set_aside(path, str(exc), then="leaving it out of the samples plot")
+        return False
+    return True
+
+
 def plot_samples(
     settings: Sequence[Setting], path: str, model_path: Callable[[str], str] | None = None, count: int = 6
 ) -> str:
     """The first `count` test examples of the first setting: segmentation, image / true mask / each method's
     predicted mask; synthesis, label map / real image / each method's rendering (each method's lowest seed
-    with a stored model; rows without one are left out)."""
+    with a stored model that passes its checksums, a damaged one being set aside; rows without one are left
+    out)."""
     import torch
 
     setting = settings[0]
     shown = []
     for row in setting.rows:
         for run in sorted(completed(setting.runs[row.label]), key=lambda r: r.seed):
-            if model_path is not None and os.path.exists(model_path(run.key)):
+            if model_path is not None and os.path.exists(model_path(run.key)) and _intact(model_path(run.key)):
                 shown.append((row.label, run, torch.load(model_path(run.key), map_location="cpu", weights_only=True)))
                 break
     if not shown:

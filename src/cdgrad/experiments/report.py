@@ -20,7 +20,8 @@ its `method=none` group. Rows follow the method registry's order and labels (`cd
 
 Runs stored as diverged (a non-finite loss) are counted in their row's "diverged" column and left out of
 every statistic. When the runs of a setting ran on different kernel paths (the native C kernel or the
-PyTorch reference) or with different thread counts, whose numbers may differ at round-off, the table says so.
+PyTorch reference) or with different thread counts, whose numbers may differ at round-off, the table says so; a run
+resumed with other settings than it started with counts as mixing them (its environment's `segments`).
 """
 
 from __future__ import annotations
@@ -232,18 +233,34 @@ def completed(runs: Sequence[Run]) -> list[Run]:
     return [r for r in runs if status(r) != "diverged"]
 
 
+def _settings(run: Run, key: str) -> list[str]:
+    """The values of `key` ("kernel" or "threads") a run trained with: one per segment of its epochs where its
+    environment records segments (a run resumed with other settings has several), else its one recorded value."""
+    env = run.env if isinstance(run.env, dict) else {}
+    segments = env.get("segments")
+    if isinstance(segments, list) and segments and all(isinstance(s, dict) for s in segments):
+        values = [s.get(key) for s in segments]
+    else:
+        values = [env.get(key)]
+    return sorted({"not recorded" if v is None else str(v) for v in values})
+
+
 def _environment_notes(runs: Sequence[Run]) -> list[str]:
-    """Sentences saying which kernel paths and thread counts the runs of one setting mixed (if they do)."""
+    """Sentences saying which kernel paths and thread counts the runs of one setting mixed (if they do), between
+    runs or within one run resumed with other settings (counted as `a+b`)."""
     notes = []
     for key, what in (("kernel", "kernel paths"), ("threads", "thread counts")):
         counts: dict[str, int] = {}
         for run in runs:
-            value = run.env.get(key) if isinstance(run.env, dict) else None
-            name = "not recorded" if value is None else str(value)
+            name = "+".join(_settings(run, key))
             counts[name] = counts.get(name, 0) + 1
-        if len(counts) > 1 and any(k != "not recorded" for k in counts):
+        recorded = any(k != "not recorded" for k in counts)
+        if recorded and (len(counts) > 1 or any("+" in k for k in counts)):
             parts = ", ".join(f"{k}: {n} run{'s' if n != 1 else ''}" for k, n in sorted(counts.items()))
-            notes.append(f"the runs of this setting mix {what} ({parts}); their numbers may differ at round-off")
+            within = " (a+b: a run resumed with other settings)" if any("+" in k for k in counts) else ""
+            notes.append(
+                f"the runs of this setting mix {what} ({parts}){within}; their numbers may differ at round-off"
+            )
     return notes
 
 

@@ -1,7 +1,8 @@
 """The results store: one SQLite file (`<results>/results.sqlite`), one row per finished run.
 
 A row holds the run's key (`config.run_key`), seed, full config (JSON), library version, environment
-(torch, python, platform, thread count, kernel path, device, git commit of the source), per-epoch curves and its
+(torch, python, platform, thread count, kernel path, device, git commit of the source, and the `segments` of
+epochs with the kernel path and thread count each ran on), per-epoch curves and its
 status: "completed", or "diverged" when its training loss became non-finite. It is written in a single
 transaction after the run has finished, so a run that crashes is never counted as done; checkpoints of
 unfinished runs live in `<results>/checkpoints/` and are removed once the row is committed (kept as
@@ -180,6 +181,12 @@ def environment(config: RunConfig | None = None) -> dict[str, Any]:
     return env
 
 
+def _with_segments(env: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """`env` with the run's `segments` (the kernel path and threads of each stretch of epochs) when `metrics` has
+    them: a run resumed with other settings records every one, not only the last."""
+    return {**env, "segments": metrics["segments"]} if "segments" in metrics else env
+
+
 def process_start(pid: int) -> str:
     """When process `pid` started (clock ticks since boot, from /proc); '' where that cannot be read."""
     try:
@@ -355,7 +362,7 @@ class ResultStore:
             seed,
             json.dumps(to_dict(config), sort_keys=True),
             __version__,
-            json.dumps(env or environment(config), sort_keys=True),
+            json.dumps(_with_segments(env or environment(config), metrics), sort_keys=True),
             json.dumps(metrics["curves"]),
             json.dumps(metrics["final"]),
             float(metrics["wall_s"]),

@@ -9,9 +9,10 @@ hook with the batches it may measure on; it is attached to its optimizer for the
 
 With `checkpoint=path`, the complete state (networks, optimizers, methods' state, schedules, generators, curves) is
 written atomically after every epoch, and a later call with the same path resumes from it and ends with the same
-numbers as an uninterrupted run; a checkpoint that cannot be read, or does not fit the run, is set aside
-(`<path>.corrupt-<timestamp>`, said on stderr) and the run starts afresh. A run whose training loss becomes
-non-finite stops at the end of that epoch with `status` "diverged".
+numbers as an uninterrupted run; a checkpoint that is damaged, cannot be read, or does not fit the run, is set aside
+(`<path>.corrupt-<timestamp>`, said on stderr) and the run starts afresh. The result's `segments` say on which
+kernel path and thread count each stretch of epochs ran (a resumed run may have changed them). A run whose training
+loss becomes non-finite stops at the end of that epoch with `status` "diverged".
 
 Under torchrun (`WORLD_SIZE`/`RANK` in the environment, see `cdgrad.experiments.launch.init_from_env`) a task that
 allows it trains data-parallel: the networks are wrapped in DistributedDataParallel and every rank draws the same
@@ -32,13 +33,14 @@ from torch import Tensor, nn
 
 from cdgrad import validation as V
 from cdgrad.experiments import data as data_mod
-from cdgrad.experiments.checkpoint import resume_state, run_entries, save_checkpoint, set_aside
+from cdgrad.experiments.checkpoint import add_epoch, resume_state, run_entries, save_checkpoint, segments_of, set_aside
 from cdgrad.experiments.checks import validate
 from cdgrad.experiments.config import RunConfig
 from cdgrad.experiments.launch import init_from_env
 from cdgrad.experiments.progress import Progress
 from cdgrad.experiments.setup import Run, build, data_batches, load_data, measurement_batches
 from cdgrad.experiments.tasks import Context, Task, get_task
+from cdgrad.functional import plain_route
 
 __all__ = ["MAX_SEED", "check_seed", "train"]
 
@@ -65,20 +67,21 @@ def _start(
     checkpoint: str | None,
     rank: int,
     world: int,
-) -> tuple[Run, dict[str, list[Any]] | None, int, float]:
-    """The run set up, and restored from its checkpoint when there is one that fits: (run, curves, epoch, elapsed)."""
+) -> tuple[Run, dict[str, list[Any]] | None, int, float, list[dict[str, Any]]]:
+    """The run set up, and restored from its checkpoint when there is one that fits: (run, curves, epoch, elapsed,
+    segments)."""
     state = resume_state(checkpoint, config, seed, rank, world)
     run = build(config, seed, ds, device)
     if state is None or checkpoint is None:
-        return run, None, 0, 0.0
+        return run, None, 0, 0.0, []
     try:
         _restore(run, state, device)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         run.remove()
         if rank == 0:
             set_aside(checkpoint, f"checkpoint {checkpoint} does not fit this run ({type(exc).__name__}: {exc})")
-        return build(config, seed, ds, device), None, 0, 0.0
-    return run, state["curves"], state["epoch"], state["elapsed"]
+        return build(config, seed, ds, device), None, 0, 0.0, []
+    return run, state["curves"], state["epoch"], state["elapsed"], segments_of(state)
 
 
 def _add(sums: dict[str, Tensor], batch: dict[str, Tensor] | Any) -> None:
@@ -139,8 +142,10 @@ def train(
     split; synthesis: generator and discriminator losses, FID). `train_*` curves are running averages over the
     epoch's batches; `test_*` are measured at epochs `test_epoch` (every `eval_every`, always the last). `status` is
     "completed", or "diverged" when a training loss of the epoch was not finite (training stops after that epoch,
-    which is evaluated; no checkpoint is written for it). `dataset` (from `load_data(config)`) saves re-reading
-    files in a sweep; `callback(epoch, curves)` runs after each epoch's checkpoint.
+    which is evaluated; no checkpoint is written for it). `segments` lists `{"epochs", "kernel", "threads"}` for
+    each stretch of epochs run on one kernel path and thread count (`cdgrad.experiments.checkpoint.add_epoch`).
+    `dataset` (from `load_data(config)`) saves re-reading files in a sweep; `callback(epoch, curves)` runs after
+    each epoch's checkpoint.
     """
     validate(config)
     seed = check_seed(seed)
@@ -156,7 +161,7 @@ def train(
     ctx = Context(config, ds, rank, world)
     n = len(ds.train_x)
 
-    run, restored, start_epoch, elapsed = _start(config, seed, ds, device, checkpoint, rank, world)
+    run, restored, start_epoch, elapsed, segments = _start(config, seed, ds, device, checkpoint, rank, world)
     curves: dict[str, list[Any]] = restored if restored is not None else {k: [] for k in task.curves}
     if world > 1:  # after loading the checkpoint; DDP also broadcasts rank 0's parameters and buffers
         ids = [device.index] if device.type == "cuda" and device.index is not None else None
@@ -178,6 +183,7 @@ def train(
                 unit.net.train()
             perm = torch.randperm(n, generator=run.generator, device=device)
             sums = _epoch(task, run, ctx, perm, bar, epoch)
+            add_epoch(segments, plain_route(device), torch.get_num_threads())
             for unit in run.units:
                 unit.scheduler.step()
             if world > 1:
@@ -201,7 +207,12 @@ def train(
                 cuda = {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
                 save_checkpoint(
                     checkpoint,
-                    {**run_entries(config, seed, epoch + 1, elapsed, world, curves), **run.state_dict(), **cuda},
+                    {
+                        **run_entries(config, seed, epoch + 1, elapsed, world, curves),
+                        **run.state_dict(),
+                        **cuda,
+                        "segments": segments,
+                    },
                 )
             if checkpoint is not None and world > 1:
                 torch.distributed.barrier()  # no rank goes on (and may read the file) before it is written
@@ -213,4 +224,4 @@ def train(
         torch.set_num_threads(threads)
 
     final = task.finish(run.units, ctx, curves)
-    return {"curves": curves, "final": final, "wall_s": elapsed, "status": status}
+    return {"curves": curves, "final": final, "wall_s": elapsed, "status": status, "segments": segments}

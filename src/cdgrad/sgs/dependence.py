@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..validation import check_choice, check_pair, check_tensor
+from ..validation import check_choice, check_memory, check_pair, check_tensor
 from .nmi import _buffer, _check_bins, _codes, _fold, _index_dtype, _nmi_from_joint, _sturges
 
 __all__ = ["authors_channel_dependence", "spatial_dependence"]
@@ -238,14 +238,29 @@ def spatial_dependence(
     carry no spatial information and are left out of the channel average (all constant: `S` = ones);
     a displacement with no pixel pairs (`|di| >= H` or `|dj| >= W`) has `S = 0`. Entries lie in
     `[0, 1]`, and `S[i, j] == S[k_h - 1 - i, k_w - 1 - j]` whenever both displacements exist.
-    Returned in the dtype of `features`.
+    Returned in the dtype of `features`. A `bins` whose joint histograms cannot fit in the available memory is
+    refused (`cdgrad.validation.MemoryRequestError`) before any is allocated.
     """
     _check_features(features)
     ks = check_pair(kernel_size, "kernel_size")
     bins = _check_bins(bins)
     method = _check_method(method)
     dil = check_pair(dilation, "dilation")
+    if method == "mi" and bins is not None:
+        _check_histogram_memory(features, ks, bins, dil)
     return _dependence(features, ks, bins, method, dil).to(features.dtype)
+
+
+def _check_histogram_memory(
+    features: Tensor, kernel_size: tuple[int, int], bins: int, dilation: tuple[int, int]
+) -> None:
+    """Refuse a `bins` whose joint histograms do not fit: `T` displacements (one of each pair d, -d) of `C`
+    channels with `(bins + 1)^2` cells each, held at once as int64 counts (8 bytes a cell), and one displacement's
+    folded counts and entropy terms (about 40 bytes a cell)."""
+    tasks = (len(_displacements(*kernel_size, dilation)) + 1) // 2
+    cells = features.shape[1] * (bins + 1) ** 2
+    what = f"{tasks} x {features.shape[1]} joint histograms of {bins + 1} x {bins + 1} cells"
+    check_memory((8 * tasks + 40) * cells, "bins", bins, device=features.device, what=what)
 
 
 # ------------------------------------------------------------------------------ the authors' pipeline

@@ -277,16 +277,20 @@ def read_voc(root: str | os.PathLike[str], split: str, size: int = 500) -> tuple
     ids 0..20, 255 on boundaries) likewise, padded with `IGNORE_INDEX` (255). Raises `DatasetNotFoundError` for
     a missing file of a folder and `DatasetFormatError` for a member missing from the tar, an image larger than
     ``size``, a mask that is not a 'P' or 'L' PNG, of another size than its image or with a value outside 0..20
-    and 255; each names the file, and nothing is returned in those cases.
+    and 255; each names the file, and nothing is returned in those cases. A ``size`` whose arrays cannot fit in the
+    available memory is refused (`MemoryRequestError`) before any is allocated.
     """
     _check_split(split)
-    V.check_int(size, "size", 1)
+    size = V.check_int(size, "size", 1)
     with _voc_files(root) as files:
         ids = _voc_ids(files, split)
         pairs = [(f"JPEGImages/{i}.jpg", f"SegmentationClass/{i}.png") for i in ids]
         absent = [rel for pair in pairs for rel in pair if not files.has(rel)]
         if absent:
             raise files.missing_error(absent)
+        # uint8 images and int64 masks (11 bytes a pixel), and one decoded image with its mask (about 24 a pixel)
+        what = f"{len(ids)} images and masks of {size} x {size} pixels"
+        check_memory((11 * len(ids) + 24) * size * size, "size", size, what=what)
         images = torch.zeros((len(ids), 3, size, size), dtype=torch.uint8)
         masks = torch.full((len(ids), size, size), IGNORE_INDEX, dtype=torch.int64)
         for n, (img_rel, mask_rel) in enumerate(pairs):

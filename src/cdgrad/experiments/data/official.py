@@ -208,7 +208,7 @@ def verify_md5(path: Path, raw: bytes, content: bytes | None, known: dict[str, s
         expected = " or ".join(f"{v} ({k})" for k, v in known.items())
         raise ChecksumError(
             f"{path}: md5 {md5_hex(raw)} does not match the official {expected}; the file is corrupt, "
-            "truncated or not the official one (pass verify=False to read it anyway)"
+            "truncated or not the official one: replace it with the official file"
         )
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from cdgrad import validation as V
 from cdgrad.experiments.config import FIELDS, RunConfig, from_dict
 
 __all__ = ["Preset", "describe_preset", "grid"]
@@ -28,13 +29,16 @@ class Preset:
     def runs(
         self, overrides: dict[str, Any] | None = None, where: dict[str, Any] | None = None, max_seeds: int | None = None
     ) -> list[tuple[RunConfig, int]]:
-        """Every (config, seed) of the sweep; `overrides` change every config, `where` keeps matching ones."""
+        """Every (config, seed) of the sweep; `overrides` change every config, `where` keeps matching ones,
+        `max_seeds` (an int >= 1; None: all) caps the seeds of each."""
+        if max_seeds is not None:
+            V.check_int(max_seeds, "max_seeds", 1)
         out = []
         for changes, seeds in self.variants:
             config = from_dict({**self.base, **changes, **(overrides or {})})
             if any(_value(config, k) != v for k, v in (where or {}).items()):
                 continue
-            out += [(config, s) for s in range(min(seeds, max_seeds) if max_seeds else seeds)]
+            out += [(config, s) for s in range(min(seeds, max_seeds) if max_seeds is not None else seeds)]
         return out
 
 
