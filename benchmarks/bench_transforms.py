@@ -1,6 +1,6 @@
 """Speed of the channel-directed transforms, measured side by side in one run.
 
-    python benchmarks/bench_transforms.py [--quick] [--end-to-end] [--smoke]
+    python benchmarks/bench_transforms.py [--quick] [--end-to-end] [--smoke] [--only shapes|models|step|laplacian]
 
 Per conv shape (CIFAR ResNet-56, VGG-16, one 512x512x3x3 layer), median time (benchmarks/timing.py:
 torch.utils.benchmark) of:
@@ -12,7 +12,12 @@ torch.utils.benchmark) of:
              repeat the mean, shift with a matmul, cumsum along the last axis, permute back
 and the ratios ("in place" is the path `cdgrad.attach` takes: the kernel rewrites the gradient's own
 memory).  Then whole models: every conv gradient of a ResNet-56 / VGG-16 transformed in place in one call
-(as `cdgrad.attach` does) vs cloning each gradient.  With --end-to-end, the extra time that
+(as `cdgrad.attach` does) vs cloning each gradient.  Then one optimizer step's worth of work: all 55 ResNet-56
+conv gradients through each transform's `transform_` (one native call) against one in-place
+`torch._foreach_mul_` over the same tensors (the memory floor of a read and a write), and through the pure
+functions one call each against a clone of each.  Then Laplacian smoothing (rasterised, sigma 0.5) beside
+the LS-SGD algorithm of Osher et al. ported to numpy and to torch as published (FFT of the rasterised
+gradient, multiplier `1 / (1 + 2 sigma (1 - cos(2 pi k / n)))` built each call).  With --end-to-end, the extra time that
 `optimizer.step()` takes with the transform, as a share of a whole CIFAR ResNet-56 training iteration.
 --smoke runs every measurement once at the smallest sizes, in seconds (a check that the script works, not a timing).
 """
@@ -23,6 +28,7 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 
 import cdgrad
@@ -48,6 +54,82 @@ def published_style_sobolev(f: torch.Tensor, lam: float) -> torch.Tensor:
     u = torch.cumsum(v, -1)
     g = mean + u - u.mean(-1, keepdim=True)
     return g.permute(-1, *range(0, f.dim() - 1)).contiguous()
+
+
+def ls_sgd_numpy(grad: np.ndarray, sigma: float) -> np.ndarray:
+    """LS-SGD's smoothing (Osher et al.) in numpy, as published: the gradient rasterised in C order, FFT,
+    multiplied by `1 / (1 + 2 sigma (1 - cos(2 pi k / n)))`, inverse FFT."""
+    flat = grad.reshape(-1)
+    n = flat.size
+    multiplier = 1.0 / (1.0 + 2.0 * sigma * (1.0 - np.cos(2.0 * np.pi * np.arange(n // 2 + 1) / n)))
+    return np.fft.irfft(np.fft.rfft(flat) * multiplier, n=n).astype(grad.dtype).reshape(grad.shape)
+
+
+def ls_sgd_torch(grad: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The same algorithm in torch (the published optimizer's step, one parameter)."""
+    flat = grad.reshape(-1)
+    n = flat.numel()
+    k = torch.arange(n // 2 + 1, dtype=grad.dtype)
+    multiplier = 1.0 / (1.0 + 2.0 * sigma * (1.0 - torch.cos(2.0 * torch.pi * k / n)))
+    return torch.fft.irfft(torch.fft.rfft(flat) * multiplier, n=n).reshape(grad.shape)
+
+
+def laplacian_vs_peers(shapes, min_time, sigma=0.5):
+    print(
+        "| shape | laplacian_smooth us | LS-SGD numpy us | LS-SGD torch us | numpy/cdgrad | torch/cdgrad |\n"
+        "|---|---|---|---|---|---|"
+    )
+    for shape in shapes:
+        g = torch.randn(shape)
+        a = g.numpy()
+        ours = cdgrad.laplacian_smooth(g, sigma)
+        assert torch.allclose(ours, torch.from_numpy(ls_sgd_numpy(a, sigma)), atol=1e-5), shape
+        assert torch.allclose(ours, ls_sgd_torch(g, sigma), atol=1e-5), shape
+        t_ours = seconds(lambda g=g: cdgrad.laplacian_smooth(g, sigma), min_run_time=min_time)
+        t_np = seconds(lambda a=a: ls_sgd_numpy(a, sigma), min_run_time=min_time)
+        t_torch = seconds(lambda g=g: ls_sgd_torch(g, sigma), min_run_time=min_time)
+        print(
+            f"| {'x'.join(map(str, shape))} | {t_ours * 1e6:.1f} | {t_np * 1e6:.1f} | {t_torch * 1e6:.1f} | "
+            f"{t_np / t_ours:.2f} | {t_torch / t_ours:.2f} |"
+        )
+
+
+def one_step(shapes, min_time):
+    """All conv gradients of a model through each transform: transform_ (in place) vs one _foreach_mul_ pass,
+    and the pure function one call each vs a clone of each."""
+    grads = [torch.randn(s) for s in shapes]
+    work = [g.clone() for g in grads]
+    refill = seconds(lambda: torch._foreach_copy_(work, grads), min_run_time=min_time)
+    floor = seconds(lambda: torch._foreach_mul_(work, 1.0), min_run_time=min_time)
+    clone = seconds(lambda: [g.clone() for g in grads], min_run_time=min_time)
+    transforms = {
+        "sobolev": (cdgrad.ChannelDirected("sobolev", 1.0, 0.1), lambda g: cdgrad.sobolev(g, 1.0)),
+        "h0": (cdgrad.ChannelDirected("h0", 2.0), lambda g: cdgrad.reweighted_h0(g, 2.0)),
+        "laplacian (flat)": (cdgrad.LaplacianSmoothing(0.5), lambda g: cdgrad.laplacian_smooth(g, 0.5)),
+        "laplacian (output)": (
+            cdgrad.LaplacianSmoothing(0.5, "output"),
+            lambda g: cdgrad.laplacian_smooth(g, 0.5, 0),
+        ),
+        "centralize": (cdgrad.Centralize(), cdgrad.centralize),
+    }
+    print(
+        f"\n{len(grads)} tensors, {sum(g.numel() for g in grads) / 1e6:.2f} M: _foreach_mul_ {floor * 1e6:.0f} us, "
+        f"clone each {clone * 1e6:.0f} us\n"
+    )
+    print("| transform | transform_ us | transform_/foreach_mul_ | pure, one call each us | pure/clone | us a call |")
+    print("|---|---|---|---|---|---|")
+    for name, (t, pure) in transforms.items():
+
+        def run(t=t):
+            torch._foreach_copy_(work, grads)
+            t.transform_(work, work)
+
+        t_in = seconds(run, min_run_time=min_time) - refill
+        t_pure = seconds(lambda pure=pure: [pure(g) for g in grads], min_run_time=min_time)
+        print(
+            f"| {name} | {t_in * 1e6:.0f} | {t_in / floor:.2f} | {t_pure * 1e6:.0f} | {t_pure / clone:.2f} | "
+            f"{t_pure / len(grads) * 1e6:.1f} |"
+        )
 
 
 def per_shape(shapes, min_time):
@@ -172,6 +254,9 @@ def main():
     )
     parser.add_argument("--iterations", type=int, default=40, help="timed iterations per set-up end to end")
     parser.add_argument("--smoke", action="store_true", help="every measurement once, smallest sizes, in seconds")
+    parser.add_argument(
+        "--only", choices=("shapes", "models", "step", "laplacian"), help="run one part only (default: all)"
+    )
     args = parser.parse_args()
     min_time = 0.1 if args.quick else 0.5
     if args.smoke:  # every code path above, on the two smallest shapes, ResNet-56 and two iterations end to end
@@ -180,15 +265,23 @@ def main():
     print(environment() + "\n")
     resnet56, vgg16 = conv_weight_shapes("resnet56"), conv_weight_shapes("vgg16")
     shapes = sorted(set(resnet56 + vgg16), key=lambda s: (s[0], s[1]))
-    per_shape(shapes[:2] if args.smoke else shapes, min_time)
-    print(
-        "\n| all conv gradients, in place in one call | clone each us | h0 us | sobolev us | published us "
-        "| h0/clone | sobolev/clone | published/sobolev |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    whole_model("ResNet-56", resnet56, min_time)
-    if not args.smoke:
-        whole_model("VGG-16", vgg16, min_time)
+    part = args.only
+    if part in (None, "shapes"):
+        per_shape(shapes[:2] if args.smoke else shapes, min_time)
+    if part in (None, "models"):
+        print(
+            "\n| all conv gradients, in place in one call | clone each us | h0 us | sobolev us | published us "
+            "| h0/clone | sobolev/clone | published/sobolev |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        whole_model("ResNet-56", resnet56, min_time)
+        if not args.smoke:
+            whole_model("VGG-16", vgg16, min_time)
+    if part in (None, "step"):
+        one_step(resnet56, min_time)
+    if part in (None, "laplacian"):
+        print()
+        laplacian_vs_peers(shapes[:2] if args.smoke else shapes, min_time)
     if args.end_to_end:
         for batch_size in args.batch_sizes:
             print()
