@@ -10,10 +10,11 @@ Part 2 compares the FFT method with the SVD of the dense (O n^2) x (I n^2) matri
 is feasible, and checks that the two agree; ``--large`` adds a 4096 x 4096 dense case (minutes on CPU).
 Part 3 sets the norm estimates beside the exact operator norm, per layer and summed over every conv of
 ResNet-32 and ResNet-56 (ResNet-8 under ``--smoke``): time and tightness (estimate / exact) of power
-iteration (cold, and warm-started from the previous step's vector after a training-sized change of the
-weight), the Gram-iteration bound and the reshaped-kernel norm. Part 4 times one projection of every
-conv of ResNet-32 (exact, reshaped, Gram) beside one SGD training step of the same network (batch 128)
-and a plain copy of its conv weights: what clipping every step, or every 100 steps, adds to training.
+iteration, global and per frequency (cold, and warm-started from the previous step's vectors after a
+training-sized change of the weight), the Gram-iteration bound and the reshaped-kernel norm. Part 4 times
+one projection of every conv of ResNet-32 (exact, reshaped, Gram) beside one SGD training step of the same
+network (batch 128) and a plain copy of its conv weights: what clipping every step, or every 100 steps, adds to
+training.
 ``--smoke`` runs every part once at the smallest sizes (16x16 images, one small dense case), in seconds.
 """
 
@@ -47,11 +48,15 @@ def resnet_convs(name: str = "resnet56", image: int = 32) -> list[tuple[str, tor
 def estimates(w: torch.Tensor, n: tuple[int, int], moved: torch.Tensor) -> dict[str, tuple[object, object]]:
     """name -> (function computing the estimate of `moved`'s norm, its value); warm starts come from `w`."""
     _, x = conv_norm_power(w, n, iters=50)
+    _, xf = conv_norm_power(w, n, iters=50, per_frequency=True)
     _, u = reshaped_norm_power(w, iters=50)
     fns = {
         "exact (FFT + SVD)": lambda: conv_operator_norm(moved, n),
         "power, cold, 10 its": lambda: conv_norm_power(moved, n, iters=10)[0],
         "power, warm, 2 its": lambda: conv_norm_power(moved, n, vector=x, iters=2)[0],
+        "per-freq power, cold, 10 its": lambda: conv_norm_power(moved, n, iters=10, per_frequency=True)[0],
+        "per-freq power, warm, 1 it": lambda: conv_norm_power(moved, n, vector=xf, iters=1, per_frequency=True)[0],
+        "per-freq power, warm, 2 its": lambda: conv_norm_power(moved, n, vector=xf, iters=2, per_frequency=True)[0],
         "Gram bound, 4 its": lambda: conv_norm_gram(moved, n, iters=4),
         "Gram bound, 6 its": lambda: conv_norm_gram(moved, n, iters=6),
         "reshaped, SVD": lambda: reshaped_norm(moved),

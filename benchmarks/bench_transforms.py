@@ -257,7 +257,10 @@ def main():
     parser.add_argument(
         "--only", choices=("shapes", "models", "step", "laplacian"), help="run one part only (default: all)"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     min_time = 0.1 if args.quick else 0.5
     if args.smoke:  # every code path above, on the two smallest shapes, ResNet-56 and two iterations end to end
         min_time = 0.0

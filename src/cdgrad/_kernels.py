@@ -283,11 +283,7 @@ def channel_directed_plain_(grads: Sequence[Tensor], metric: str, lam: float, be
     are rewritten in place by the native kernel, all in one call; other CPU tensors go through a contiguous
     float copy; without the kernel (or on other devices) the reference is computed and copied back.
     """
-    if metric == "h0":
-        kernel, inv = _native.H0, 1.0 / lam
-        params: Callable[[int], tuple[float, float, float]] = lambda n: (inv, beta, 0.0)  # noqa: E731
-    else:
-        kernel, params = _native.SOBOLEV, lambda n: (1.0 / (lam * n * n), beta, 0.0)
+    kernel, params = _channel_params(metric, lam, beta)
     _run_(grads, kernel, params, lambda g, axis: REFERENCE[metric](g, lam, axis, beta), dim)
 
 
@@ -322,19 +318,54 @@ def centralize_plain_(grads: Sequence[Tensor]) -> None:
     _run_(grads, _native.CENTRALIZE, lambda n: (0.0, 0.0, 0.0), lambda g, axis: centralize_reference(g), 0)
 
 
-def _out_of_place(grad: Tensor, in_place: Callable[[list[Tensor]], None], reference: Callable[[], Tensor]) -> Tensor:
-    """A sequential copy, then the in-place kernel (faster than writing a fresh buffer column-chunk-wise)."""
+_DIRECT_MAX = 1 << 16  # up to this many entries the kernel writes a fresh tensor directly (no copy first)
+
+
+def _out_of_place(
+    grad: Tensor,
+    metric: int,
+    params: Callable[[int], tuple[float, float, float]],
+    dim: int | None,
+    in_place: Callable[[list[Tensor]], None],
+    reference: Callable[[], Tensor],
+) -> Tensor:
+    """A new tensor: small native-layout tensors by one kernel call from `grad` into a fresh tensor of the same
+    layout; larger ones by a sequential copy, then the in-place kernel (faster than writing a fresh buffer
+    column-chunk-wise); the reference without the kernel or off the CPU."""
     if not native_usable() or grad.device.type != "cpu" or grad.numel() == 0:
         return reference()
+    if grad.numel() <= _DIRECT_MAX:
+        if metric == _native.CENTRALIZE:
+            layout, is_double = _centralize_layout(grad), grad.dtype == torch.float64
+        else:
+            _, layout, is_double = _plan(grad, dim)
+        if layout is not None:
+            out = torch.empty_like(grad)
+            b, n, m = layout
+            _native.run_one(
+                grad.data_ptr(), out.data_ptr(), b, n, m, params(n), metric, is_double, torch.get_num_threads()
+            )
+            return out
     out = grad.to(dtype=compute_dtype(grad.dtype), copy=True)
     in_place([out])
-    return out.to(grad.dtype)
+    return out if out.dtype == grad.dtype else out.to(grad.dtype)
+
+
+def _channel_params(metric: str, lam: float, beta: float) -> tuple[int, Callable[[int], tuple[float, float, float]]]:
+    if metric == "h0":
+        inv = 1.0 / lam
+        return _native.H0, lambda n: (inv, beta, 0.0)
+    return _native.SOBOLEV, lambda n: (1.0 / (lam * n * n), beta, 0.0)
 
 
 def channel_directed_plain(grad: Tensor, metric: str, lam: float, beta: float, dim: int | None) -> Tensor:
-    """Out of place, for an exact `torch.Tensor`: the native kernel on a copy where it applies, else the reference."""
+    """Out of place, for an exact `torch.Tensor`: the native kernel where it applies, else the reference."""
+    kernel, params = _channel_params(metric, lam, beta)
     return _out_of_place(
         grad,
+        kernel,
+        params,
+        dim,
         lambda out: channel_directed_plain_(out, metric, lam, beta, dim),
         lambda: REFERENCE[metric](grad, lam, dim, beta),
     )
@@ -342,11 +373,21 @@ def channel_directed_plain(grad: Tensor, metric: str, lam: float, beta: float, d
 
 def laplacian_plain(grad: Tensor, sigma: float, dim: int | None) -> Tensor:
     """Out of place `laplacian_smooth` for an exact `torch.Tensor` (as `laplacian_plain_` computes it)."""
+    if sigma == 0 or sigma > _NATIVE_SIGMA:
+        return laplacian_reference(grad, sigma, dim)
+    coefficients = laplacian_coefficients(sigma)
     return _out_of_place(
-        grad, lambda out: laplacian_plain_(out, sigma, dim), lambda: laplacian_reference(grad, sigma, dim)
+        grad,
+        _native.LAPLACIAN,
+        lambda n: coefficients,
+        dim,
+        lambda out: laplacian_plain_(out, sigma, dim),
+        lambda: laplacian_reference(grad, sigma, dim),
     )
 
 
 def centralize_plain(grad: Tensor) -> Tensor:
     """Out of place centralisation for an exact `torch.Tensor` (as `centralize_plain_` computes it)."""
-    return _out_of_place(grad, centralize_plain_, lambda: centralize_reference(grad))
+    return _out_of_place(
+        grad, _native.CENTRALIZE, lambda n: (0.0, 0.0, 0.0), 0, centralize_plain_, lambda: centralize_reference(grad)
+    )

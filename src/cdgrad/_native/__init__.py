@@ -189,6 +189,8 @@ def _open(so: Path, manifest: Path) -> tuple[ctypes.CDLL | None, str | None]:
         lib = _dlopen(so, data)
         lib.cdg_run.restype = ctypes.c_int
         lib.cdg_run.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
+        lib.cdg_run1.restype = ctypes.c_int
+        lib.cdg_run1.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_double] * 3 + [ctypes.c_int32] * 2
     except (OSError, AttributeError) as exc:
         return None, f"{so} could not be loaded ({exc})"
     return lib, None
@@ -378,10 +380,15 @@ class Jobs:
         self.dst.append(dst)
         self.dims += (b, n, m)
         self.params += (p0, p1, p2)
-        self.kinds.append(3 * metric + (2 if is_double else (1 if n > _LONG_AXIS else 0)))
+        self.kinds.append(self.kind(metric, n, is_double))
 
     def __len__(self) -> int:
         return len(self.src)
+
+    @staticmethod
+    def kind(metric: int, n: int, is_double: bool) -> int:
+        """The kernel's code for `metric` on an axis of length n (kernels.c: 3 * metric + variant)."""
+        return 3 * metric + (2 if is_double else (1 if n > _LONG_AXIS else 0))
 
     def run(self, num_threads: int) -> None:
         lib = library()
@@ -396,3 +403,23 @@ class Jobs:
         status = lib.cdg_run(len(self.src), *(a.buffer_info()[0] for a in arrays), num_threads)
         if status != 0:
             raise MemoryError("cdgrad native kernel could not allocate its work list")
+
+
+def run_one(
+    src: int,
+    dst: int,
+    b: int,
+    n: int,
+    m: int,
+    params: tuple[float, float, float],
+    metric: int,
+    is_double: bool,
+    num_threads: int,
+) -> None:
+    """One job (as `Jobs.add` describes it) by one call, its description passed by value: the pure functions'
+    path, without building a job list."""
+    lib = library()
+    assert lib is not None
+    status = lib.cdg_run1(src, dst, b, n, m, *params, Jobs.kind(metric, n, is_double), num_threads)
+    if status != 0:
+        raise MemoryError("cdgrad native kernel could not allocate its work list")

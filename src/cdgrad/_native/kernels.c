@@ -235,3 +235,12 @@ int cdg_run(int64_t n, const int64_t *src, const int64_t *dst, const int64_t *di
     free(items);
     return 0;
 }
+
+/* One job, its description passed by value (no arrays to build on the caller's side): the pure functions. */
+int cdg_run1(int64_t src, int64_t dst, int64_t B, int64_t N, int64_t M, double p0, double p1, double p2, int32_t kind,
+             int32_t nthreads) {
+    const int64_t s[1] = {src}, d[1] = {dst}, dims[3] = {B, N, M};
+    const double params[3] = {p0, p1, p2};
+    const int32_t kinds[1] = {kind};
+    return cdg_run(1, s, d, dims, params, kinds, nthreads);
+}
