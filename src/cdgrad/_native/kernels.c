@@ -112,10 +112,19 @@ DEFINE_KERNELS(float, float, f32, 1)      /* short axes: float accumulation vect
 DEFINE_KERNELS(float, double, f32d, 0)    /* long axes, or entries near the float32 range: double accumulation */
 DEFINE_KERNELS(double, double, f64, 0)
 
+#define SEG 8     /* chains side by side on one long line */
+#define KMAX 512  /* the longest start-up the line solver takes; longer (sigma > ~1e4) uses the exact wrap */
+
 #define DEFINE_LAPLACIAN(T, SUFFIX)                                                                     \
+static void laplacian_line_##SUFFIX(const T *, T *, int64_t, int64_t, int64_t, double, double, double);   \
 static inline __attribute__((always_inline)) void laplacian_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t w,          \
                                      double r, double omr, double c) {                                  \
     double mean[CH], y[CH];                                                                             \
+    const double lr0 = log1p(-omr);                                                                     \
+    if (w == 1 && lr0 < 0.0 && -41.6 / lr0 < (double)KMAX && 16.0 * ceil(-41.6 / lr0) * SEG <= (double)N) { \
+        laplacian_line_##SUFFIX(src, dst, N, M, (int64_t)ceil(-41.6 / lr0), r, omr, c);                 \
+        return;                                                                                         \
+    }                                                                                                   \
     _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { mean[j] = 0.0; y[j] = 0.0; }                  \
     for (int64_t o = 0; o < N; o++) {                       /* pass 1: fbar */                          \
         const T *q = src + o * M;                                                                       \
@@ -149,6 +158,56 @@ static inline __attribute__((always_inline)) void laplacian_chunk_##SUFFIX(const
     }                                                                                                   \
 }                                                                                                       \
                                                                                                         \
+/* One long line (w = 1): SEG independent chains, each started KMAX-truncated from zero K steps before its segment
+ * (r^K < 2^-60, so the start is exact in double), run side by side so that their latencies overlap.  The K inputs
+ * before each segment are copied first, so the chains may run in any order, in place or not. */                   \
+static void laplacian_line_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t K, double r, double omr,    \
+                                    double c) {                                                                     \
+    double acc[SEG] = {0.0}, y[SEG], warm[SEG][KMAX];                                                               \
+    const int64_t L = N / SEG, rest = N - SEG * L;                                                                  \
+    for (int64_t t = 0; t < L; t++)                                                                                 \
+        for (int s = 0; s < SEG; s++) acc[s] += (double)src[(s * L + t) * M];                                       \
+    for (int64_t o = SEG * L; o < N; o++) acc[0] += (double)src[o * M];                                            \
+    double total = 0.0;                                                                                             \
+    for (int s = 0; s < SEG; s++) total += acc[s];                                                                  \
+    const double mean = total / (double)N, keep = 0.5 * omr, unkeep = 1.0 / keep;                                   \
+    for (int s = 0; s < SEG; s++)                           /* forward: y[o] = d[o] + r y[o-1] */                   \
+        for (int64_t i = 0; i < K; i++) warm[s][i] = (double)src[((s * L - K + i + N) % N) * M] - mean;            \
+    for (int s = 0; s < SEG; s++) {                                                                                 \
+        y[s] = 0.0;                                                                                                 \
+        for (int64_t i = 0; i < K; i++) y[s] = warm[s][i] + r * y[s];                                               \
+    }                                                                                                               \
+    for (int64_t t = 0; t < L; t++)                                                                                 \
+        for (int s = 0; s < SEG; s++) {                                                                            \
+            const int64_t o = (s * L + t) * M;                                                                      \
+            y[s] = ((double)src[o] - mean) + r * y[s];                                                              \
+            dst[o] = (T)(y[s] * keep);                                                                              \
+        }                                                                                                           \
+    for (int64_t o = SEG * L; o < N; o++) {                                                                         \
+        y[SEG - 1] = ((double)src[o * M] - mean) + r * y[SEG - 1];                                                  \
+        dst[o * M] = (T)(y[SEG - 1] * keep);                                                                        \
+    }                                                                                                               \
+    for (int s = 0; s < SEG; s++) {                         /* backward: z[o] = y[o] + r z[o+1] */                  \
+        const int64_t end = s == SEG - 1 ? N : (s + 1) * L;                                                         \
+        for (int64_t i = 0; i < K; i++) warm[s][i] = (double)dst[((end + K - 1 - i) % N) * M] * unkeep;            \
+    }                                                                                                               \
+    for (int s = 0; s < SEG; s++) {                                                                                 \
+        y[s] = 0.0;                                                                                                 \
+        for (int64_t i = 0; i < K; i++) y[s] = warm[s][i] + r * y[s];                                               \
+    }                                                                                                               \
+    for (int64_t o = N - 1; o >= SEG * L; o--) {                                                                    \
+        y[SEG - 1] = (double)dst[o * M] * unkeep + r * y[SEG - 1];                                                  \
+        dst[o * M] = (T)(mean + c * y[SEG - 1]);                                                                    \
+    }                                                                                                               \
+    (void)rest;                                                                                                     \
+    for (int64_t t = L - 1; t >= 0; t--)                                                                            \
+        for (int s = 0; s < SEG; s++) {                                                                            \
+            const int64_t o = (s * L + t) * M;                                                                      \
+            y[s] = (double)dst[o] * unkeep + r * y[s];                                                              \
+            dst[o] = (T)(mean + c * y[s]);                                                                          \
+        }                                                                                                           \
+}                                                                                                                   \
+                                                                                                                    \
 static void centralize_rows_##SUFFIX(const T *src, T *dst, int64_t rows, int64_t L) {                   \
     for (int64_t b = 0; b < rows; b++) {                                                                \
         const T *q = src + b * L;                                                                       \
