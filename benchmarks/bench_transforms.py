@@ -1,6 +1,7 @@
 """Speed of the channel-directed transforms, measured side by side in one run.
 
-    python benchmarks/bench_transforms.py [--quick] [--end-to-end] [--smoke] [--only shapes|models|step|laplacian]
+    python benchmarks/bench_transforms.py [--quick] [--end-to-end] [--smoke] [--threads N]
+        [--only shapes|models|step|laplacian|profile]
 
 Per conv shape (CIFAR ResNet-56, VGG-16, one 512x512x3x3 layer), median time (benchmarks/timing.py:
 torch.utils.benchmark) of:
@@ -33,7 +34,7 @@ import torch
 
 import cdgrad
 from cdgrad import functional as F
-from timing import environment, seconds
+from timing import environment, interleaved, seconds
 
 
 def conv_weight_shapes(name: str) -> list[tuple[int, ...]]:
@@ -74,7 +75,7 @@ def ls_sgd_torch(grad: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.fft.irfft(torch.fft.rfft(flat) * multiplier, n=n).reshape(grad.shape)
 
 
-def laplacian_vs_peers(shapes, min_time, sigma=0.5):
+def laplacian_vs_peers(shapes, min_time, rounds, sigma=0.5):
     print(
         "| shape | laplacian_smooth us | LS-SGD numpy us | LS-SGD torch us | numpy/cdgrad | torch/cdgrad |\n"
         "|---|---|---|---|---|---|"
@@ -85,23 +86,26 @@ def laplacian_vs_peers(shapes, min_time, sigma=0.5):
         ours = cdgrad.laplacian_smooth(g, sigma)
         assert torch.allclose(ours, torch.from_numpy(ls_sgd_numpy(a, sigma)), atol=1e-5), shape
         assert torch.allclose(ours, ls_sgd_torch(g, sigma), atol=1e-5), shape
-        t_ours = seconds(lambda g=g: cdgrad.laplacian_smooth(g, sigma), min_run_time=min_time)
-        t_np = seconds(lambda a=a: ls_sgd_numpy(a, sigma), min_run_time=min_time)
-        t_torch = seconds(lambda g=g: ls_sgd_torch(g, sigma), min_run_time=min_time)
+        t = interleaved(
+            {
+                "ours": lambda g=g: cdgrad.laplacian_smooth(g, sigma),
+                "numpy": lambda a=a: ls_sgd_numpy(a, sigma),
+                "torch": lambda g=g: ls_sgd_torch(g, sigma),
+            },
+            rounds=rounds,
+            min_run_time=min_time,
+        )
         print(
-            f"| {'x'.join(map(str, shape))} | {t_ours * 1e6:.1f} | {t_np * 1e6:.1f} | {t_torch * 1e6:.1f} | "
-            f"{t_np / t_ours:.2f} | {t_torch / t_ours:.2f} |"
+            f"| {'x'.join(map(str, shape))} | {t['ours'] * 1e6:.1f} | {t['numpy'] * 1e6:.1f} | "
+            f"{t['torch'] * 1e6:.1f} | {t['numpy'] / t['ours']:.2f} | {t['torch'] / t['ours']:.2f} |"
         )
 
 
-def one_step(shapes, min_time):
+def one_step(shapes, min_time, rounds):
     """All conv gradients of a model through each transform: transform_ (in place) vs one _foreach_mul_ pass,
-    and the pure function one call each vs a clone of each."""
+    and the pure function one call each vs a clone of each (every variant timed in interleaved rounds)."""
     grads = [torch.randn(s) for s in shapes]
     work = [g.clone() for g in grads]
-    refill = seconds(lambda: torch._foreach_copy_(work, grads), min_run_time=min_time)
-    floor = seconds(lambda: torch._foreach_mul_(work, 1.0), min_run_time=min_time)
-    clone = seconds(lambda: [g.clone() for g in grads], min_run_time=min_time)
     transforms = {
         "sobolev": (cdgrad.ChannelDirected("sobolev", 1.0, 0.1), lambda g: cdgrad.sobolev(g, 1.0)),
         "h0": (cdgrad.ChannelDirected("h0", 2.0), lambda g: cdgrad.reweighted_h0(g, 2.0)),
@@ -112,24 +116,62 @@ def one_step(shapes, min_time):
         ),
         "centralize": (cdgrad.Centralize(), cdgrad.centralize),
     }
-    print(
-        f"\n{len(grads)} tensors, {sum(g.numel() for g in grads) / 1e6:.2f} M: _foreach_mul_ {floor * 1e6:.0f} us, "
-        f"clone each {clone * 1e6:.0f} us\n"
-    )
-    print("| transform | transform_ us | transform_/foreach_mul_ | pure, one call each us | pure/clone | us a call |")
-    print("|---|---|---|---|---|---|")
+    fns = {
+        "refill": lambda: torch._foreach_copy_(work, grads),
+        "floor": lambda: torch._foreach_mul_(work, 1.0),
+        "clone": lambda: [g.clone() for g in grads],
+    }
     for name, (t, pure) in transforms.items():
 
         def run(t=t):
-            torch._foreach_copy_(work, grads)
+            torch._foreach_copy_(work, grads)  # in place, as attach() runs it: refilled each call
             t.transform_(work, work)
 
-        t_in = seconds(run, min_run_time=min_time) - refill
-        t_pure = seconds(lambda pure=pure: [pure(g) for g in grads], min_run_time=min_time)
+        fns[name + " in place"] = run
+        fns[name + " pure"] = lambda pure=pure: [pure(g) for g in grads]
+    s = interleaved(fns, rounds=rounds, min_run_time=min_time)
+    print(
+        f"\n{len(grads)} tensors, {sum(g.numel() for g in grads) / 1e6:.2f} M: _foreach_mul_ {s['floor'] * 1e6:.0f} "
+        f"us, clone each {s['clone'] * 1e6:.0f} us (medians of {rounds} interleaved rounds)\n"
+    )
+    print("| transform | transform_ us | transform_/foreach_mul_ | pure, one call each us | pure/clone | us a call |")
+    print("|---|---|---|---|---|---|")
+    for name in transforms:
+        t_in, t_pure = s[name + " in place"] - s["refill"], s[name + " pure"]
         print(
-            f"| {name} | {t_in * 1e6:.0f} | {t_in / floor:.2f} | {t_pure * 1e6:.0f} | {t_pure / clone:.2f} | "
+            f"| {name} | {t_in * 1e6:.0f} | {t_in / s['floor']:.2f} | {t_pure * 1e6:.0f} | {t_pure / s['clone']:.2f} | "
             f"{t_pure / len(grads) * 1e6:.1f} |"
         )
+
+
+def profile_small_call(min_time, shape=(16, 16, 3, 3)):
+    """Where the time of one pure call on a small gradient goes: each stage of `cdgrad.sobolev` timed alone."""
+    from cdgrad import _native
+    from cdgrad.validation import check_grad, check_positive, check_real
+
+    g = torch.randn(shape)
+    out = torch.empty_like(g)
+    b, n, m = 1, g.shape[0], g.numel() // g.shape[0]
+    threads = torch.get_num_threads()
+    stages = {
+        "the whole call: cdgrad.sobolev(g, 1.0)": lambda: cdgrad.sobolev(g, 1.0),
+        "validation (grad, metric, lam, beta, dim)": lambda: (
+            check_grad(g),
+            F.check_metric("sobolev"),
+            check_positive(1.0, "lam"),
+            check_real(0.0, "beta"),
+            F.check_dim(0, g),
+        ),
+        "route (kernel usable, exact tensor on the CPU)": lambda: F.route(g),
+        "the output tensor (empty_like)": lambda: torch.empty_like(g),
+        "the kernel call (ctypes, by value)": lambda: _native.run_one(
+            g.data_ptr(), out.data_ptr(), b, n, m, (1.0 / (n * n), 0.0, 0.0), _native.SOBOLEV, False, threads
+        ),
+        "for scale: g.clone()": lambda: g.clone(),
+    }
+    print(f"\n| stage of one pure call, {'x'.join(map(str, shape))} | us |\n|---|---|")
+    for name, fn in stages.items():
+        print(f"| {name} | {seconds(fn, min_run_time=min_time) * 1e6:.2f} |")
 
 
 def per_shape(shapes, min_time):
@@ -255,13 +297,17 @@ def main():
     parser.add_argument("--iterations", type=int, default=40, help="timed iterations per set-up end to end")
     parser.add_argument("--smoke", action="store_true", help="every measurement once, smallest sizes, in seconds")
     parser.add_argument(
-        "--only", choices=("shapes", "models", "step", "laplacian"), help="run one part only (default: all)"
+        "--only",
+        choices=("shapes", "models", "step", "laplacian", "profile"),
+        help="run one part only (default: all)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the step and LS-SGD tables")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     min_time = 0.1 if args.quick else 0.5
+    rounds = 1 if args.smoke else args.rounds
     if args.smoke:  # every code path above, on the two smallest shapes, ResNet-56 and two iterations end to end
         min_time = 0.0
         args.end_to_end, args.batch_sizes, args.iterations = True, [2], 2
@@ -281,10 +327,12 @@ def main():
         if not args.smoke:
             whole_model("VGG-16", vgg16, min_time)
     if part in (None, "step"):
-        one_step(resnet56, min_time)
+        one_step(resnet56, min(min_time, 0.1), rounds)
     if part in (None, "laplacian"):
         print()
-        laplacian_vs_peers(shapes[:2] if args.smoke else shapes, min_time)
+        laplacian_vs_peers(shapes[:2] if args.smoke else shapes, min(min_time, 0.1), rounds)
+    if part in (None, "profile"):
+        profile_small_call(min_time)
     if args.end_to_end:
         for batch_size in args.batch_sizes:
             print()
