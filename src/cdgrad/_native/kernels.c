@@ -121,7 +121,7 @@ static inline __attribute__((always_inline)) void laplacian_chunk_##SUFFIX(const
                                      double r, double omr, double c) {                                  \
     double mean[CH], y[CH];                                                                             \
     const double lr0 = log1p(-omr);                                                                     \
-    if (w == 1 && lr0 < 0.0 && -41.6 / lr0 < (double)KMAX && 16.0 * ceil(-41.6 / lr0) * SEG <= (double)N) { \
+    if (w == 1 && lr0 < 0.0 && -41.6 / lr0 < (double)KMAX && 2.0 * ceil(-41.6 / lr0) * SEG <= (double)N) {  \
         laplacian_line_##SUFFIX(src, dst, N, M, (int64_t)ceil(-41.6 / lr0), r, omr, c);                 \
         return;                                                                                         \
     }                                                                                                   \
