@@ -174,7 +174,7 @@ def profile_small_call(min_time, shape=(16, 16, 3, 3)):
         print(f"| {name} | {seconds(fn, min_run_time=min_time) * 1e6:.2f} |")
 
 
-def per_shape(shapes, min_time):
+def per_shape(shapes, min_time, rounds=1):
     print(
         "| shape | clone us | h0 us | sobolev us | sobolev in place us | reference us | published us | h0/clone "
         "| sobolev/clone | in place/clone | published/sobolev |"
@@ -187,18 +187,20 @@ def per_shape(shapes, min_time):
         work = g.clone()
         # In place, as attach() runs it: refill the buffer each call (repeated smoothing would drive the
         # values into float32 denormals), and subtract the refill.
-        refill = seconds(lambda g=g, w=work: w.copy_(g), min_run_time=min_time)
-        t = {
-            "clone": seconds(lambda g=g: g.clone(), min_run_time=min_time),
-            "h0": seconds(lambda g=g: cdgrad.reweighted_h0(g, 2.0), min_run_time=min_time),
-            "sobolev": seconds(lambda g=g: cdgrad.sobolev(g, 1.0), min_run_time=min_time),
-            "inplace": seconds(
-                lambda g=g, w=work: F.channel_directed_([w.copy_(g)], "sobolev", 1.0, 0.0, 0), min_run_time=min_time
-            )
-            - refill,
-            "reference": seconds(lambda g=g: F.sobolev_reference(g, 1.0), min_run_time=min_time),
-            "published": seconds(lambda g=g: published_style_sobolev(g, 1.0), min_run_time=min_time),
-        }
+        t = interleaved(
+            {
+                "refill": lambda g=g, w=work: w.copy_(g),
+                "clone": lambda g=g: g.clone(),
+                "h0": lambda g=g: cdgrad.reweighted_h0(g, 2.0),
+                "sobolev": lambda g=g: cdgrad.sobolev(g, 1.0),
+                "inplace": lambda g=g, w=work: F.channel_directed_([w.copy_(g)], "sobolev", 1.0, 0.0, 0),
+                "reference": lambda g=g: F.sobolev_reference(g, 1.0),
+                "published": lambda g=g: published_style_sobolev(g, 1.0),
+            },
+            rounds=rounds,
+            min_run_time=min_time,
+        )
+        t["inplace"] -= t.pop("refill")
         us = {k: v * 1e6 for k, v in t.items()}
         print(
             f"| {'x'.join(map(str, shape))} | {us['clone']:.1f} | {us['h0']:.1f} | {us['sobolev']:.1f} | "
@@ -302,7 +304,8 @@ def main():
         help="run one part only (default: all)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the step and LS-SGD tables")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of every table")
+    parser.add_argument("--shapes", nargs="+", metavar="OxIxKxK", help="per-shape and LS-SGD tables: these shapes only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -314,9 +317,11 @@ def main():
     print(environment() + "\n")
     resnet56, vgg16 = conv_weight_shapes("resnet56"), conv_weight_shapes("vgg16")
     shapes = sorted(set(resnet56 + vgg16), key=lambda s: (s[0], s[1]))
+    if args.shapes:
+        shapes = [tuple(int(d) for d in text.split("x")) for text in args.shapes]
     part = args.only
     if part in (None, "shapes"):
-        per_shape(shapes[:2] if args.smoke else shapes, min_time)
+        per_shape(shapes[:2] if args.smoke else shapes, min(min_time, 0.1), rounds)
     if part in (None, "models"):
         print(
             "\n| all conv gradients, in place in one call | clone each us | h0 us | sobolev us | published us "
