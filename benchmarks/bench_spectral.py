@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/bench_spectral.py [--device cpu|cuda] [--threads N] [--min-run-time S] [--large]
     PYTHONPATH=src python benchmarks/bench_spectral.py --smoke   # every part once, smallest sizes: seconds
+    PYTHONPATH=src python benchmarks/bench_spectral.py --bounds-only --nets resnet32   # part 3 on ResNet-32 only
 
 Part 1 computes all singular values of every conv of a CIFAR ResNet-56 (``build_model("resnet56")``,
 55 convs), with each conv at the spatial size of its own input for a 32x32 image (recorded by
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--large", action="store_true", help="add the 16x16x3x3 @ 16x16 dense case")
     parser.add_argument("--smoke", action="store_true", help="both parts once at the smallest sizes, in seconds")
+    parser.add_argument("--bounds-only", action="store_true", help="part 3 only (the norm estimates)")
+    parser.add_argument("--nets", nargs="+", default=None, help="networks of part 3 (default: resnet32 resnet56)")
     args = parser.parse_args()
     image = 16 if args.smoke else 32
     if args.smoke:
@@ -140,6 +143,10 @@ def main() -> None:
     dev = torch.device(args.device)
     print(environment(dev))
 
+    nets = ("resnet8",) if args.smoke else tuple(args.nets or ("resnet32", "resnet56"))
+    if args.bounds_only:
+        bench_bounds(image, args.min_run_time, dev, nets)
+        return
     gen = torch.Generator().manual_seed(0)
     convs = [(w, n) for _, w, n in resnet_convs("resnet56", image)]
     print(f"\nResNet-56: {len(convs)} convs, {sum(w.numel() for w, _ in convs)} conv weights, {image}x{image} images")
@@ -175,7 +182,6 @@ def main() -> None:
             f"{t_fft:9.5f} {t_dense / t_fft:8.0f}x {diff:10.1e}"
         )
 
-    nets = ("resnet8",) if args.smoke else ("resnet32", "resnet56")
     bench_bounds(image, args.min_run_time, dev, nets)
     bench_projections(image, 8 if args.smoke else 128, args.min_run_time, dev, nets[0])
 

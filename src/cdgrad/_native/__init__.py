@@ -1,13 +1,15 @@
 """Loader for the small C kernels in `kernels.c` (the CPU fast path).
 
 On first use the kernel is compiled with the system C compiler (`$CC`, else `cc`, else `gcc`) into a per-user
-cache (`$CDGRAD_CACHE`, else `~/.cache/cdgrad`; subfolder `native/`) keyed by the source, the compiler and this
-CPU, and loaded with ctypes.
+cache (`$CDGRAD_CACHE`, else `~/.cache/cdgrad` when unset or empty; subfolder `native/`) keyed by the source, the
+compiler and this CPU, and loaded with ctypes.
 
 What is loaded is checked first.  A build writes `kernels-<key>.so`, then the manifest `kernels-<key>.json` (its
 size and SHA-256); each is written to a temporary file, fsynced and renamed into place.  Before `ctypes.CDLL`
 the library must match its manifest: a missing or unreadable manifest, or a library of another size or hash
-(a build cut short by a power cut, a tampered file), is rebuilt once.  Builds hold a lock file, so processes
+(a build cut short by a power cut, a tampered file), is rebuilt once.  What is mapped is a private copy of the
+checked bytes, unlinked once loaded: a later build, or anyone writing over the published file in place, cannot
+reach a running process.  Builds hold a lock file, so processes
 starting together build once and all load a complete library; temporary folders left by killed builds are
 removed.  A cache folder that cannot be written gives a warning and a build in a private temporary folder.
 
