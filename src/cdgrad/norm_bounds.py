@@ -11,7 +11,9 @@ inputs is ``max_{u,v} sigma_max(P[u, v])`` (`cdgrad.spectral`). Three cheaper qu
   so ``||R||`` is a lower bound of the true norm, off by up to ``sqrt(kh kw)``, and does not depend on the input size.
 - **Power iteration** on ``A^T A`` of the circular conv ``A`` (applied per frequency as ``P^H P``), with a persistent
   vector that a caller warm-starts across training steps: ``sqrt(x^T A^T A x)`` for a unit ``x`` never exceeds the
-  norm and converges to it.
+  norm and converges to it. Per frequency (``per_frequency=True``): one vector per frequency, iterated on
+  ``P[u, v]^H P[u, v]`` after a single transform of the weight, ``max_uv ||P[u, v] x_uv||`` (each frequency converges
+  at its own gap).
 - **Gram iteration** (Delattre, Barthelemy, Araujo and Allauzen, ICML 2023): ``G_0 = P[u, v]``,
   ``G_{t+1} = G_t^H G_t``; ``sigma_max(P) <= ||G_t||_F^(1 / 2^t)`` for every ``t``, the gap shrinking like
   ``rank^(1 / 2^(t+1))``. A certified upper bound (up to float round-off), computed with Frobenius rescaling kept in

@@ -368,7 +368,7 @@ class OperatorNormClipper:
     def operator_norms(self, estimate: str = "exact") -> dict[str, float]:
         """Each layer's operator norm at its input size, or a cheaper estimate of it.
 
-        ``estimate``: ``"exact"`` (`conv_operator_norm`), ``"power"`` (two per-frequency power iterations of
+        ``estimate``: ``"exact"`` (`conv_operator_norm`), ``"power"`` (one per-frequency power iteration of
         `cdgrad.norm_bounds.conv_norm_power` from the vectors kept since the last call: a lower bound that tracks
         the norm during training; docs/spectral.md has its accuracy and speed against the exact norms),
         ``"gram"`` (`conv_norm_gram`, an upper bound) or ``"reshaped"`` (the reshaped kernel's norm, which ignores
@@ -383,7 +383,7 @@ class OperatorNormClipper:
                 w, size = self._weight(n), self.input_sizes[n]
                 if estimate == "power":
                     value, self._power_vectors[n] = conv_norm_power(
-                        w, size, self._power_vectors.get(n), iters=2, per_frequency=True
+                        w, size, self._power_vectors.get(n), iters=1, per_frequency=True
                     )
                 elif estimate == "gram":
                     value = conv_norm_gram(w, size)
