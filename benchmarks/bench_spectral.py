@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/bench_spectral.py [--device cpu|cuda] [--threads N] [--min-run-time S] [--large]
     PYTHONPATH=src python benchmarks/bench_spectral.py --smoke   # every part once, smallest sizes: seconds
+    PYTHONPATH=src python benchmarks/bench_spectral.py --bounds-only --nets resnet32   # part 3 on ResNet-32 only
 
 Part 1 computes all singular values of every conv of a CIFAR ResNet-56 (``build_model("resnet56")``,
 55 convs), with each conv at the spatial size of its own input for a 32x32 image (recorded by
@@ -10,10 +11,11 @@ Part 2 compares the FFT method with the SVD of the dense (O n^2) x (I n^2) matri
 is feasible, and checks that the two agree; ``--large`` adds a 4096 x 4096 dense case (minutes on CPU).
 Part 3 sets the norm estimates beside the exact operator norm, per layer and summed over every conv of
 ResNet-32 and ResNet-56 (ResNet-8 under ``--smoke``): time and tightness (estimate / exact) of power
-iteration (cold, and warm-started from the previous step's vector after a training-sized change of the
-weight), the Gram-iteration bound and the reshaped-kernel norm. Part 4 times one projection of every
-conv of ResNet-32 (exact, reshaped, Gram) beside one SGD training step of the same network (batch 128)
-and a plain copy of its conv weights: what clipping every step, or every 100 steps, adds to training.
+iteration, global and per frequency (cold, and warm-started from the previous step's vectors after a
+training-sized change of the weight), the Gram-iteration bound and the reshaped-kernel norm. Part 4 times
+one projection of every conv of ResNet-32 (exact, reshaped, Gram) beside one SGD training step of the same
+network (batch 128) and a plain copy of its conv weights: what clipping every step, or every 100 steps, adds to
+training.
 ``--smoke`` runs every part once at the smallest sizes (16x16 images, one small dense case), in seconds.
 """
 
@@ -47,11 +49,15 @@ def resnet_convs(name: str = "resnet56", image: int = 32) -> list[tuple[str, tor
 def estimates(w: torch.Tensor, n: tuple[int, int], moved: torch.Tensor) -> dict[str, tuple[object, object]]:
     """name -> (function computing the estimate of `moved`'s norm, its value); warm starts come from `w`."""
     _, x = conv_norm_power(w, n, iters=50)
+    _, xf = conv_norm_power(w, n, iters=50, per_frequency=True)
     _, u = reshaped_norm_power(w, iters=50)
     fns = {
         "exact (FFT + SVD)": lambda: conv_operator_norm(moved, n),
         "power, cold, 10 its": lambda: conv_norm_power(moved, n, iters=10)[0],
         "power, warm, 2 its": lambda: conv_norm_power(moved, n, vector=x, iters=2)[0],
+        "per-freq power, cold, 10 its": lambda: conv_norm_power(moved, n, iters=10, per_frequency=True)[0],
+        "per-freq power, warm, 1 it": lambda: conv_norm_power(moved, n, vector=xf, iters=1, per_frequency=True)[0],
+        "per-freq power, warm, 2 its": lambda: conv_norm_power(moved, n, vector=xf, iters=2, per_frequency=True)[0],
         "Gram bound, 4 its": lambda: conv_norm_gram(moved, n, iters=4),
         "Gram bound, 6 its": lambda: conv_norm_gram(moved, n, iters=6),
         "reshaped, SVD": lambda: reshaped_norm(moved),
@@ -126,6 +132,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--large", action="store_true", help="add the 16x16x3x3 @ 16x16 dense case")
     parser.add_argument("--smoke", action="store_true", help="both parts once at the smallest sizes, in seconds")
+    parser.add_argument("--bounds-only", action="store_true", help="part 3 only (the norm estimates)")
+    parser.add_argument("--nets", nargs="+", default=None, help="networks of part 3 (default: resnet32 resnet56)")
     args = parser.parse_args()
     image = 16 if args.smoke else 32
     if args.smoke:
@@ -135,6 +143,10 @@ def main() -> None:
     dev = torch.device(args.device)
     print(environment(dev))
 
+    nets = ("resnet8",) if args.smoke else tuple(args.nets or ("resnet32", "resnet56"))
+    if args.bounds_only:
+        bench_bounds(image, args.min_run_time, dev, nets)
+        return
     gen = torch.Generator().manual_seed(0)
     convs = [(w, n) for _, w, n in resnet_convs("resnet56", image)]
     print(f"\nResNet-56: {len(convs)} convs, {sum(w.numel() for w, _ in convs)} conv weights, {image}x{image} images")
@@ -170,7 +182,6 @@ def main() -> None:
             f"{t_fft:9.5f} {t_dense / t_fft:8.0f}x {diff:10.1e}"
         )
 
-    nets = ("resnet8",) if args.smoke else ("resnet32", "resnet56")
     bench_bounds(image, args.min_run_time, dev, nets)
     bench_projections(image, 8 if args.smoke else 128, args.min_run_time, dev, nets[0])
 

@@ -8,6 +8,9 @@ while it sizes its blocks, synchronises CUDA around every block, and reports per
 calls; every benchmark quotes the median, so numbers from different scripts compare.  `min_run_time=0` (the
 scripts' --smoke) runs the call once: a check that the code runs, not a timing.
 
+`interleaved` times several variants in rounds, each round timing every variant in turn, and reports each
+variant's median over the rounds (what ratios on a busy machine need).
+
 Used by bench_transforms.py and bench_spectral.py.  Measurements it does not fit stay outside: the end-to-end
 part of `bench_transforms.py` times three training set-ups interleaved step by step (so that drift of a shared
 machine hits each alike, which timing one statement at a time cannot do); `bench_distributed.py` times collective
@@ -18,13 +21,14 @@ process beside wall time (the Timer measures wall time only), and bench_sgs.py p
 from __future__ import annotations
 
 import platform
+import statistics
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils import benchmark
 
-__all__ = ["environment", "measure", "seconds"]
+__all__ = ["environment", "interleaved", "measure", "seconds"]
 
 
 def measure(
@@ -53,6 +57,18 @@ def measure(
 def seconds(fn: Callable[[], Any], *, min_run_time: float, threads: int | None = None) -> float:
     """Median seconds per call of `fn()` (see `measure`)."""
     return float(measure(fn, min_run_time=min_run_time, threads=threads).median)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]], *, rounds: int, min_run_time: float, threads: int | None = None
+) -> dict[str, float]:
+    """Median over `rounds` rounds of each function's median seconds per call (`seconds`), every round timing
+    each function in turn: drift of a shared machine then hits every variant alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(1, rounds)):
+        for k, fn in fns.items():
+            times[k].append(seconds(fn, min_run_time=min_run_time, threads=threads))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def environment(device: torch.device | str = "cpu") -> str:

@@ -259,7 +259,14 @@ def test_native_fast_path_is_used_for_lists(monkeypatch):
         calls.append(len(self))
         return real_run(self, num_threads)
 
+    real_one = _native.run_one
+
+    def spy_one(*args):
+        calls.append(1)
+        return real_one(*args)
+
     monkeypatch.setattr(_native.Jobs, "run", spy)
+    monkeypatch.setattr(_native, "run_one", spy_one)
     grads = [torch.randn(s) for s in [(16, 3, 3, 3), (16, 16, 3, 3), (32, 16, 1, 1), (7,)]]
     expected = [F.channel_directed(g, "sobolev", 1.5, 0.1, 0) for g in grads]
     assert calls == [1, 1, 1, 1]  # the out-of-place form: one kernel job per call

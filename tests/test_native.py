@@ -79,8 +79,10 @@ with warnings.catch_warnings(record=True) as caught:
 
     lib = _native.library()
 calls = []
-run = _native.Jobs.run
+run, run_one = _native.Jobs.run, getattr(_native, "run_one", None)
 _native.Jobs.run = lambda self, threads: (calls.append(len(self)), run(self, threads))[1]
+if run_one is not None:  # the pure functions' single-job call
+    _native.run_one = lambda *args: (calls.append(1), run_one(*args))[1]
 x = torch.randn(9, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 lam, O = 0.8, x.shape[0]
 # method.md 1.2: multiplier 1 at frequency 0, 1 / (lam O^2 (2 - 2 cos(2 pi k / O))) elsewhere
@@ -403,3 +405,85 @@ def test_build_killed_midway_leaves_nothing_that_breaks_the_next_process(tmp_pat
     assert_native(report)
     assert_manifest_matches(cache)
     assert [p.name for p in (cache / "native").iterdir() if p.is_dir()] == []  # the killed build's folder is gone
+
+
+# ---------------------------------------------------------------------------------------------- what is mapped
+SURVIVOR_PROBE = r"""
+import importlib.util, json, sys
+from array import array
+
+spec = importlib.util.spec_from_file_location("cdgrad_native_probe", sys.argv[1])
+native = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(native)
+assert native.library() is not None
+print("loaded", flush=True)
+sys.stdin.readline()  # meanwhile the published library is written over in place
+N, M, lam = 6, 3, 0.7
+f = array("d", [((7 * i) % 13) / 4.0 - 1.5 for i in range(N * M)])
+g = array("d", [0.0] * (N * M))
+jobs = native.Jobs()
+jobs.add(f.buffer_info()[0], g.buffer_info()[0], 1, N, M, 1.0 / lam, 0.0, native.H0, True)
+jobs.run(1)
+errors = []
+for m in range(M):
+    fo = [f[o * M + m] for o in range(N)]
+    fbar = sum(fo) / N
+    errors += [g[o * M + m] - (fbar + (fo[o] - fbar) / lam) for o in range(N)]
+print(json.dumps({"error": max(abs(e) for e in errors)}))
+"""
+
+
+@pytest.mark.parametrize("damage", ["truncated in place", "overwritten in place", "rebuilt"])
+def test_a_process_with_the_kernel_loaded_survives_its_library_being_rewritten(cache, damage):
+    """The loaded code is a private copy of the checked bytes: writing over, truncating or rebuilding the
+    published file while a process runs the kernel cannot reach that process (it would die of SIGBUS)."""
+    so, manifest = library_files(cache)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SURVIVOR_PROBE, str(NATIVE_INIT)],
+        env=probe_env(cache),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "loaded"
+        if damage == "truncated in place":
+            with open(so, "r+b") as fh:
+                fh.truncate(0)
+        elif damage == "overwritten in place":
+            with open(so, "r+b") as fh:
+                fh.write(b"\xff" * so.stat().st_size)
+        else:  # a later build publishes a new file under the same name
+            manifest.unlink()
+            assert_native(run_probe(cache))
+        out, err = proc.communicate("go\n", timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, f"the process died (status {proc.returncode}): {err[-3000:]}"
+    assert json.loads(out.strip().splitlines()[-1])["error"] < TOLERANCE
+
+
+def test_loading_writes_nothing_over_the_published_library_and_leaves_no_copy(cache):
+    so, _ = library_files(cache)
+    before = so.stat()
+    assert_native(run_probe(cache, torch_probe=True))
+    after = so.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert sorted(p.suffix for p in (cache / "native").iterdir()) == [".json", ".lock", ".so"]
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_cache_variable_means_the_default_cache_not_the_current_folder(tmp_path, value):
+    if not HAS_COMPILER:
+        pytest.skip("no C compiler on this machine: only the reference path exists")
+    home, workdir = tmp_path / "home", tmp_path / "work"
+    workdir.mkdir()
+    command = [sys.executable, "-c", LOADER_PROBE, str(NATIVE_INIT)]
+    env = {**probe_env(tmp_path / "unused"), "CDGRAD_CACHE": value, "HOME": str(home)}
+    proc = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_native(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert list(workdir.iterdir()) == []  # nothing built into ./native
+    assert list((home / ".cache" / "cdgrad" / "native").glob("kernels-*.so"))

@@ -560,3 +560,14 @@ def test_first_scalings_keep_the_start_of_training():
     with pytest.raises(ValueError, match="first_scalings are for layers"):
         other.load_state_dict({**state, "first_scalings": {"nowhere": torch.ones(3, 3)}})
     assert other.first_scalings == {}
+
+
+@pytest.mark.parametrize("k", [1e39, 3e38, 1e300])
+def test_sgs_scaling_with_k_beyond_float32_gives_the_exact_answer_not_nan(k):
+    """`k S` overflows float32 for such k; G must still be the float64 value, rounded, not NaN."""
+    s = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s[0, 1, 1] = 0.0
+    g = sgs_scaling(s.float(), k)
+    assert bool(torch.isfinite(g).all())
+    expected = np.stack([ref_scaling(m, k) for m in s.float().double().numpy()])
+    np.testing.assert_allclose(g.double().numpy(), expected, rtol=1e-6, atol=1e-7)

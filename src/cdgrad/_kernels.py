@@ -21,8 +21,12 @@ __all__ = [
     "METRICS",
     "centralize_reference",
     "centralize_inplace_",
+    "centralize_plain",
+    "centralize_plain_",
     "channel_directed_plain",
     "channel_directed_plain_",
+    "laplacian_plain",
+    "laplacian_plain_",
     "compute_dtype",
     "native_usable",
     "laplacian_reference",
@@ -46,20 +50,45 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
+_F32_SAFE = 1e30  # coefficients beyond this overflow float32 arithmetic: such calls compute in float64
+
+
+def _work(grad: Tensor, *coefficients: float) -> Tensor:
+    """`grad` in the dtype the reference computes in: float64 where a coefficient is beyond float32's safe
+    range (e.g. 1/(lam O^2) for a tiny lam), else `compute_dtype`."""
+    dtype = compute_dtype(grad.dtype)
+    if dtype == torch.float32 and any(not abs(c) < _F32_SAFE for c in coefficients):
+        dtype = torch.float64
+    return grad.to(dtype)
+
+
+def _unit_scale(f: Tensor) -> Tensor:
+    """A power of two `s` near `max |f|` (1 for `max |f| <= 1`) as a 0-d tensor, for float32 and below.
+
+    The transforms are linear, so `T(f) = s T(f / s)`; scaling by a power of two is exact, and entries near the
+    float32 maximum (1e38) then never overflow in a sum.  float64 work returns 1 (nothing to do)."""
+    if f.dtype == torch.float64 or f.numel() == 0:
+        return torch.ones((), dtype=f.dtype, device=f.device)
+    amax = f.detach().abs().amax().clamp_min(1.0)
+    return torch.exp2(torch.floor(torch.log2(amax)))
+
+
 # ------------------------------------------------------------------------------------- reference math
 def reweighted_h0_reference(grad: Tensor, lam: float, dim: int | None = 0, beta: float = 0.0) -> Tensor:
     """Plain-PyTorch H0_lambda gradient plus beta*f: `fbar + (f - fbar)/lam + beta*f` (docs/math.md 1.1, eq. 8)."""
-    f = grad.to(compute_dtype(grad.dtype))
+    f = _work(grad, 1.0 / lam, beta)
     if dim is None:
         f = f.reshape(-1)
     axis = 0 if dim is None else dim
     if f.shape[axis] == 0:
         return grad.clone()
+    scale = _unit_scale(f)
+    f = f / scale
     fbar = f.mean(axis, keepdim=True)
     g = fbar + (f - fbar) / lam
     if beta:
         g = g + beta * f
-    return g.reshape(grad.shape).to(grad.dtype)
+    return (g * scale).reshape(grad.shape).to(grad.dtype)
 
 
 def sobolev_reference(grad: Tensor, lam: float, dim: int | None = 0, beta: float = 0.0) -> Tensor:
@@ -69,13 +98,15 @@ def sobolev_reference(grad: Tensor, lam: float, dim: int | None = 0, beta: float
     sums: `d = f - fbar`, `C = cumsum(d)/(lam O^2)`, `v[o] = mean(C) - C[o-1]` (C[-1] = 0),
     `U = cumsum(v)`, `g = fbar + U - mean(U)`.  A zero-length axis gives an empty result.
     """
-    f = grad.to(compute_dtype(grad.dtype))
+    n = grad.numel() if dim is None else grad.shape[dim]
+    f = _work(grad, 1.0 / (lam * max(n, 1) ** 2), beta)
     if dim is None:
         f = f.reshape(-1)
     axis = 0 if dim is None else dim
-    n = f.shape[axis]
     if n == 0:
         return grad.clone()
+    scale = _unit_scale(f)
+    f = f / scale
     fbar = f.mean(axis, keepdim=True)
     c = torch.cumsum(f - fbar, axis) / (lam * n * n)
     shifted = torch.cat([torch.zeros_like(c.narrow(axis, 0, 1)), c.narrow(axis, 0, n - 1)], axis)
@@ -83,13 +114,31 @@ def sobolev_reference(grad: Tensor, lam: float, dim: int | None = 0, beta: float
     g = fbar + (u - u.mean(axis, keepdim=True))
     if beta:
         g = g + beta * f
-    return g.reshape(grad.shape).to(grad.dtype)
+    return (g * scale).reshape(grad.shape).to(grad.dtype)
 
 
 REFERENCE: dict[str, Callable[[Tensor, float, int | None, float], Tensor]] = {
     "h0": reweighted_h0_reference,
     "sobolev": sobolev_reference,
 }
+
+
+_MULTIPLIERS: dict[tuple[object, ...], Tensor] = {}
+
+
+def laplacian_multiplier(n: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`1 / (1 + 2 sigma (1 - cos(2 pi k / n)))` for k = 0 .. n // 2, computed in float64 (no overflow for any
+    finite sigma) and cached per (n, sigma, dtype, device)."""
+    key = (n, sigma, dtype, device)
+    out = _MULTIPLIERS.get(key)
+    if out is None:
+        k = torch.arange(n // 2 + 1, dtype=torch.float64)
+        out = (1.0 / (1.0 + 2.0 * sigma * (1.0 - torch.cos(2.0 * math.pi * k / n)))).to(dtype=dtype, device=device)
+        if not torch.compiler.is_compiling():
+            if len(_MULTIPLIERS) >= 256:
+                _MULTIPLIERS.clear()
+            _MULTIPLIERS[key] = out
+    return out
 
 
 def laplacian_reference(grad: Tensor, sigma: float, dim: int | None) -> Tensor:
@@ -102,25 +151,27 @@ def laplacian_reference(grad: Tensor, sigma: float, dim: int | None) -> Tensor:
     n = f.shape[axis]
     if sigma == 0 or n <= 1 or f.numel() == 0:
         return grad.clone()
-    k = torch.arange(n // 2 + 1, device=f.device, dtype=f.dtype)
-    multiplier = 1.0 / (1.0 + 2.0 * sigma * (1.0 - torch.cos(2.0 * math.pi * k / n)))
+    scale = _unit_scale(f)
     shape = [1] * f.dim()
     shape[axis] = n // 2 + 1
-    g: Tensor = torch.fft.irfft(torch.fft.rfft(f, dim=axis) * multiplier.view(shape), n=n, dim=axis)
+    multiplier = laplacian_multiplier(n, sigma, f.dtype, f.device).view(shape)
+    g: Tensor = torch.fft.irfft(torch.fft.rfft(f / scale, dim=axis) * multiplier, n=n, dim=axis) * scale
     return g.reshape(grad.shape).to(grad.dtype)
 
 
 def centralize_reference(grad: Tensor) -> Tensor:
     """`f - mean over dims 1.. of f` per output row (dim 0), a new tensor in `grad`'s dtype."""
     f = grad.to(compute_dtype(grad.dtype))
-    g = f - f.mean(dim=tuple(range(1, f.dim())), keepdim=True)
+    scale = _unit_scale(f)
+    f = f / scale
+    g = (f - f.mean(dim=tuple(range(1, f.dim())), keepdim=True)) * scale
     return g.to(grad.dtype)
 
 
 def centralize_inplace_(g: Tensor) -> None:
-    """In place: `g <- g - mean over dims 1.. of g` per output row (the mean accumulated in float32 at least)."""
+    """In place: `g <- g - mean over dims 1.. of g` per output row (the reference, through a new tensor)."""
     if g.numel():
-        g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True, dtype=compute_dtype(g.dtype)))
+        g.copy_(centralize_reference(g))
 
 
 # ------------------------------------------------------------------------------------------ native path
@@ -167,6 +218,64 @@ def _plan(g: Tensor, dim: int | None) -> Plan:
     return plan
 
 
+def _centralize_layout(x: Tensor) -> tuple[int, int, int] | None:
+    """(O, K, 1) when x's memory holds O contiguous rows of K = numel / O entries (dim 0 outermost), else None."""
+    if (
+        type(x) is not Tensor
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.numel() == 0
+        or x.dim() < 2
+    ):
+        return None
+    if x.is_contiguous() or (
+        (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+    ):
+        return (x.shape[0], x.numel() // x.shape[0], 1)
+    return None
+
+
+def _run_(
+    grads: Sequence[Tensor],
+    metric: int,
+    params: Callable[[int], tuple[float, float, float]],
+    reference: Callable[[Tensor, int | None], Tensor],
+    dim: int | None,
+) -> None:
+    """In place, every exact `torch.Tensor` of `grads` by one call of the compiled kernel (`metric` one of
+    `_native.H0`, ... with `params(n)` its coefficients for an axis of length n); CPU tensors in other layouts
+    or half types through a contiguous float copy; without the kernel (or on other devices), `reference`."""
+    native = native_usable()
+    central = metric == _native.CENTRALIZE
+    jobs, copies = _native.Jobs(), []
+    axis: int | None
+    for g in grads:
+        if central:
+            axis, layout, is_double = 0, _centralize_layout(g), g.dtype == torch.float64
+        else:
+            axis, layout, is_double = _plan(g, dim)
+        if layout is None or not native:
+            if g.numel() == 0:
+                continue
+            if not native or g.device.type != "cpu" or type(g) is not Tensor:
+                g.copy_(reference(g, axis))
+                continue
+            work = g.to(dtype=compute_dtype(g.dtype), memory_format=torch.contiguous_format, copy=True)
+            copies.append((g, work))
+            g, is_double = work, work.dtype == torch.float64
+            layout = _centralize_layout(work) if central else _native_layout(work, axis)
+            assert layout is not None
+        b, n, m = layout
+        ptr = g.data_ptr()
+        p0, p1, p2 = params(n)
+        jobs.add(ptr, ptr, b, n, m, p0, p1, metric, is_double, p2)
+    if len(jobs):
+        jobs.run(torch.get_num_threads())
+    for g, work in copies:
+        g.copy_(work)
+
+
 def channel_directed_plain_(grads: Sequence[Tensor], metric: str, lam: float, beta: float, dim: int | None) -> None:
     """In place `g <- metric_gradient(g) + beta*g` for every exact `torch.Tensor` of `grads`.
 
@@ -174,35 +283,111 @@ def channel_directed_plain_(grads: Sequence[Tensor], metric: str, lam: float, be
     are rewritten in place by the native kernel, all in one call; other CPU tensors go through a contiguous
     float copy; without the kernel (or on other devices) the reference is computed and copied back.
     """
-    native = native_usable()
-    kernel = _native.H0 if metric == "h0" else _native.SOBOLEV
-    jobs, copies = _native.Jobs(), []
-    for g in grads:
-        axis, layout, is_double = _plan(g, dim)
-        if layout is None or not native:
-            if g.numel() == 0:
-                continue
-            if not native or g.device.type != "cpu" or type(g) is not Tensor:
-                g.copy_(REFERENCE[metric](g, lam, axis, beta))
-                continue
-            work = g.to(dtype=compute_dtype(g.dtype), memory_format=torch.contiguous_format, copy=True)
-            copies.append((g, work))
-            g, layout, is_double = work, _native_layout(work, axis), work.dtype == torch.float64
-            assert layout is not None
-        b, n, m = layout
-        ptr = g.data_ptr()
-        jobs.add(ptr, ptr, b, n, m, 1.0 / lam if metric == "h0" else 1.0 / (lam * n * n), beta, kernel, is_double)
-    if len(jobs):
-        jobs.run(torch.get_num_threads())
-    for g, work in copies:
-        g.copy_(work)
+    kernel, params = _channel_params(metric, lam, beta)
+    _run_(grads, kernel, params, lambda g, axis: REFERENCE[metric](g, lam, axis, beta), dim)
+
+
+_NATIVE_SIGMA = 1e6  # the kernel's recursions lose digits like sqrt(sigma) eps beyond; larger sigma: the FFT path
+
+
+def laplacian_coefficients(sigma: float) -> tuple[float, float, float]:
+    """(r, 1 - r, r / sigma) of kernels.c's factorisation `I - sigma L = (sigma/r)(I - r S)(I - r S^T)`,
+    `r = 2 sigma / (1 + 2 sigma + sqrt(1 + 4 sigma))`, each computed without cancellation."""
+    root = math.sqrt(1.0 + 4.0 * sigma)
+    denominator = 1.0 + 2.0 * sigma + root
+    return 2.0 * sigma / denominator, (1.0 + root) / denominator, 2.0 / denominator
+
+
+def laplacian_plain_(grads: Sequence[Tensor], sigma: float, dim: int | None) -> None:
+    """In place `g <- (I - sigma L)^-1 g` along `dim` for every exact `torch.Tensor` of `grads`: one call of the
+    compiled kernel (a linear-time periodic solve) for sigma up to 1e6, the FFT reference otherwise."""
+    if sigma == 0:
+        return
+    if sigma > _NATIVE_SIGMA:
+        for g in grads:
+            if g.numel():
+                g.copy_(laplacian_reference(g, sigma, None if dim is None else dim % g.dim()))
+        return
+    coefficients = laplacian_coefficients(sigma)
+    _run_(grads, _native.LAPLACIAN, lambda n: coefficients, lambda g, axis: laplacian_reference(g, sigma, axis), dim)
+
+
+def centralize_plain_(grads: Sequence[Tensor]) -> None:
+    """In place `g <- g - mean over dims 1.. of g` for every exact `torch.Tensor` of `grads` (2+ dims): one call
+    of the compiled kernel for all of them."""
+    _run_(grads, _native.CENTRALIZE, lambda n: (0.0, 0.0, 0.0), lambda g, axis: centralize_reference(g), 0)
+
+
+_DIRECT_MAX = 1 << 16  # up to this many entries the kernel writes a fresh tensor directly (no copy first)
+
+
+def _out_of_place(
+    grad: Tensor,
+    metric: int,
+    params: Callable[[int], tuple[float, float, float]],
+    dim: int | None,
+    in_place: Callable[[list[Tensor]], None],
+    reference: Callable[[], Tensor],
+) -> Tensor:
+    """A new tensor: small native-layout tensors by one kernel call from `grad` into a fresh tensor of the same
+    layout; larger ones by a sequential copy, then the in-place kernel (faster than writing a fresh buffer
+    column-chunk-wise); the reference without the kernel or off the CPU."""
+    if not native_usable() or grad.device.type != "cpu" or grad.numel() == 0:
+        return reference()
+    if grad.numel() <= _DIRECT_MAX:
+        if metric == _native.CENTRALIZE:
+            layout, is_double = _centralize_layout(grad), grad.dtype == torch.float64
+        else:
+            _, layout, is_double = _plan(grad, dim)
+        if layout is not None:
+            out = torch.empty_like(grad)
+            b, n, m = layout
+            _native.run_one(
+                grad.data_ptr(), out.data_ptr(), b, n, m, params(n), metric, is_double, torch.get_num_threads()
+            )
+            return out
+    out = grad.to(dtype=compute_dtype(grad.dtype), copy=True)
+    in_place([out])
+    return out if out.dtype == grad.dtype else out.to(grad.dtype)
+
+
+def _channel_params(metric: str, lam: float, beta: float) -> tuple[int, Callable[[int], tuple[float, float, float]]]:
+    if metric == "h0":
+        inv = 1.0 / lam
+        return _native.H0, lambda n: (inv, beta, 0.0)
+    return _native.SOBOLEV, lambda n: (1.0 / (lam * n * n), beta, 0.0)
 
 
 def channel_directed_plain(grad: Tensor, metric: str, lam: float, beta: float, dim: int | None) -> Tensor:
-    """Out of place, for an exact `torch.Tensor`: the native kernel on a copy where it applies, else the reference."""
-    if not native_usable() or grad.device.type != "cpu" or grad.numel() == 0:
-        return REFERENCE[metric](grad, lam, dim, beta)
-    # A sequential copy, then the in-place kernel: faster than writing a fresh buffer column-chunk-wise.
-    out = grad.to(dtype=compute_dtype(grad.dtype), copy=True)
-    channel_directed_plain_([out], metric, lam, beta, dim)
-    return out.to(grad.dtype)
+    """Out of place, for an exact `torch.Tensor`: the native kernel where it applies, else the reference."""
+    kernel, params = _channel_params(metric, lam, beta)
+    return _out_of_place(
+        grad,
+        kernel,
+        params,
+        dim,
+        lambda out: channel_directed_plain_(out, metric, lam, beta, dim),
+        lambda: REFERENCE[metric](grad, lam, dim, beta),
+    )
+
+
+def laplacian_plain(grad: Tensor, sigma: float, dim: int | None) -> Tensor:
+    """Out of place `laplacian_smooth` for an exact `torch.Tensor` (as `laplacian_plain_` computes it)."""
+    if sigma == 0 or sigma > _NATIVE_SIGMA:
+        return laplacian_reference(grad, sigma, dim)
+    coefficients = laplacian_coefficients(sigma)
+    return _out_of_place(
+        grad,
+        _native.LAPLACIAN,
+        lambda n: coefficients,
+        dim,
+        lambda out: laplacian_plain_(out, sigma, dim),
+        lambda: laplacian_reference(grad, sigma, dim),
+    )
+
+
+def centralize_plain(grad: Tensor) -> Tensor:
+    """Out of place centralisation for an exact `torch.Tensor` (as `centralize_plain_` computes it)."""
+    return _out_of_place(
+        grad, _native.CENTRALIZE, lambda n: (0.0, 0.0, 0.0), 0, centralize_plain_, lambda: centralize_reference(grad)
+    )

@@ -64,7 +64,7 @@ def route(grad: Tensor) -> Route:
     """How `grad` is computed: "dtensor" (sharded code), "native" (compiled kernel) or "reference" (PyTorch).
 
     "native" needs an exact `torch.Tensor` (a subclass may hold memory of another shape) on the CPU and the
-    compiled kernel; it applies to the channel-directed metrics (the other transforms are plain PyTorch).
+    compiled kernel; it applies to the channel-directed metrics, Laplacian smoothing and centralisation.
     """
     if type(grad) is Tensor:
         return plain_route(grad.device)
@@ -127,22 +127,36 @@ def channel_directed_(grads: Sequence[Tensor], metric: str, lam: float, beta: fl
 
 
 def laplacian_smooth_(grads: Sequence[Tensor], sigma: float, dim: int | None = None) -> None:
-    """In place `g <- (I - sigma L)^-1 g` along `dim` for every tensor of `grads` (arguments assumed validated)."""
+    """In place `g <- (I - sigma L)^-1 g` along `dim` for every tensor of `grads` (arguments assumed validated).
+
+    Native-route tensors are rewritten by one call of the compiled kernel for the whole list; DTensors by the
+    sharded code; other tensors through the reference.
+    """
+    plain: list[Tensor] = []
     for g in grads:
-        axis = None if dim is None else dim % g.dim()
-        if is_dtensor(g):
-            D.laplacian_smooth_dtensor_(g, sigma, axis)
-        elif sigma != 0:
-            g.copy_(K.laplacian_reference(g, sigma, axis))
+        if type(g) is Tensor:
+            plain.append(g)
+        elif is_dtensor(g):
+            D.laplacian_smooth_dtensor_(g, sigma, None if dim is None else dim % g.dim())
+        elif sigma != 0 and g.numel():
+            g.copy_(K.laplacian_reference(g, sigma, None if dim is None else dim % g.dim()))
+    if plain:
+        K.laplacian_plain_(plain, sigma, dim)
 
 
 def centralize_(grads: Sequence[Tensor]) -> None:
-    """In place `g <- g - mean over dims 1.. of g` for every tensor of `grads` (2+ dims, assumed validated)."""
+    """In place `g <- g - mean over dims 1.. of g` for every tensor of `grads` (2+ dims, assumed validated);
+    plain tensors by one call of the compiled kernel."""
+    plain: list[Tensor] = []
     for g in grads:
-        if is_dtensor(g):
+        if type(g) is Tensor:
+            plain.append(g)
+        elif is_dtensor(g):
             D.centralize_dtensor_(g)
         else:
             K.centralize_inplace_(g)
+    if plain:
+        K.centralize_plain_(plain)
 
 
 def scale_(grads: Sequence[Tensor], factor: float) -> None:
@@ -228,6 +242,8 @@ def laplacian_smooth_checked(grad: Tensor, sigma: float, dim: int | None) -> Ten
         out = grad.detach().clone()
         D.laplacian_smooth_dtensor_(out, sigma, dim)
         return out
+    if type(grad) is Tensor:
+        return K.laplacian_plain(grad, sigma, dim)
     return K.laplacian_reference(grad, sigma, dim)
 
 
@@ -245,4 +261,6 @@ def centralize_checked(grad: Tensor) -> Tensor:
         out = grad.detach().clone()
         D.centralize_dtensor_(out)
         return out
+    if type(grad) is Tensor:
+        return K.centralize_plain(grad)
     return K.centralize_reference(grad)

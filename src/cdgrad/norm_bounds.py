@@ -11,7 +11,9 @@ inputs is ``max_{u,v} sigma_max(P[u, v])`` (`cdgrad.spectral`). Three cheaper qu
   so ``||R||`` is a lower bound of the true norm, off by up to ``sqrt(kh kw)``, and does not depend on the input size.
 - **Power iteration** on ``A^T A`` of the circular conv ``A`` (applied per frequency as ``P^H P``), with a persistent
   vector that a caller warm-starts across training steps: ``sqrt(x^T A^T A x)`` for a unit ``x`` never exceeds the
-  norm and converges to it.
+  norm and converges to it. Per frequency (``per_frequency=True``): one vector per frequency, iterated on
+  ``P[u, v]^H P[u, v]`` after a single transform of the weight, ``max_uv ||P[u, v] x_uv||`` (each frequency converges
+  at its own gap).
 - **Gram iteration** (Delattre, Barthelemy, Araujo and Allauzen, ICML 2023): ``G_0 = P[u, v]``,
   ``G_{t+1} = G_t^H G_t``; ``sigma_max(P) <= ||G_t||_F^(1 / 2^t)`` for every ``t``, the gap shrinking like
   ``rank^(1 / 2^(t+1))``. A certified upper bound (up to float round-off), computed with Frobenius rescaling kept in
@@ -57,7 +59,8 @@ def _reshaped(weight: Tensor) -> Tensor:
 def _start_vector(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """A fixed pseudo-random unit vector (its own generator: torch's global random state is left alone)."""
     gen = torch.Generator().manual_seed(0)
-    v = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+    dtype = torch.complex128 if like.is_complex() else torch.float64
+    v = torch.randn(shape, generator=gen, dtype=dtype).to(dtype=like.dtype, device=like.device)
     out: Tensor = v / v.norm()
     return out
 
@@ -143,20 +146,35 @@ def _normal_operator(p: Tensor, x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def conv_norm_power(
-    weight: Tensor, input_size: Size, vector: Tensor | None = None, iters: int = 10
+    weight: Tensor,
+    input_size: Size,
+    vector: Tensor | None = None,
+    iters: int = 10,
+    *,
+    per_frequency: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Power iteration on ``A^T A`` of the stride-1 circular conv: a lower bound of its operator norm.
 
-    ``x <- A^T A x / ||A^T A x||`` ``iters`` times, estimate ``sqrt(x^T A^T A x)`` for the final unit ``x``
-    (``<= ||A||_2``, converging to it at the rate ``(sigma_2 / sigma_1)^2`` per iteration). ``vector`` (shape
-    ``(I, n_h, n_w)``) is the ``x`` of a previous call, so that one or two iterations per training step track the
-    norm; None starts from a fixed vector. Returns ``(estimate, x)``. Costs two FFTs and two batched matrix-vector
-    products per iteration, no SVD.
+    Global (``per_frequency=False``): ``x <- A^T A x / ||A^T A x||`` ``iters`` times, estimate
+    ``sqrt(x^T A^T A x)`` for the final unit ``x`` (``<= ||A||_2``, converging at the rate
+    ``(sigma_2 / sigma_1)^2`` per iteration, sigma_2 the second singular value over all frequencies); ``vector``
+    has shape ``(I, n_h, n_w)``. Two FFTs and two batched matrix-vector products per iteration.
+
+    Per frequency (``per_frequency=True``): the weight is transformed once; at every frequency ``(u, v)`` of the
+    half spectrum, ``x_uv <- P^H P x_uv / ||P^H P x_uv||`` (batched matrix-vector products, no FFT per
+    iteration), estimate ``max_uv ||P[u, v] x_uv||``: each term is at most ``sigma_max(P[u, v]) <= ||A||_2``, and
+    converges at that frequency's own gap ``(sigma_2(P[u, v]) / sigma_1(P[u, v]))^2``. ``vector`` has shape
+    ``(n_h, n_w // 2 + 1, I)`` (complex).
+
+    ``vector`` is the ``x`` of a previous call with the same mode, so that one or two iterations per training
+    step track the norm; None (or a zero vector) starts from a fixed vector. Returns ``(estimate, x)``.
     """
     _check_weight(weight)
     size = _input_size(input_size, weight)
     _check_spectrum_memory(weight, size, SPECTRA_HELD["power"], value=input_size)
     n = _iters(iters, 1)
+    if per_frequency:
+        return _power_per_frequency(weight, size, vector, n)
     with torch.no_grad():
         p = _half_spectrum(weight.detach(), size)
         real = _work_dtype(weight)
@@ -166,6 +184,37 @@ def conv_norm_power(
             x = y / y.norm().clamp_min(torch.finfo(real).tiny)
         estimate = torch.sqrt((x * _normal_operator(p, x, size)).sum().clamp_min(0.0))
     return estimate, x
+
+
+def _power_per_frequency(weight: Tensor, size: tuple[int, int], vector: Any, n: int) -> tuple[Tensor, Tensor]:
+    """`conv_norm_power(..., per_frequency=True)` on checked arguments."""
+    with torch.no_grad():
+        p = _half_spectrum(weight.detach(), size)  # (n_h, n_w//2+1, O, I)
+        shape = (*p.shape[:2], p.shape[-1])
+        tiny = torch.finfo(_work_dtype(weight)).tiny
+        start = _start_vector(shape, torch.empty(0, dtype=p.dtype, device=p.device))
+        if vector is None:
+            x = start
+        else:
+            check_tensor(vector, "vector", floating=False)
+            if tuple(vector.shape) != shape or not vector.is_complex():
+                raise ValueError(
+                    f"vector must be a complex tensor of shape {shape} (per frequency, for this weight and input "
+                    f"size), got {vector.dtype} of shape {tuple(vector.shape)}"
+                )
+            x = vector.detach().to(dtype=p.dtype, device=p.device)
+            dead = ~torch.isfinite(torch.linalg.vector_norm(x, dim=-1, keepdim=True)) | (
+                torch.linalg.vector_norm(x, dim=-1, keepdim=True) == 0
+            )
+            x = torch.where(dead, start, x)
+        x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(tiny)
+        x = x.unsqueeze(-1)
+        ph = p.mH
+        for _ in range(n):
+            y = ph @ (p @ x)
+            x = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True).clamp_min(tiny)
+        estimate = torch.linalg.vector_norm(p @ x, dim=-2).amax()
+    return estimate, x.squeeze(-1)
 
 
 def conv_norm_gram(weight: Tensor, input_size: Size, iters: int = 6) -> Tensor:

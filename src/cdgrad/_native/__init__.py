@@ -1,13 +1,15 @@
 """Loader for the small C kernels in `kernels.c` (the CPU fast path).
 
 On first use the kernel is compiled with the system C compiler (`$CC`, else `cc`, else `gcc`) into a per-user
-cache (`$CDGRAD_CACHE`, else `~/.cache/cdgrad`; subfolder `native/`) keyed by the source, the compiler and this
-CPU, and loaded with ctypes.
+cache (`$CDGRAD_CACHE`, else `~/.cache/cdgrad` when unset or empty; subfolder `native/`) keyed by the source, the
+compiler and this CPU, and loaded with ctypes.
 
 What is loaded is checked first.  A build writes `kernels-<key>.so`, then the manifest `kernels-<key>.json` (its
 size and SHA-256); each is written to a temporary file, fsynced and renamed into place.  Before `ctypes.CDLL`
 the library must match its manifest: a missing or unreadable manifest, or a library of another size or hash
-(a build cut short by a power cut, a tampered file), is rebuilt once.  Builds hold a lock file, so processes
+(a build cut short by a power cut, a tampered file), is rebuilt once.  What is mapped is a private copy of the
+checked bytes, unlinked once loaded: a later build, or anyone writing over the published file in place, cannot
+reach a running process.  Builds hold a lock file, so processes
 starting together build once and all load a complete library; temporary folders left by killed builds are
 removed.  A cache folder that cannot be written gives a warning and a build in a private temporary folder.
 
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from array import array
 from collections.abc import Iterator
@@ -72,7 +75,9 @@ def _compiler() -> str | None:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("CDGRAD_CACHE", Path.home() / ".cache" / "cdgrad")).expanduser() / "native"
+    """`$CDGRAD_CACHE/native`, or `~/.cache/cdgrad/native` when the variable is unset or empty (or blank)."""
+    chosen = os.environ.get("CDGRAD_CACHE", "").strip()
+    return (Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "cdgrad") / "native"
 
 
 def _key(compiler: str) -> str:
@@ -93,46 +98,101 @@ def _digest(path: Path) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
-def _check(so: Path, manifest: Path) -> str | None:
-    """None when `so` has the size and SHA-256 its manifest records, else what is wrong."""
+def _check(so: Path, manifest: Path) -> tuple[bytes | None, str | None]:
+    """(the library's bytes, None) when `so` has the size and SHA-256 its manifest records, else (None, what is
+    wrong).  The bytes returned are the ones checked: what is loaded is a copy of them (`_open`)."""
     try:
         raw = manifest.read_bytes()
     except FileNotFoundError:
-        return f"no manifest {manifest}"
+        return None, f"no manifest {manifest}"
     except OSError as exc:
-        return f"unreadable manifest {manifest} ({exc})"
+        return None, f"unreadable manifest {manifest} ({exc})"
     try:
         record = json.loads(raw)
         size, sha256, name = record["size"], record["sha256"], record["library"]
     except (ValueError, KeyError, TypeError):
-        return f"malformed manifest {manifest}"
+        return None, f"malformed manifest {manifest}"
     if type(size) is not int or not isinstance(sha256, str) or name != so.name:
-        return f"malformed manifest {manifest}"
+        return None, f"malformed manifest {manifest}"
     try:
-        actual = so.stat().st_size
+        data = so.read_bytes()
     except FileNotFoundError:
-        return f"no library {so}"
+        return None, f"no library {so}"
     except OSError as exc:
-        return f"unreadable library {so} ({exc})"
-    if actual != size:
-        return f"{so} has {actual} bytes, its manifest records {size}"
+        return None, f"unreadable library {so} ({exc})"
+    if len(data) != size:
+        return None, f"{so} has {len(data)} bytes, its manifest records {size}"
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return None, f"{so} does not match the SHA-256 in its manifest"
+    return data, None
+
+
+_LOAD_PREFIX = ".load-"
+_ORPHAN_AGE_S = 600.0  # a private copy is unlinked right after loading; an older one was left by a killed process
+
+
+def _private_copy(data: bytes, folder: Path) -> Path:
+    """`data` written to a new file of its own in `folder`, else in the temporary folder (a path nothing else
+    writes: builds publish under other names, by rename)."""
+    for where in (folder, None):
+        try:
+            fd, name = tempfile.mkstemp(prefix=_LOAD_PREFIX, suffix=".so", dir=where)
+        except OSError:
+            continue
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            continue
+        return Path(name)
+    raise OSError(f"no folder to write a private copy of the kernel library ({folder} or the temporary folder)")
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Private copies older than `_ORPHAN_AGE_S`, left by processes killed between writing and loading them."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for path in folder.glob(f"{_LOAD_PREFIX}*.so"):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > _ORPHAN_AGE_S:
+                    path.unlink()
+
+
+def _dlopen(so: Path, data: bytes) -> ctypes.CDLL:
+    """Load a private copy of the checked bytes `data` of `so`, unlinked once mapped.
+
+    The published file is never what is mapped: a later rebuild (a rename over it) or anyone writing over or
+    truncating it in place cannot reach the pages a running process executes (which would end it with SIGBUS).
+    Where no private copy can be written or loaded (no writable folder, a temporary folder mounted noexec), the
+    published file itself is loaded.
+    """
     try:
-        if _digest(so)[1] != sha256:
-            return f"{so} does not match the SHA-256 in its manifest"
-    except OSError as exc:
-        return f"unreadable library {so} ({exc})"
-    return None
+        copy = _private_copy(data, so.parent)
+    except OSError:
+        return ctypes.CDLL(str(so))
+    try:
+        return ctypes.CDLL(str(copy))
+    except OSError:
+        return ctypes.CDLL(str(so))
+    finally:
+        with contextlib.suppress(OSError):
+            copy.unlink()
+        _remove_orphans(so.parent)
 
 
 def _open(so: Path, manifest: Path) -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) when `so` matches its manifest and loads, else (None, what is wrong)."""
-    problem = _check(so, manifest)
-    if problem is not None:
+    data, problem = _check(so, manifest)
+    if data is None:
         return None, problem
     try:
-        lib = ctypes.CDLL(str(so))
+        lib = _dlopen(so, data)
         lib.cdg_run.restype = ctypes.c_int
         lib.cdg_run.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
+        lib.cdg_run1.restype = ctypes.c_int
+        lib.cdg_run1.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_double] * 3 + [ctypes.c_int32] * 2
     except (OSError, AttributeError) as exc:
         return None, f"{so} could not be loaded ({exc})"
     return lib, None
@@ -157,7 +217,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------- building
 def _compile(compiler: str, out: Path) -> None:
-    base = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-std=c99", str(_SOURCE)]
+    base = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-std=c99", str(_SOURCE), "-lm"]
     errors = []
     for extra in (["-fopenmp"], []):
         try:
@@ -286,7 +346,7 @@ def status() -> str:
     return f"reference ({_reason or 'native kernels unavailable'})"
 
 
-H0, SOBOLEV = 0, 1
+H0, SOBOLEV, LAPLACIAN, CENTRALIZE = 0, 1, 2, 3
 _LONG_AXIS = 1024  # float32 data along longer axes is accumulated in double
 
 
@@ -303,17 +363,34 @@ class Jobs:
         self.kinds: list[int] = []
 
     def add(
-        self, src: int, dst: int, b: int, n: int, m: int, inv: float, beta: float, metric: int, is_double: bool
+        self,
+        src: int,
+        dst: int,
+        b: int,
+        n: int,
+        m: int,
+        p0: float,
+        p1: float,
+        metric: int,
+        is_double: bool,
+        p2: float = 0.0,
     ) -> None:
-        """out = metric gradient (coefficient `inv`) + beta * f along N; dst may equal src."""
+        """One job; dst may equal src.  H0 / Sobolev: `out = metric gradient (p0 = inv) + p1 * f` along N;
+        Laplacian: `(I - sigma L)^-1 f` along N with (p0, p1, p2) = (r, 1 - r, r / sigma) (kernels.c);
+        centralisation: each of the b rows of length n (m = 1) minus its mean."""
         self.src.append(src)
         self.dst.append(dst)
         self.dims += (b, n, m)
-        self.params += (inv, beta)
-        self.kinds.append(3 * metric + (2 if is_double else (1 if n > _LONG_AXIS else 0)))
+        self.params += (p0, p1, p2)
+        self.kinds.append(self.kind(metric, n, is_double))
 
     def __len__(self) -> int:
         return len(self.src)
+
+    @staticmethod
+    def kind(metric: int, n: int, is_double: bool) -> int:
+        """The kernel's code for `metric` on an axis of length n (kernels.c: 3 * metric + variant)."""
+        return 3 * metric + (2 if is_double else (1 if n > _LONG_AXIS else 0))
 
     def run(self, num_threads: int) -> None:
         lib = library()
@@ -328,3 +405,23 @@ class Jobs:
         status = lib.cdg_run(len(self.src), *(a.buffer_info()[0] for a in arrays), num_threads)
         if status != 0:
             raise MemoryError("cdgrad native kernel could not allocate its work list")
+
+
+def run_one(
+    src: int,
+    dst: int,
+    b: int,
+    n: int,
+    m: int,
+    params: tuple[float, float, float],
+    metric: int,
+    is_double: bool,
+    num_threads: int,
+) -> None:
+    """One job (as `Jobs.add` describes it) by one call, its description passed by value: the pure functions'
+    path, without building a job list."""
+    lib = library()
+    assert lib is not None
+    status = lib.cdg_run1(src, dst, b, n, m, *params, Jobs.kind(metric, n, is_double), num_threads)
+    if status != 0:
+        raise MemoryError("cdgrad native kernel could not allocate its work list")

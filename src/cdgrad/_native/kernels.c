@@ -9,8 +9,17 @@
  * Sobolev (docs/math.md 1.2):   d = f - fbar,  C = cumsum(d) * inv,                        inv = 1/(lambda N^2)
  *                            U[o] = (o+1) mean(C) - sum_{j<o} C[j],
  *                            out = fbar + U - mean(U) + beta * f
- * float32 data is accumulated in float32 along short axes (N <= 1024) and in double along longer ones.
+ * Laplacian (docs/math.md 2):  (I - sigma L) g = f, L the periodic second difference, solved in linear time
+ *                            with I - sigma L = (sigma/r) (I - r S)(I - r S^T), S the cyclic shift and
+ *                            r = 2 sigma / (1 + 2 sigma + sqrt(1 + 4 sigma)) < 1:  d = f - fbar,
+ *                            y[o] = d[o] + r y[o-1],  z[o] = y[o] + r z[o+1] (both periodic),
+ *                            out = fbar + (r/sigma) z            params (r, 1 - r, r/sigma)
+ * Centralisation (math.md 3): out = f - mean of the row (a job is (B rows, N, 1); each row of length N)
+ * float32 data is accumulated in float32 along short axes (N <= 1024) and in double along longer ones, and in
+ * double wherever float32 could overflow (entries or parameters near the float32 range); the Laplacian and
+ * centralisation always accumulate in double.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #ifdef _OPENMP
@@ -21,14 +30,24 @@
 /* Below this many elements one thread is faster than waking a team (measured on 2 cores). */
 #define PARALLEL_MIN (1 << 18)
 
-#define DEFINE_KERNELS(T, A, SUFFIX)                                                                       \
-static inline __attribute__((always_inline)) void h0_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t w, double inv,        \
+/* Whether float accumulation could overflow for entries up to amax: then the double variant runs instead. */
+static inline int risky(double amax, double growth, double inv, double beta) {
+    return !(amax * growth * (1.0 + inv + fabs(beta)) < 1e36) || !(inv < 1e30) || !(fabs(beta) < 1e30);
+}
+
+#define DEFINE_KERNELS(T, A, SUFFIX, SAFE)                                                                 \
+static inline __attribute__((always_inline)) int h0_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t w, double inv,        \
                               double beta) {                                                            \
-    A mean[CH];                                                                                    \
-    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] = 0.0;                                                      \
+    A mean[CH], mx[CH];                                                                            \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { mean[j] = 0.0; mx[j] = 0.0; }                                     \
     for (int64_t o = 0; o < N; o++) {                                                                   \
         const T *r = src + o * M;                                                                       \
-        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] += (A)r[j];                                        \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { const A v = (A)r[j], av = v < 0 ? -v : v; mean[j] += v; mx[j] = mx[j] > av ? mx[j] : av; } \
+    }                                                                                                   \
+    if (SAFE) {                                                                                         \
+        A amax = 0.0;                                                                                   \
+        for (int64_t j = 0; j < w; j++) amax = amax > mx[j] ? amax : mx[j];                             \
+        if (risky((double)amax, (double)N, inv, beta)) return 1;                                      \
     }                                                                                                   \
     _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] /= (A)N;                                               \
     const A a = (A)(inv + beta), b = (A)(1.0 - inv);                                                                        \
@@ -37,16 +56,24 @@ static inline __attribute__((always_inline)) void h0_chunk_##SUFFIX(const T *src
         T *q = dst + o * M;                                                                             \
         _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) q[j] = (T)(mean[j] * b + a * (A)r[j]);           \
     }                                                                                                   \
+    return 0;                                                                                           \
 }                                                                                                       \
                                                                                                         \
-static inline __attribute__((always_inline)) void sobolev_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t w, double inv,   \
+static inline __attribute__((always_inline)) int sobolev_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t w, double inv,   \
                                    double beta) {                                                       \
     A mean[CH], run[CH], s0[CH], s1[CH], mc[CH], base[CH];                                         \
     _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { mean[j] = 0.0; run[j] = 0.0; s0[j] = 0.0; s1[j] = 0.0; }          \
-    for (int64_t o = 0; o < N; o++) {                       /* pass 1: fbar */                          \
+    for (int64_t o = 0; o < N; o++) {                       /* pass 1: fbar (s1: largest |f|) */        \
         const T *r = src + o * M;                                                                       \
-        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] += (A)r[j];                                        \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { const A v = (A)r[j], av = v < 0 ? -v : v; mean[j] += v; s1[j] = s1[j] > av ? s1[j] : av; } \
     }                                                                                                   \
+    if (SAFE) {                                                                                         \
+        A amax = 0.0;                                                                                   \
+        for (int64_t j = 0; j < w; j++) amax = amax > s1[j] ? amax : s1[j];                             \
+        const double n = (double)N;                                                                     \
+        if (risky((double)amax, 4.0 * n * n * n, inv, beta)) return 1; \
+    }                                                                                                   \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) s1[j] = 0.0;                                                        \
     _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] /= (A)N;                                               \
     for (int64_t o = 0; o < N; o++) {                       /* pass 2: sum C[o], sum o*C[o] */          \
         const T *r = src + o * M;                                                                       \
@@ -78,31 +105,151 @@ static inline __attribute__((always_inline)) void sobolev_chunk_##SUFFIX(const T
             s0[j] += run[j] * (A)inv;                                                                      \
         }                                                                                               \
     }                                                                                                   \
+    return 0;                                                                                           \
 }
 
-DEFINE_KERNELS(float, float, f32)      /* short axes: float accumulation vectorises twice as wide */
-DEFINE_KERNELS(float, double, f32d)    /* long axes: float data, double accumulation */
-DEFINE_KERNELS(double, double, f64)
+DEFINE_KERNELS(float, float, f32, 1)      /* short axes: float accumulation vectorises twice as wide */
+DEFINE_KERNELS(float, double, f32d, 0)    /* long axes, or entries near the float32 range: double accumulation */
+DEFINE_KERNELS(double, double, f64, 0)
+
+#define SEG 8     /* chains side by side on one long line */
+#define KMAX 512  /* the longest start-up the line solver takes; longer (sigma > ~1e4) uses the exact wrap */
+
+#define DEFINE_LAPLACIAN(T, SUFFIX)                                                                     \
+static void laplacian_line_##SUFFIX(const T *, T *, int64_t, int64_t, int64_t, double, double, double);   \
+static inline __attribute__((always_inline)) void laplacian_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t w,          \
+                                     double r, double omr, double c) {                                  \
+    double mean[CH], y[CH];                                                                             \
+    const double lr0 = log1p(-omr);                                                                     \
+    if (w == 1 && lr0 < 0.0 && -41.6 / lr0 < (double)KMAX && 2.0 * ceil(-41.6 / lr0) * SEG <= (double)N) {  \
+        laplacian_line_##SUFFIX(src, dst, N, M, (int64_t)ceil(-41.6 / lr0), r, omr, c);                 \
+        return;                                                                                         \
+    }                                                                                                   \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { mean[j] = 0.0; y[j] = 0.0; }                  \
+    for (int64_t o = 0; o < N; o++) {                       /* pass 1: fbar */                          \
+        const T *q = src + o * M;                                                                       \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] += (double)q[j];                   \
+    }                                                                                                   \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] /= (double)N;                          \
+    /* r^K < 2^-60: terms further away do not change a double; 1 - r^N computed without cancellation */ \
+    const double lr = log1p(-omr);                                                                      \
+    const int64_t K = (lr < 0.0 && -41.6 / lr < (double)N) ? (int64_t)ceil(-41.6 / lr) : N;             \
+    const double wrap = -1.0 / expm1((double)N * lr);      /* 1 / (1 - r^N) */                          \
+    const double keep = 0.5 * omr, unkeep = 1.0 / keep;   /* y is kept as y (1 - r) / 2: |.| <= max |f| */ \
+    for (int64_t o = N - K; o < N; o++) {                   /* y[-1] = sum_k r^k d[N-1-k] / (1 - r^N) */ \
+        const T *q = src + o * M;                                                                       \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) y[j] = y[j] * r + ((double)q[j] - mean[j]); \
+    }                                                                                                   \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) y[j] *= wrap;                                  \
+    for (int64_t o = 0; o < N; o++) {                       /* pass 2: y, kept in dst */                \
+        const T *q = src + o * M;                                                                       \
+        T *p = dst + o * M;                                                                             \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { y[j] = ((double)q[j] - mean[j]) + r * y[j]; p[j] = (T)(y[j] * keep); } \
+    }                                                                                                   \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) y[j] = 0.0;                                    \
+    for (int64_t o = K - 1; o >= 0; o--) {                  /* z[N] = z[0] = sum_k r^k y[k] / (1 - r^N) */ \
+        const T *p = dst + o * M;                                                                       \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) y[j] = y[j] * r + (double)p[j] * unkeep;   \
+    }                                                                                                   \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) y[j] *= wrap;                                  \
+    for (int64_t o = N - 1; o >= 0; o--) {                  /* pass 3: z, out = fbar + c z */           \
+        T *p = dst + o * M;                                                                             \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { y[j] = (double)p[j] * unkeep + r * y[j]; p[j] = (T)(mean[j] + c * y[j]); } \
+    }                                                                                                   \
+}                                                                                                       \
+                                                                                                        \
+/* One long line (w = 1): SEG independent chains, each started KMAX-truncated from zero K steps before its segment
+ * (r^K < 2^-60, so the start is exact in double), run side by side so that their latencies overlap.  The K inputs
+ * before each segment are copied first, so the chains may run in any order, in place or not. */                   \
+static void laplacian_line_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t K, double r, double omr,    \
+                                    double c) {                                                                     \
+    double acc[SEG] = {0.0}, y[SEG], warm[SEG][KMAX];                                                               \
+    const int64_t L = N / SEG, rest = N - SEG * L;                                                                  \
+    for (int64_t t = 0; t < L; t++)                                                                                 \
+        for (int s = 0; s < SEG; s++) acc[s] += (double)src[(s * L + t) * M];                                       \
+    for (int64_t o = SEG * L; o < N; o++) acc[0] += (double)src[o * M];                                            \
+    double total = 0.0;                                                                                             \
+    for (int s = 0; s < SEG; s++) total += acc[s];                                                                  \
+    const double mean = total / (double)N, keep = 0.5 * omr, unkeep = 1.0 / keep;                                   \
+    for (int s = 0; s < SEG; s++)                           /* forward: y[o] = d[o] + r y[o-1] */                   \
+        for (int64_t i = 0; i < K; i++) warm[s][i] = (double)src[((s * L - K + i + N) % N) * M] - mean;            \
+    for (int s = 0; s < SEG; s++) {                                                                                 \
+        y[s] = 0.0;                                                                                                 \
+        for (int64_t i = 0; i < K; i++) y[s] = warm[s][i] + r * y[s];                                               \
+    }                                                                                                               \
+    for (int64_t t = 0; t < L; t++)                                                                                 \
+        for (int s = 0; s < SEG; s++) {                                                                            \
+            const int64_t o = (s * L + t) * M;                                                                      \
+            y[s] = ((double)src[o] - mean) + r * y[s];                                                              \
+            dst[o] = (T)(y[s] * keep);                                                                              \
+        }                                                                                                           \
+    for (int64_t o = SEG * L; o < N; o++) {                                                                         \
+        y[SEG - 1] = ((double)src[o * M] - mean) + r * y[SEG - 1];                                                  \
+        dst[o * M] = (T)(y[SEG - 1] * keep);                                                                        \
+    }                                                                                                               \
+    for (int s = 0; s < SEG; s++) {                         /* backward: z[o] = y[o] + r z[o+1] */                  \
+        const int64_t end = s == SEG - 1 ? N : (s + 1) * L;                                                         \
+        for (int64_t i = 0; i < K; i++) warm[s][i] = (double)dst[((end + K - 1 - i) % N) * M] * unkeep;            \
+    }                                                                                                               \
+    for (int s = 0; s < SEG; s++) {                                                                                 \
+        y[s] = 0.0;                                                                                                 \
+        for (int64_t i = 0; i < K; i++) y[s] = warm[s][i] + r * y[s];                                               \
+    }                                                                                                               \
+    for (int64_t o = N - 1; o >= SEG * L; o--) {                                                                    \
+        y[SEG - 1] = (double)dst[o * M] * unkeep + r * y[SEG - 1];                                                  \
+        dst[o * M] = (T)(mean + c * y[SEG - 1]);                                                                    \
+    }                                                                                                               \
+    (void)rest;                                                                                                     \
+    for (int64_t t = L - 1; t >= 0; t--)                                                                            \
+        for (int s = 0; s < SEG; s++) {                                                                            \
+            const int64_t o = (s * L + t) * M;                                                                      \
+            y[s] = (double)dst[o] * unkeep + r * y[s];                                                              \
+            dst[o] = (T)(mean + c * y[s]);                                                                          \
+        }                                                                                                           \
+}                                                                                                                   \
+                                                                                                                    \
+static void centralize_rows_##SUFFIX(const T *src, T *dst, int64_t rows, int64_t L) {                   \
+    for (int64_t b = 0; b < rows; b++) {                                                                \
+        const T *q = src + b * L;                                                                       \
+        T *p = dst + b * L;                                                                             \
+        double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                       \
+        int64_t l = 0;                                                                                  \
+        for (; l + 8 <= L; l += 8) {                                                                    \
+            _Pragma("GCC ivdep") for (int t = 0; t < 8; t++) acc[t] += (double)q[l + t];                \
+        }                                                                                               \
+        for (; l < L; l++) acc[0] += (double)q[l];                                                      \
+        const double mean = (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))) / (double)L; \
+        _Pragma("GCC ivdep") for (int64_t k = 0; k < L; k++) p[k] = (T)((double)q[k] - mean);            \
+    }                                                                                                   \
+}
+
+DEFINE_LAPLACIAN(float, f32)
+DEFINE_LAPLACIAN(double, f64)
 
 #define DISPATCH(W)                                                                                     \
     switch (kinds[i]) {                                                                                 \
-    case 0: h0_chunk_f32((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta); break;  \
+    case 0: { if (h0_chunk_f32((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta)) h0_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta); } break;  \
     case 1: h0_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta); break; \
     case 2: h0_chunk_f64((const double *)src[i] + off, (double *)dst[i] + off, N, M, W, inv, beta); break; \
-    case 3: sobolev_chunk_f32((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta); break; \
+    case 3: { if (sobolev_chunk_f32((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta)) sobolev_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta); } break; \
     case 4: sobolev_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta); break; \
     case 5: sobolev_chunk_f64((const double *)src[i] + off, (double *)dst[i] + off, N, M, W, inv, beta); break; \
+    case 6: case 7: laplacian_chunk_f32((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, p[0], p[1], p[2]); break; \
+    case 8: laplacian_chunk_f64((const double *)src[i] + off, (double *)dst[i] + off, N, M, W, p[0], p[1], p[2]); break; \
     default: break;                                                                                     \
     }
 
-/* kinds[i] = 3 * metric + variant; metric 0 = H0, 1 = Sobolev; variant 0 = f32, 1 = f32d, 2 = f64.
- * dims[3i..3i+2] = (B, N, M); params[2i..2i+1] = (inv, beta); src/dst are addresses. */
+#define ROWS 16 /* centralisation: rows per work item */
+
+/* kinds[i] = 3 * metric + variant; metric 0 = H0, 1 = Sobolev, 2 = Laplacian, 3 = centralisation; variant
+ * 0 = f32, 1 = f32d, 2 = f64.  dims[3i..3i+2] = (B, N, M) (centralisation: (rows, row length, 1));
+ * params[3i..3i+2] = (inv, beta, unused) or, for the Laplacian, (r, 1 - r, r / sigma); src/dst are addresses. */
 int cdg_run(int64_t n, const int64_t *src, const int64_t *dst, const int64_t *dims, const double *params,
             const int32_t *kinds, int32_t nthreads) {
     int64_t total = 0, elements = 0;
     for (int64_t i = 0; i < n; i++) {
         const int64_t B = dims[3 * i], N = dims[3 * i + 1], M = dims[3 * i + 2];
-        if (N > 0) total += B * ((M + CH - 1) / CH);
+        if (N > 0) total += kinds[i] >= 9 ? (B + ROWS - 1) / ROWS : B * ((M + CH - 1) / CH);
         elements += B * N * M;
     }
     if (total == 0) return 0;
@@ -112,6 +259,10 @@ int cdg_run(int64_t n, const int64_t *src, const int64_t *dst, const int64_t *di
     for (int64_t i = 0; i < n; i++) {
         const int64_t B = dims[3 * i], N = dims[3 * i + 1], M = dims[3 * i + 2];
         if (N == 0) continue;
+        if (kinds[i] >= 9) {
+            for (int64_t b = 0; b < B; b += ROWS) { items[3 * k] = i; items[3 * k + 1] = b; items[3 * k + 2] = 0; k++; }
+            continue;
+        }
         for (int64_t b = 0; b < B; b++)
             for (int64_t c = 0; c < M; c += CH) { items[3 * k] = i; items[3 * k + 1] = b; items[3 * k + 2] = c; k++; }
     }
@@ -122,9 +273,18 @@ int cdg_run(int64_t n, const int64_t *src, const int64_t *dst, const int64_t *di
     for (int64_t t = 0; t < total; t++) {
         const int64_t i = items[3 * t], b = items[3 * t + 1], c = items[3 * t + 2];
         const int64_t N = dims[3 * i + 1], M = dims[3 * i + 2];
+        if (kinds[i] >= 9) {
+            const int64_t rows = (dims[3 * i] - b) < ROWS ? (dims[3 * i] - b) : ROWS;
+            if (kinds[i] == 11)
+                centralize_rows_f64((const double *)src[i] + b * N, (double *)dst[i] + b * N, rows, N);
+            else
+                centralize_rows_f32((const float *)src[i] + b * N, (float *)dst[i] + b * N, rows, N);
+            continue;
+        }
         const int64_t w = (M - c) < CH ? (M - c) : CH;
         const int64_t off = b * N * M + c;
-        const double inv = params[2 * i], beta = params[2 * i + 1];
+        const double *p = params + 3 * i;
+        const double inv = p[0], beta = p[1];
         if (w == CH) {
             DISPATCH(CH)
         } else {
@@ -133,4 +293,13 @@ int cdg_run(int64_t n, const int64_t *src, const int64_t *dst, const int64_t *di
     }
     free(items);
     return 0;
+}
+
+/* One job, its description passed by value (no arrays to build on the caller's side): the pure functions. */
+int cdg_run1(int64_t src, int64_t dst, int64_t B, int64_t N, int64_t M, double p0, double p1, double p2, int32_t kind,
+             int32_t nthreads) {
+    const int64_t s[1] = {src}, d[1] = {dst}, dims[3] = {B, N, M};
+    const double params[3] = {p0, p1, p2};
+    const int32_t kinds[1] = {kind};
+    return cdg_run(1, s, d, dims, params, kinds, nthreads);
 }

@@ -54,7 +54,10 @@ def sgs_scaling(S: Tensor, k: float = 5.0) -> Tensor:
         raise ValueError(f"S must be non-empty, got shape {tuple(S.shape)}")
     if not torch.isfinite(S).all() or (S < 0).any():
         raise ValueError("S must contain only finite values >= 0")
-    g = k * S / ((k - 1.0) * S + 1.0)
+    if k > 1e30:  # k S would overflow float32: the same G as S / ((1 - 1/k) S + 1/k), 0 where S = 0
+        g = torch.where(S > 0, S / ((1.0 - 1.0 / k) * S + 1.0 / k), torch.zeros_like(S))
+    else:
+        g = k * S / ((k - 1.0) * S + 1.0)
     mean = g.mean(dim=(-2, -1), keepdim=True)
     if (mean <= 0).any():
         raise ValueError("S must have at least one entry > 0 in every (k_h, k_w) matrix")

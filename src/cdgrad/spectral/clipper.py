@@ -249,10 +249,11 @@ class OperatorNormClipper(GradientTransform):
     def operator_norms(self, estimate: str = "exact") -> dict[str, float]:
         """Each layer's operator norm at its input size, or a cheaper estimate of it.
 
-        ``estimate``: ``"exact"`` (`conv_operator_norm`), ``"power"`` (two power iterations of
-        `cdgrad.norm_bounds.conv_norm_power` from the vector kept since the last call: a lower bound that tracks
-        the norm during training), ``"gram"`` (`conv_norm_gram`, an upper bound) or ``"reshaped"`` (the reshaped
-        kernel's norm, which ignores the input size).
+        ``estimate``: ``"exact"`` (`conv_operator_norm`), ``"power"`` (one per-frequency power iteration of
+        `cdgrad.norm_bounds.conv_norm_power` from the vectors kept since the last call: a lower bound that tracks
+        the norm during training; docs/spectral.md has its accuracy and speed against the exact norms),
+        ``"gram"`` (`conv_norm_gram`, an upper bound) or ``"reshaped"`` (the reshaped kernel's norm, which ignores
+        the input size).
         """
         estimate = check_choice(estimate, "estimate", NORM_ESTIMATES)
         with torch.no_grad():
@@ -262,7 +263,9 @@ class OperatorNormClipper(GradientTransform):
             for n in self._layers:
                 w, size = self._weight(n), self.input_sizes[n]
                 if estimate == "power":
-                    value, self._power_vectors[n] = conv_norm_power(w, size, self._power_vectors.get(n), iters=2)
+                    value, self._power_vectors[n] = conv_norm_power(
+                        w, size, self._power_vectors.get(n), iters=1, per_frequency=True
+                    )
                 elif estimate == "gram":
                     value = conv_norm_gram(w, size)
                 elif estimate == "reshaped":
@@ -312,17 +315,22 @@ class OperatorNormClipper(GradientTransform):
         if not isinstance(vectors, Mapping) or not set(vectors) <= set(self._layers):
             got = sorted(vectors) if isinstance(vectors, Mapping) else type(vectors).__name__
             raise ValueError(f"state['power_vectors'] must map layer names {self.layer_names} to vectors, got {got}")
+        kept = {}
         for n, v in vectors.items():
-            shape = (self._weight(n).shape[1], *new_sizes[n])
-            if not isinstance(v, Tensor) or tuple(v.shape) != shape:
-                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                raise ValueError(f"state['power_vectors'][{n!r}] must be a tensor of shape {shape}, got {got}")
-        new_vectors = {n: v.detach().clone() for n, v in vectors.items()}
+            (n_h, n_w), inputs = new_sizes[n], self._weight(n).shape[1]
+            shape, older = (n_h, n_w // 2 + 1, inputs), (inputs, n_h, n_w)
+            if isinstance(v, Tensor) and tuple(v.shape) == shape and v.is_complex():
+                kept[n] = v.detach().clone()
+            elif not (isinstance(v, Tensor) and tuple(v.shape) == older and not v.is_complex()):
+                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(
+                    f"state['power_vectors'][{n!r}] must be a complex tensor of shape {shape}, got {got}"
+                )  # a real vector of the older global iteration's shape: dropped, the next estimate starts cold
 
         def commit() -> None:
             self._step_count, self.max_norm, self.every, self.input_sizes = step, max_norm, every, new_sizes
             self.projection = projection
-            self._power_vectors = new_vectors
+            self._power_vectors = kept
 
         return commit
 
