@@ -12,6 +12,7 @@ or None.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -161,7 +162,5 @@ class SlurmCluster:
             except ProcessLookupError:
                 return
             time.sleep(0.1)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -260,6 +260,7 @@ def cmd_run(args: argparse.Namespace, command: str) -> int:
     runs = _preset_runs(args, args.preset)
     if not runs:
         raise ValueError(f"--where {args.where} matches none of preset {args.preset!r}'s runs")
+    sweeps.executor_options(args)  # bad options are refused before anything is read or created
     store = ResultStore(args.results)
     if args.dry_run:
         states = sweeps.run_states(runs, store)

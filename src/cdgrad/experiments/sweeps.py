@@ -20,6 +20,7 @@ __all__ = [
     "add_executor_arguments",
     "add_status_parser",
     "cmd_status",
+    "executor_options",
     "load_plugins",
     "run_states",
     "run_with_executor",
@@ -88,7 +89,7 @@ def add_status_parser(sub: Any, add_common: Callable[[argparse.ArgumentParser, b
     p.add_argument("-q", "--quiet", action="store_true", help="only the table of counts")
 
 
-def _executor_options(args: argparse.Namespace) -> tuple[int, list[str] | None, object]:
+def executor_options(args: argparse.Namespace) -> tuple[int, list[str] | None, object]:
     """(jobs, devices, slurm options) from the command line; ValueError naming a flag that does not fit."""
     from cdgrad.experiments.executors import SlurmOptions, parse_minutes
 
@@ -145,7 +146,7 @@ def run_with_executor(
     from cdgrad.experiments.executors import run_local, submit_slurm, wait_for_jobs
     from cdgrad.experiments.runner import prepare
 
-    jobs, devices, options = _executor_options(args)
+    jobs, devices, options = executor_options(args)
     from cdgrad.experiments.launch import init_from_env
 
     if "WORLD_SIZE" in os.environ or init_from_env() is not None:
