@@ -181,3 +181,12 @@ def test_plugins_are_imported_and_a_bad_one_is_named(monkeypatch):
         load_plugins("no_such_module_xyz")
     with pytest.raises(ValueError, match="'json:nothing'"):
         load_plugins("json:nothing")
+
+
+def test_slurm_executor_without_slurm_is_a_clear_error_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no squeue
+    results = tmp_path / "res"
+    assert cli.main(["run", "sweep-test", "--results", str(results), "--executor", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert "--executor slurm needs the SLURM commands" in err and "sbatch" in err
+    assert not results.exists()

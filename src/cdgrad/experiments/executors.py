@@ -15,8 +15,10 @@ import getpass
 import math
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
@@ -34,6 +36,7 @@ from cdgrad.experiments.store import ResultStore, Submission
 __all__ = [
     "EXECUTORS",
     "SlurmOptions",
+    "check_slurm",
     "parse_minutes",
     "queued_jobs",
     "run_local",
@@ -70,6 +73,8 @@ def _run_in_worker(root: str, config: dict[str, Any], seed: int) -> tuple[str, s
     key = run_key(run, seed)
     path = os.path.join(root, "logs", f"{key}.log")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     with open(path, "ab") as fh:
         os.dup2(fh.fileno(), 1)
@@ -81,6 +86,8 @@ def _run_in_worker(root: str, config: dict[str, Any], seed: int) -> tuple[str, s
         job = f"local:{socket.gethostname()}:{os.getpid()}"
         return key, execute(root, run, seed, job_id=job, log_path=path, dataset=data[data_key(run)])
     finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
         for fd, saved_fd in ((1, saved[0]), (2, saved[1])):
             os.dup2(saved_fd, fd)
             os.close(saved_fd)
@@ -213,6 +220,20 @@ def parse_minutes(text: str, name: str = "--slurm-time") -> int:
     return minutes
 
 
+def check_slurm() -> None:
+    """ValueError saying what is missing when submitit or the SLURM commands are not available here."""
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise ValueError("--executor slurm needs submitit: pip install 'cdgrad[slurm]'") from None
+    missing = [c for c in ("sbatch", "squeue") if shutil.which(c) is None]
+    if missing:
+        raise ValueError(
+            f"--executor slurm needs the SLURM commands, and {' and '.join(missing)} is not on PATH; run cdgrad on a "
+            "machine that submits to the cluster (a login node), or use --executor local"
+        )
+
+
 def queued_jobs(timeout_s: float = SCHEDULER_TIMEOUT_S) -> dict[str, str] | None:
     """{job id: state} of this user's pending, running or requeued jobs (array tasks one by one), from `squeue`;
     None if squeue failed or did not answer within `timeout_s` seconds."""
@@ -241,6 +262,7 @@ def submit_slurm(
 ) -> list[str]:
     """Submit one array task per unfinished run that is not pending or running in a live job; returns the keys
     of every run this command waits for (the new tasks and the live ones). One coordinator submits at a time."""
+    check_slurm()
     import submitit
 
     from cdgrad.experiments.worker import RunTask
@@ -286,7 +308,7 @@ def wait_for_jobs(
     scheduler_silence_s: float = 600.0,
 ) -> dict[str, str]:
     """Wait until every run of `keys` has a record or has left the queue without one; {key: outcome} with
-    outcome "completed", "diverged", "failed" or "lost" (no record, no live job: cancelled or killed; the same
+    outcome "done" (completed or diverged), "failed" or "lost" (no record, no live job: cancelled or killed; the same
     command resubmits it and it resumes from its checkpoint). Stops early after `timeout_s` seconds, or when
     squeue has not answered for `scheduler_silence_s` seconds; runs still queued then are "queued"."""
     bar = Progress(len(keys), desc="runs", enabled=progress)
@@ -296,10 +318,8 @@ def wait_for_jobs(
     try:
         while True:
             queued = queued_jobs()  # first the queue, then the records: a job leaves the queue after its record
-            store.ingest()
-            finished = {run.key: run.status for run in store.runs(keys, warn=False)}
-            failed = store.failures()
-            outcome = {k: finished.get(k) or ("failed" if k in failed else "queued") for k in keys}
+            finished, failed = store.done_keys(), store.failures()
+            outcome = {k: "done" if k in finished else "failed" if k in failed else "queued" for k in keys}
             bar.update(sum(v != "queued" for v in outcome.values()) - shown)
             shown = sum(v != "queued" for v in outcome.values())
             if queued is not None:

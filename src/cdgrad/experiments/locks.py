@@ -66,19 +66,27 @@ class RunLock:
 
 
 def holder(root: str, key: str) -> str | None:
-    """'pid N on HOST' of the process holding run `key`'s lock, 'another process' if unknown, None if free."""
-    lock = RunLock(root, key)
-    if not os.path.exists(lock.path):
-        return None
-    if lock.acquire():
-        lock.release()
-        return None
+    """'pid N on HOST' of the process holding run `key`'s lock, 'another process' if unknown, None if free
+    (the lock file is only read: this works on a read-only results folder)."""
     try:
-        with open(lock.path) as fh:
-            pid, host = fh.read().split()
-        return f"pid {int(pid)} on {host}"
-    except (OSError, ValueError):
-        return "another process"
+        fd = os.open(lock_path(root, key), os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: never locked
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        try:
+            pid, host = os.read(fd, 4096).decode().split()
+            return f"pid {int(pid)} on {host}"
+        except (OSError, ValueError, UnicodeDecodeError):
+            return "another process"
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -143,7 +143,7 @@ def run_with_executor(
 ) -> int:
     """`cdgrad run --executor local|slurm`, then `report()` once the runs are finished: 0 when every run is
     finished, 1 when some failed or are lost."""
-    from cdgrad.experiments.executors import run_local, submit_slurm, wait_for_jobs
+    from cdgrad.experiments.executors import check_slurm, run_local, submit_slurm, wait_for_jobs
     from cdgrad.experiments.runner import prepare
 
     jobs, devices, options = executor_options(args)
@@ -151,6 +151,8 @@ def run_with_executor(
 
     if "WORLD_SIZE" in os.environ or init_from_env() is not None:
         raise ValueError(f"--executor {args.executor} cannot run under torchrun; use the default --executor inline")
+    if args.executor == "slurm":
+        check_slurm()  # before anything is loaded or created
     prepare(runs, store, remove_orphans=args.executor == "local")  # jobs elsewhere may be writing temporaries
     if args.executor == "local":
         outcome = run_local(
