@@ -49,6 +49,14 @@ def setup() -> None:
     _install_hooks()
 
 
+def teardown() -> None:
+    """Remove the test presets `setup` added (the data set and models stay: other tests register them too)."""
+    from helpers import uninstall_preset
+
+    for preset in presets():
+        uninstall_preset(preset.name)
+
+
 _INSTALLED: list[bool] = []
 
 

@@ -18,11 +18,18 @@ from cdgrad.experiments.runner import run_all
 from cdgrad.experiments.store import ResultStore
 from cdgrad.experiments.worker import load_plugins
 from sweep_helpers import cdgrad_cmd, finish, numbers, records
-from sweep_plugin import presets, setup
+from sweep_plugin import presets, setup, teardown
 
-setup()  # the test data set, models and presets in this process too (no hooks: none of their variables is set)
 TINY = RunConfig(dataset="synthetic", model="tiny", epochs=2, batch_size=64, lr=0.1, threads=1)
 METRICS = {"curves": {"epoch": [1]}, "final": {"test_acc": 50.0}, "wall_s": 1.0, "status": "completed"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin():
+    """The test data set, models and presets in this process too (no hooks: none of their variables is set)."""
+    setup()
+    yield
+    teardown()
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,26 @@ from pathlib import Path
 import pytest
 
 from sweep_helpers import cdgrad_cmd, finish, numbers, records, steps, sweep_env, wait_until
-from sweep_plugin import STEPS_PER_EPOCH
+from sweep_plugin import STEPS_PER_EPOCH, presets, setup, teardown
 
-pytestmark = pytest.mark.usefixtures("slurm_cluster")
+pytestmark = [pytest.mark.usefixtures("slurm_cluster"), pytest.mark.slow]
 RUN = ["--executor", "slurm", "--no-plots"]
 WAIT = ["--wait", "--wait-timeout", "300"]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, tuple]:
-    """The inline numbers of the test presets' runs (one process, one run at a time)."""
-    results = tmp_path_factory.mktemp("inline")
-    for preset in ("sweep-test", "sweep-one"):
-        code, out, err = finish(cdgrad_cmd("run", preset, "--results", str(results), "--no-plots"))
-        assert code == 0, out + err
+    """The inline numbers of the test presets' runs, trained in this process one at a time."""
+    from cdgrad.experiments.runner import run_all
+    from cdgrad.experiments.store import ResultStore
+
+    setup()  # no hooks here: none of their variables is set in this process
+    try:
+        results = tmp_path_factory.mktemp("inline")
+        runs = [run for preset in presets() if preset.name in ("sweep-test", "sweep-one") for run in preset.runs()]
+        run_all(runs, ResultStore(str(results)), log=lambda m: None)
+    finally:
+        teardown()
     return {k: numbers(r) for k, r in records(results).items()}
 
 
