@@ -197,3 +197,21 @@ def test_slurm_executor_without_slurm_is_a_clear_error_and_creates_nothing(tmp_p
     err = capsys.readouterr().err
     assert "--executor slurm needs the SLURM commands" in err and "sbatch" in err
     assert not results.exists()
+
+
+def test_a_filesystem_without_locks_trains_the_run_unlocked_and_says_so(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from cdgrad.experiments import locks
+    from cdgrad.experiments.worker import execute
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    with pytest.raises(OSError, match="No locks"):
+        locks.RunLock(str(tmp_path), "k").acquire()
+    assert execute(str(tmp_path), TINY, 0) == "completed"
+    assert "trains without its lock" in capsys.readouterr().err
+    assert read_record(record_path(str(tmp_path), run_key(TINY, 0)))["status"] == "completed"
+    assert execute(str(tmp_path), TINY, 0) == "done"  # finished: not trained again

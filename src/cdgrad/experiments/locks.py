@@ -10,6 +10,7 @@ jobs on a cluster do not rely on it: there the scheduler's queue and the per-run
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -32,16 +33,19 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        """Take the lock without waiting; False if another open lock (any process, this one included) holds it."""
+        """Take the lock without waiting; False if another open lock (any process, this one included) holds it;
+        OSError where the filesystem has no working locks."""
         if self._fd is not None:
             return True
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
-            return False
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False  # held
+            raise  # locks do not work here (e.g. ENOLCK on a network filesystem without a lock manager)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self._fd = fd
