@@ -93,7 +93,7 @@ PRESETS = (
         plots=("hist", "curves"),
         cuts="the demo's miniature of the Fig. 6 protocol (Fashion-MNIST, 2-layer CNN, 2,000 training images, 6 "
         "epochs, evaluation on 10,000 held-out images) instead of the paper's networks and epochs, lambda 10 only, 25 "
-        "seeds per method; about 25 minutes on 2 CPU cores",
+        "seeds per method; 45 minutes through the single-node test cluster on 2 busy CPU cores",
     ),
     Preset(
         "fig6",
