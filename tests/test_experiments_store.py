@@ -40,7 +40,7 @@ def test_save_and_read_back(tmp_path):
     assert store.is_done(config, 3) and not store.is_done(config, 4)
 
 
-def test_a_failing_commit_leaves_nothing(tmp_path, monkeypatch):
+def test_a_failing_index_commit_loses_no_run(tmp_path, monkeypatch):
     store = ResultStore(str(tmp_path))
     store.save(TINY, 0, _metrics())
     real_connect = store._connect
@@ -58,10 +58,12 @@ def test_a_failing_commit_leaves_nothing(tmp_path, monkeypatch):
             return getattr(self.conn, name)
 
     monkeypatch.setattr(store, "_connect", lambda: FailingCommit(real_connect()))
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
         store.save(TINY, 1, _metrics())
+    rows = sqlite3.connect(store.path).execute("SELECT key FROM runs").fetchall()
+    assert rows == [(run_key(TINY, 0),)]  # the index was not changed ...
     monkeypatch.undo()
-    assert store.done_keys() == {run_key(TINY, 0)}
+    assert store.done_keys() == {run_key(TINY, 0), run_key(TINY, 1)}  # ... but the record stands and is indexed
 
 
 def test_unwritable_results_folder(tmp_path):

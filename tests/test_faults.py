@@ -27,9 +27,10 @@ import cdgrad
 from cdgrad.experiments import cli
 from cdgrad.experiments.checkpoint import CorruptCheckpointError, read_checkpoint, save_checkpoint
 from cdgrad.experiments.config import RunConfig, run_key
+from cdgrad.experiments.locks import RunLock, holder
 from cdgrad.experiments.presets import Preset
 from cdgrad.experiments.runner import run_all
-from cdgrad.experiments.store import ResultStore, process_start
+from cdgrad.experiments.store import ResultStore
 from cdgrad.experiments.train import train
 from helpers import flip_tensor_byte, install_preset, register_fixtures, uninstall_preset
 
@@ -87,8 +88,11 @@ def _run_argv(results) -> list[str]:
     return ["run", "faults", "--results", str(results), "--no-plots"]
 
 
-def _claims(results) -> list:
-    return sqlite3.connect(os.path.join(results, "results.sqlite")).execute("SELECT * FROM claims").fetchall()
+def _held_locks(results) -> list[str]:
+    """The run locks of `results` some process still holds (none once a sweep has ended)."""
+    folder = Path(results) / "locks"
+    names = sorted(p.stem for p in folder.glob("*.lock")) if folder.exists() else []
+    return [k for k in names if holder(str(results), k) is not None]
 
 
 # ------------------------------------------------------------------------------------------------ kill -9
@@ -124,7 +128,7 @@ def test_kill_9_then_rerun_loses_nothing_duplicates_nothing_and_matches_bit_for_
     assert json.loads(counts.read_text())["step"] == (6 - stored_before) * STEPS - resumed_steps
     assert _stored(results) == reference  # resumed runs equal uninterrupted ones, bit for bit
     assert os.listdir(results / "checkpoints") == []  # no checkpoint, temporary or corrupt file left
-    assert _claims(results) == []
+    assert _held_locks(results) == []
 
 
 # ------------------------------------------------------------------------------ two processes, one sweep
@@ -145,7 +149,7 @@ def test_two_processes_on_one_store_share_the_work(tmp_path, reference):
     assert a and b, (a, b)  # both trained some runs
     assert not a & b and len(a) + len(b) == 6  # every run trained exactly once
     assert _stored(results) == reference
-    assert _claims(results) == []
+    assert _held_locks(results) == []
 
 
 def _spawn_and_reap() -> int:
@@ -155,68 +159,33 @@ def _spawn_and_reap() -> int:
     return proc.pid
 
 
-def _claim(results, key: str, pid: int, age_s: float = 0.0, started: str | None = None) -> None:
-    store = ResultStore(str(results))
-    store.check_writable()
-    with sqlite3.connect(store.path) as conn:
-        conn.execute(
-            "INSERT INTO claims (key, pid, host, heartbeat, started) VALUES (?, ?, ?, ?, ?)",
-            (
-                key,
-                pid,
-                socket.gethostname(),
-                time.time() - age_s,
-                started if started is not None else process_start(pid),
-            ),
-        )
-
-
-def test_claims_of_live_processes_are_respected_and_stale_ones_taken_over(tmp_path):
+def test_runs_another_process_holds_are_left_to_it_and_taken_over_once_free(tmp_path):
     runs = _preset().runs()[:2]
     keys = [run_key(c, s) for c, s in runs]
     results = tmp_path / "res"
-    _claim(results, keys[0], os.getppid())  # a live process, fresh heartbeat
-    _claim(results, keys[1], _spawn_and_reap())  # a dead process
+    other = RunLock(str(results), keys[0])  # held as another process would hold it (a second open file)
+    assert other.acquire()
     messages: list[str] = []
     run_all(runs, ResultStore(str(results)), log=messages.append, wait=False)
     store = ResultStore(str(results))
-    assert store.done_keys() == {keys[1]}  # the dead owner's run was taken over
-    assert any("still being trained by" in m and f"pid {os.getppid()}" in m and keys[0] in m for m in messages)
-    # the live owner stops reporting: once its heartbeat is older than the timeout, its run is taken over
-    run_all(runs, ResultStore(str(results), claim_timeout_s=3600), log=messages.append, wait=False)
-    assert store.done_keys() == {keys[1]}
-    with sqlite3.connect(store.path) as conn:
-        conn.execute("UPDATE claims SET heartbeat = heartbeat - 7200")
-    run_all(runs, ResultStore(str(results), claim_timeout_s=3600), log=messages.append, wait=False)
-    assert store.done_keys() == set(keys) and _claims(results) == []
-
-
-def test_a_claim_whose_process_id_was_reused_is_taken_over(tmp_path):
-    if not process_start(os.getppid()):
-        pytest.skip("process start times cannot be read here (no /proc)")
-    runs = _preset().runs()[:1]
-    results = tmp_path / "res"
-    _claim(results, run_key(*runs[0]), os.getppid(), started="1")  # the id now belongs to a later process
-    run_all(runs, ResultStore(str(results)), log=lambda m: None, wait=False)
-    assert ResultStore(str(results)).done_keys() == {run_key(*runs[0])}
-
-
-def test_heartbeat_is_refreshed_after_every_epoch(tmp_path, monkeypatch):
-    beats: list[str] = []
-    real = ResultStore.heartbeat
-    monkeypatch.setattr(ResultStore, "heartbeat", lambda self, key: (beats.append(key), real(self, key)))
-    runs = _preset().runs()[:2]
-    run_all(runs, ResultStore(str(tmp_path / "res")), log=lambda m: None)
-    assert beats == [run_key(c, s) for c, s in runs for _ in range(CONFIG.epochs)]
+    assert store.done_keys() == {keys[1]}  # the free run was trained, the held one left alone
+    assert any("still being trained by" in m and f"pid {os.getpid()}" in m and keys[0] in m for m in messages)
+    other.release()  # its holder ends (a killed holder's lock goes the same way: the kernel drops it)
+    run_all(runs, ResultStore(str(results)), log=messages.append, wait=False)
+    assert store.done_keys() == set(keys) and _held_locks(results) == []
 
 
 def test_train_refuses_a_run_another_live_process_is_training(tmp_path, capsys):
     results = tmp_path / "res"
-    _claim(results, run_key(CONFIG, 0), os.getppid())
+    other = RunLock(str(results), run_key(CONFIG, 0))
+    assert other.acquire()
     argv = ["train", "--results", str(results), "--seed", "0"]
     argv += [x for k, v in BASE.items() for x in ("--" + k.replace("_", "-"), str(v))]
-    assert cli.main(argv) == 2
-    assert f"process {os.getppid()}" in capsys.readouterr().err
+    try:
+        assert cli.main(argv) == 2
+    finally:
+        other.release()
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in capsys.readouterr().err
     assert ResultStore(str(results)).done_keys() == set()
 
 
@@ -407,7 +376,37 @@ def test_an_old_store_gains_the_status_column(tmp_path):
     (run,) = ResultStore(str(results)).runs()
     assert run.status == "completed" and run.final == {"test_acc": 50.0}
     columns = [row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(runs)")]
-    assert columns[-1] == "status"
+    assert "status" in columns
+
+
+def test_an_old_store_with_claims_migrates_to_record_files(tmp_path):
+    results = tmp_path / "res"
+    results.mkdir()
+    path = results / "results.sqlite"
+    config = json.dumps({"dataset": "synthetic", "model": "tiny"})
+    with sqlite3.connect(path) as conn:  # the schema of the previous version, a claim left by a killed process
+        conn.execute(
+            "CREATE TABLE runs (key TEXT PRIMARY KEY, seed INTEGER NOT NULL, config TEXT NOT NULL, version TEXT NOT "
+            "NULL, env TEXT NOT NULL, curves TEXT NOT NULL, final TEXT NOT NULL, wall_s REAL NOT NULL, finished "
+            "TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'completed')"
+        )
+        conn.execute("CREATE TABLE claims (key TEXT PRIMARY KEY, pid INTEGER, host TEXT, heartbeat REAL, started TEXT)")
+        conn.execute(
+            "INSERT INTO runs VALUES (?, 0, ?, '0.1.0', '{}', '{\"epoch\": [1]}', '{\"test_acc\": 50.0}', 1.0, "
+            "'2026-01-01', 'diverged')",
+            (run_key(CONFIG, 0), config),
+        )
+        conn.execute("INSERT INTO claims VALUES ('k', 1, 'h', 0.0, '')")
+    store = ResultStore(str(results))
+    store.check_writable()
+    tables = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "claims" not in tables
+    record = json.loads((results / "runs" / f"{run_key(CONFIG, 0)}.json").read_text())
+    assert record["status"] == "diverged" and record["final"] == {"test_acc": 50.0} and record["seed"] == 0
+    assert record["version"] == "0.1.0" and record["finished"] == "2026-01-01" and record["curves"] == {"epoch": [1]}
+    path.unlink()  # the record alone rebuilds the index
+    (run,) = ResultStore(str(results)).runs()
+    assert run.key == run_key(CONFIG, 0) and run.status == "diverged" and run.final == {"test_acc": 50.0}
 
 
 def test_analyze_stops_on_non_finite_weights(tmp_path, capsys):
@@ -532,8 +531,7 @@ def test_a_full_disk_while_storing_a_run_says_so_and_a_rerun_completes_the_sweep
     err = capsys.readouterr().err
     assert "no space left on the device" in err and str(results) in err and "Traceback" not in err
     assert "cannot be used" not in err and "move results.sqlite aside" not in err
-    assert ResultStore(str(results)).done_keys() == set() and _claims(results) == []
-    monkeypatch.undo()
+    monkeypatch.undo()  # the run's record was written before the index: nothing is lost, the rerun indexes it
     assert cli.main(_run_argv(results)) == 0
     assert _stored(results) == reference
 

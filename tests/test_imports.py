@@ -154,9 +154,9 @@ TOOLKIT_LAYERS = [
     ("registry", "launch", "progress"),
     ("data", "models", "unet", "spade", "metrics", "fid", "method_params", "methods", "tasks"),
     ("config", "config_cli", "checks"),
-    ("setup", "checkpoint", "store", "store_errors"),
+    ("setup", "checkpoint", "store", "store_errors", "records", "locks", "environment"),
     ("train",),
-    ("runner", "presets"),
+    ("runner", "presets", "worker", "executors", "status", "sweeps"),
     ("report", "plots", "analyze", "cli"),
 ]
 

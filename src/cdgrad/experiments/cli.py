@@ -5,6 +5,7 @@ cdgrad list -v                       # presets (one per published table / figure
 cdgrad train --method sobolev --lam 1 --epochs 5 --seed 0
 cdgrad run fig6-reduced --set data_root=/path/to/mnist --where dataset=mnist
 cdgrad report fig6-reduced --out docs/results
+cdgrad run fig6 --executor slurm --slurm-gpus-per-task 1 --slurm-time 4:00:00   # then: cdgrad status fig6
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from cdgrad.experiments import sweeps
 from cdgrad.experiments.config import RunConfig, parse_overrides, run_key
 from cdgrad.experiments.config_cli import add_config_arguments, config_from_args
 from cdgrad.experiments.tasks import get_task
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seeds", type=int, default=None, metavar="N", help="run at most N seeds per configuration")
     p.add_argument("--dry-run", action="store_true", help="list the runs (and whether they are done) and exit")
     _add_training(p)
+    sweeps.add_executor_arguments(p)
+    sweeps.add_status_parser(sub, _add_common)
 
     p = sub.add_parser(
         "report",
@@ -150,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cdgrad.experiments.launch import is_main_process
+    from cdgrad.experiments.locks import RunLock, holder
     from cdgrad.experiments.runner import prepare
     from cdgrad.experiments.store import ResultStore
     from cdgrad.experiments.train import check_seed, train
@@ -168,15 +173,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"(results: {store.path})"
         )
         return 0
-    claimed = store.claim(key) if store is not None and main else True
-    if _has_process_group():  # under torchrun every rank follows rank 0's claim
+    lock = RunLock(store.root, key) if store is not None and main else None
+    claimed = lock.acquire() if lock is not None else True
+    if _has_process_group():  # under torchrun every rank follows rank 0's lock
         shared = [claimed]
         sys.modules["torch.distributed"].broadcast_object_list(shared, src=0)
         claimed = shared[0]
     if not claimed:
-        holder = store.claims().get(key) if store is not None else None
-        who = f"process {holder.pid} on {holder.host}" if holder is not None else "another process"
-        raise ValueError(f"run {key} is being trained by {who} on the same results folder; wait for it to finish")
+        who = holder(store.root, key) if store is not None else None
+        raise ValueError(
+            f"run {key} is being trained by {who or 'another process'} on the same results folder; "
+            "wait for it to finish"
+        )
     try:
         metrics = train(
             config,
@@ -184,14 +192,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             dataset=next(iter(datasets.values())),
             progress=args.progress,
             checkpoint=None if store is None else store.checkpoint_path(key),
-            callback=(lambda epoch, curves: store.heartbeat(key)) if store is not None and main else None,
         )
         if store is not None and main:
             store.save(config, args.seed, metrics)
-    except BaseException:
-        if store is not None and main:
-            store.release(key)
-        raise
+    finally:
+        if lock is not None:
+            lock.release()
     if not main:  # under torchrun rank 0 alone stores and prints the run
         return 0
     c = metrics["curves"]
@@ -284,17 +290,20 @@ def cmd_run(args: argparse.Namespace, command: str) -> int:
     runs = _preset_runs(args, args.preset)
     if not runs:
         raise ValueError(f"--where {args.where} matches none of preset {args.preset!r}'s runs")
+    sweeps.executor_options(args)  # bad options are refused before anything is read or created
     store = ResultStore(args.results)
     if args.dry_run:
         _check_runs(runs)  # an invalid config is an error, as in a real run, not a run to do
-        done = store.done_keys()
-        busy = store.held_elsewhere(run_key(c, s) for c, s in runs) if os.path.exists(store.path) else {}
+        states = sweeps.run_states(runs, store)
         for config, seed in runs:
             key = run_key(config, seed)
-            flag = "done" if key in done else ("busy" if key in busy else "todo")
-            print(f"{flag}  {run_key(config, seed)}  {config.dataset} {config.model} {describe(config)} seed {seed}")
+            print(f"{states[key]:7s}  {key}  {config.dataset} {config.model} {describe(config)} seed {seed}")
         return 0
-    run_all(runs, store, progress=args.progress)
+    if args.executor != "inline":
+        out_dir = args.out or os.path.join(args.results, "report")
+        report = lambda: print(_report(args.preset, runs, args, out_dir, command))
+        return sweeps.run_with_executor(args, runs, store, report)
+    run_all(runs, store, progress=args.progress, retry_failed=args.retry_failed)
     if not is_main_process():  # under torchrun rank 0 alone writes the report
         return 0
     out_dir = args.out or os.path.join(args.results, "report")
@@ -345,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     had_group = _has_process_group()
     try:
+        sweeps.load_plugins()
         if args.command == "list":
             return cmd_list(args)
         if args.command == "train":
@@ -353,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args, command)
         if args.command == "report":
             return cmd_report(args, command)
+        if args.command == "status":
+            return sweeps.cmd_status(args, _preset_runs(args, args.preset))
         if getattr(args, "analyze_missing", False):
             print("cdgrad analyze is not available: cdgrad.experiments.analyze is not installed", file=sys.stderr)
             return 2

@@ -10,22 +10,26 @@ from typing import Any
 from cdgrad.experiments.checks import validate
 from cdgrad.experiments.config import RunConfig, run_key
 from cdgrad.experiments.launch import init_from_env, is_main_process
+from cdgrad.experiments.locks import RunLock, holder
 from cdgrad.experiments.methods import describe
 from cdgrad.experiments.setup import load_data
 from cdgrad.experiments.store import ResultStore
 from cdgrad.experiments.tasks import get_task
 from cdgrad.experiments.train import check_seed, train
 
-__all__ = ["data_key", "prepare", "run_all"]
+__all__ = ["data_key", "prepare", "run_all", "todo_runs"]
 
 
 def data_key(config: RunConfig) -> tuple[Any, ...]:
     return (config.dataset, config.data_root, config.swap_train_test, config.train_subset, config.test_subset)
 
 
-def prepare(runs: list[tuple[RunConfig, int]], store: ResultStore | None) -> dict[tuple[Any, ...], Any]:
+def prepare(
+    runs: list[tuple[RunConfig, int]], store: ResultStore | None, remove_orphans: bool = True
+) -> dict[tuple[Any, ...], Any]:
     """Check everything that can fail before training: configs, seeds, data, then the results folder (the first
-    thing created on disk, with the temporary files of killed writers removed). Returns the data sets."""
+    thing created on disk, with the temporary files of killed writers of this machine removed unless
+    `remove_orphans` is False: jobs on other machines may be writing there). Returns the data sets."""
     for config, seed in runs:
         validate(config)
         check_seed(seed)
@@ -37,12 +41,25 @@ def prepare(runs: list[tuple[RunConfig, int]], store: ResultStore | None) -> dic
     distributed = init_from_env() is not None
     if store is not None and is_main_process():  # under torchrun only rank 0 writes the results folder
         store.check_writable()
-        store.remove_orphans()
+        if remove_orphans:
+            store.remove_orphans()
     if distributed:
         import torch.distributed as dist
 
         dist.barrier()  # the other ranks read the store only once rank 0 has created it
     return datasets
+
+
+def todo_runs(
+    runs: list[tuple[RunConfig, int]], store: ResultStore, retry_failed: bool = False
+) -> tuple[list[tuple[RunConfig, int]], set[str], set[str]]:
+    """(runs to train in seed-major order, keys finished, keys failed and not retried). Seed-major: an interrupted
+    sweep leaves every configuration with about as many seeds."""
+    keys = {run_key(c, s) for c, s in runs}
+    done = store.done_keys() & keys
+    failed = set() if retry_failed else (set(store.failures()) & keys) - done
+    todo = [(c, s) for c, s in runs if run_key(c, s) not in done and run_key(c, s) not in failed]
+    return sorted(todo, key=lambda run: run[1]), done, failed
 
 
 def run_all(
@@ -53,37 +70,47 @@ def run_all(
     log: Callable[[str], None] = print,
     wait: bool = True,
     poll_s: float = 2.0,
+    retry_failed: bool = False,
 ) -> list[str]:
-    """Train every run not yet in `store` (resuming from its checkpoint if one exists); returns all keys.
+    """Train every run not yet finished in `store`, in this process (resuming from its checkpoint if one exists);
+    returns all keys. A run that raises stops the sweep (the error propagates); its checkpoint stays for a rerun.
 
-    Each run is claimed in the store before it is trained, so several processes on one store share the work:
-    runs another live process holds are skipped, and once nothing is left to claim this process waits (polling
-    every `poll_s` seconds) until those are stored too, taking over any whose owner died; with `wait=False` it
-    returns instead and logs which runs another process still holds.
+    A run is trained only while this process holds its lock (`cdgrad.experiments.locks`), so several processes on
+    one machine and results folder share the work: runs another live process holds are skipped, and once nothing
+    is left this process waits (polling every `poll_s` seconds) until those are finished too, taking over any whose
+    holder died; with `wait=False` it returns instead and logs which runs another process still holds. Runs
+    recorded as failed (by a worker of another executor) are left alone unless `retry_failed`.
     """
+
     datasets = prepare(runs, store)
-    main = is_main_process()  # under torchrun every rank trains, rank 0 alone claims, stores and logs
+    main = is_main_process()  # under torchrun every rank trains, rank 0 alone locks, stores and logs
     distributed = init_from_env() is not None
     if not main:
         log = _quiet
-    done = store.done_keys()
+    todo, done, failed = todo_runs(runs, store, retry_failed)
     if main:  # a process killed between storing a run and removing its checkpoint left the checkpoint behind
         for config, seed in runs:
             if run_key(config, seed) in done:
                 store.finish_checkpoint(config, run_key(config, seed))
-    # seed-major order: an interrupted sweep leaves every configuration with about as many seeds
-    todo = sorted(((c, s) for c, s in runs if run_key(c, s) not in done), key=lambda run: run[1])
-    log(f"{len(runs)} runs, {len(runs) - len(todo)} already complete, {len(todo)} to train (results: {store.path})")
+    skipped = f", {len(failed)} failed before (rerun them with --retry-failed)" if failed else ""
+    log(f"{len(runs)} runs, {len(done)} already complete{skipped}, {len(todo)} to train (results: {store.path})")
     by_key = {run_key(c, s): (c, s) for c, s in todo}
     pending = list(by_key)
     t_all, trained, waiting_for = time.perf_counter(), 0, None
+    lock: RunLock | None = None
 
     def next_run() -> str | None:
-        """Rank 0: the key of the next run this process claimed, "" to wait for others, None when all are stored."""
+        """Rank 0: the key of the next run this process locked, "" to wait for others, None when all are stored."""
+        nonlocal lock
         stored = store.done_keys()
         pending[:] = [k for k in pending if k not in stored]
         for k in pending:
-            if store.claim(k):
+            candidate = RunLock(store.root, k)
+            if candidate.acquire():
+                if k in store.done_keys():  # finished by its last holder between the two looks
+                    candidate.release()
+                    continue
+                lock = candidate
                 return k
         return "" if pending else None
 
@@ -98,8 +125,7 @@ def run_all(
         if choice is None:
             break
         if choice == "":
-            held = store.held_elsewhere(pending) if main else {}
-            holders = ", ".join(sorted({f"pid {c.pid} on {c.host}" for c in held.values()})) or "another process"
+            holders = ", ".join(sorted({h for h in (holder(store.root, k) for k in pending) if h})) or "another process"
             if not wait:
                 log(f"{len(pending)} runs are still being trained by {holders}: {', '.join(pending)}")
                 break
@@ -119,14 +145,13 @@ def run_all(
                 dataset=datasets[data_key(config)],
                 checkpoint=store.checkpoint_path(key),
                 progress=progress,
-                callback=_heartbeat(store, key) if main else None,
             )
             if main:
                 store.save(config, seed, metrics)
-        except BaseException:
-            if main:
-                store.release(key)
-            raise
+        finally:
+            if lock is not None:
+                lock.release()
+                lock = None
         trained += 1
         result = get_task(config.task).headline(metrics["final"])
         if metrics.get("status") == "diverged":
@@ -138,15 +163,6 @@ def run_all(
     if trained:
         log(f"trained {trained} runs in {time.perf_counter() - t_all:.0f} s")
     return [run_key(c, s) for c, s in runs]
-
-
-def _heartbeat(store: ResultStore, key: str) -> Callable[[int, dict[str, list[Any]]], None]:
-    """The `train` callback that refreshes this process's claim on run `key` after every epoch."""
-
-    def beat(epoch: int, curves: dict[str, list[Any]]) -> None:
-        store.heartbeat(key)
-
-    return beat
 
 
 def _quiet(message: str) -> None:

@@ -1,64 +1,41 @@
-"""The results store: one SQLite file (`<results>/results.sqlite`), one row per finished run.
+"""The results index: one SQLite file (`<results>/results.sqlite`) over the per-run record files.
 
-A row holds the run's key (`config.run_key`), seed, full config (JSON), library version, environment
-(torch, python, platform, thread count, kernel path, device, git commit of the source, and the `segments` of
-epochs with the kernel path and thread count each ran on), per-epoch curves and its
-status: "completed", or "diverged" when its training loss became non-finite. It is written in a single
-transaction after the run has finished, so a run that crashes is never counted as done; checkpoints of
-unfinished runs live in `<results>/checkpoints/` and are removed once the row is committed (kept as
-`<results>/models/<key>.pt` for completed runs with `save_model`).
+The record files `<results>/runs/<key>.json` (`cdgrad.experiments.records`) are the source of truth: whoever
+trains a run writes its record, on any machine. `results.sqlite` indexes them for queries and is written only by
+the coordinating process (`cdgrad run`, `report`, `status`), which `ingest`s new or changed records: a finished
+record becomes a row of `runs` (key, seed, full config as JSON, library version, environment, per-epoch curves,
+final metrics, wall time, status "completed" or "diverged"), a failed one a row of `failures` (error, job id, log
+path). `submissions` remembers which scheduler job each run was last handed to. A run that crashes leaves no
+record and is never counted as done; checkpoints of unfinished runs live in `<results>/checkpoints/` and are
+removed once the record is written (kept as `<results>/models/<key>.pt` for completed runs with `save_model`).
 
-Several processes may run one sweep on one store: a process trains a run only after claiming it in the
-`claims` table (key, owner pid, host and start time, heartbeat time). A claim is taken over when its owner is
-no longer running on this host (its process id gone, or now another process's) or its heartbeat is older than
-`claim_timeout_s`; the owner refreshes the heartbeat after every epoch and releases the claim in the transaction
-that stores the run.
+Stores written by earlier versions (no record files, a `claims` table) migrate when first opened for writing:
+their rows are written out as records and the claims table is dropped. Several processes on one machine share a
+sweep through run locks (`cdgrad.experiments.locks`), not through this file.
 
 A store that cannot be used raises `StoreError` naming the cause: a full disk, a corrupt file, or a folder that
 cannot be written. A row that cannot be used (invalid JSON, a config this version does not know, a `final` without
-its task's reported metrics as numbers, finite for a completed run) is skipped and named.
+its task's reported metrics as numbers, finite for a completed run) is skipped and named. A run's environment holds
+the `segments` of epochs with the kernel path and thread count each ran on (a resumed run may have several).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import platform
-import socket
 import sqlite3
-import subprocess
 import sys
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from cdgrad._files import replace_durably
 from cdgrad.experiments.checkpoint import remove_orphans
-from cdgrad.experiments.config import RunConfig, from_dict, run_key, to_dict
-from cdgrad.experiments.store_errors import STATUSES, StoreError, final_problem, named_causes, store_error
-
-__all__ = [
-    "CLAIM_TIMEOUT_S",
-    "COLUMNS",
-    "SCHEMA",
-    "STATUSES",
-    "Claim",
-    "ResultStore",
-    "Run",
-    "StoreError",
-    "environment",
-    "final_problem",
-    "git_revision",
-    "kernel_path",
-    "process_start",
-    "source_revision",
-]
+from cdgrad.experiments.config import RunConfig, from_dict, run_key
+from cdgrad.experiments.environment import environment, git_revision, kernel_path, source_revision
+from cdgrad.experiments.records import DONE, finished_record, iter_records, record_path, records_dir, write_record
+from cdgrad.experiments.store_errors import StoreError, final_problem, named_causes, store_error
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -73,17 +50,28 @@ CREATE TABLE IF NOT EXISTS runs (
     finished TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'completed'
 );
-CREATE TABLE IF NOT EXISTS claims (
+CREATE TABLE IF NOT EXISTS failures (
     key TEXT PRIMARY KEY,
-    pid INTEGER NOT NULL,
-    host TEXT NOT NULL,
-    heartbeat REAL NOT NULL,
-    started TEXT NOT NULL DEFAULT ''
+    seed INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    error TEXT NOT NULL,
+    job_id TEXT,
+    log_path TEXT,
+    finished TEXT NOT NULL,
+    stamp TEXT
 );
+CREATE TABLE IF NOT EXISTS submissions (
+    key TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    executor TEXT NOT NULL,
+    log_path TEXT,
+    submitted TEXT NOT NULL
+);
+DROP TABLE IF EXISTS claims;
 """
 COLUMNS = ("key", "seed", "config", "version", "env", "curves", "final", "wall_s", "finished", "status")
-_CLAIM_COLUMNS = "key, pid, host, heartbeat, started"
-CLAIM_TIMEOUT_S = 6 * 3600.0  # a claim whose owner has not reported for this long is taken over
+_ADDED = {"status": "TEXT NOT NULL DEFAULT 'completed'", "job_id": "TEXT", "log_path": "TEXT", "stamp": "TEXT"}
+STATUSES = DONE
 
 
 @dataclass(frozen=True)
@@ -103,123 +91,49 @@ class Run:
 
 
 @dataclass(frozen=True)
-class Claim:
-    """A run being trained by process `pid` on `host`, which last reported at `heartbeat` (seconds since epoch);
-    `started` tells that process from a later one given the same id ('' where unknown)."""
+class Failure:
+    """A run whose last attempt raised: its error (type and message), scheduler job id and log file."""
 
     key: str
-    pid: int
-    host: str
-    heartbeat: float
-    started: str = ""
+    seed: int
+    config: dict[str, Any]
+    error: str
+    job_id: str | None
+    log_path: str | None
+    finished: str
 
 
-@functools.lru_cache(maxsize=1)
-def source_revision() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the git checkout the `cdgrad` package runs from; (None, None) outside a checkout.
+@dataclass(frozen=True)
+class Submission:
+    """The scheduler job a run was last handed to (`executor` "slurm"), with its log file."""
 
-    Read once per process (the code a process runs is the code it imported).
-    """
-    import cdgrad
-
-    return git_revision(Path(cdgrad.__file__).resolve().parent)
-
-
-def git_revision(package: Path) -> tuple[str | None, bool | None]:
-    """(HEAD commit, dirty) of the git checkout that tracks `package/__init__.py`; (None, None) if none does.
-
-    `dirty` counts tracked and untracked (not ignored) changes anywhere in the checkout.
-    """
-
-    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
-        try:
-            return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    tracked = git("ls-files", "--error-unmatch", "__init__.py")  # the package itself is part of the checkout
-    if tracked is None or tracked.returncode != 0:
-        return None, None
-    head, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
-    if head is None or status is None or head.returncode != 0 or status.returncode != 0:
-        return None, None
-    return head.stdout.strip(), bool(status.stdout.strip())
+    key: str
+    job_id: str
+    executor: str
+    log_path: str | None
+    submitted: str
 
 
-def kernel_path(device: str) -> str:
-    """ "native" when the compiled CPU kernel is available and the run is on the CPU, else "reference"."""
-    from cdgrad.functional import plain_route
-
-    return plain_route(device)
-
-
-def environment(config: RunConfig | None = None) -> dict[str, Any]:
-    """What the numbers may depend on besides the config: versions, platform, threads, kernel path, device, commit.
-
-    `threads` is the intra-op thread count the run trains with (`config.threads`, or torch's when that is 0);
-    `kernel` is the path the channel-directed transforms take; the two change results at round-off.
-    """
-    import numpy
-
-    device = config.device if config is not None else "cpu"
-    commit, dirty = source_revision()
-    env = {
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "threads": (config.threads if config is not None else 0) or torch.get_num_threads(),
-        "kernel": kernel_path(device),
-        "device": device,
-        "git_commit": commit,
-        "git_dirty": dirty,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
-        env["cuda"] = torch.version.cuda
-    return env
-
-
-def _with_segments(env: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """`env` with the run's `segments` (the kernel path and threads of each stretch of epochs) when `metrics` has
-    them: a run resumed with other settings records every one, not only the last."""
-    return {**env, "segments": metrics["segments"]} if "segments" in metrics else env
-
-
-def process_start(pid: int) -> str:
-    """When process `pid` started (clock ticks since boot, from /proc); '' where that cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _owner_alive(claim: Claim) -> bool:
-    """Whether the process holding `claim` may still be running (always True on another host)."""
-    from cdgrad.experiments.checkpoint import _alive
-
-    if claim.host != socket.gethostname():
-        return True
-    if not _alive(claim.pid):
-        return False
-    return not claim.started or process_start(claim.pid) in ("", claim.started)  # not a reused process id
+def _stamp(path: str) -> str:
+    """What tells one version of a record file from the next: its modification time (ns) and size."""
+    st = os.stat(path)
+    return f"{st.st_mtime_ns}:{st.st_size}"
 
 
 class ResultStore:
-    """Finished runs in `<root>/results.sqlite`; `check_writable` fails early on an unusable folder."""
+    """The index `<root>/results.sqlite` over the record files `<root>/runs/*.json`; `check_writable` fails early
+    on an unusable folder (and migrates a store written by an earlier version)."""
 
-    def __init__(self, root: str, claim_timeout_s: float = CLAIM_TIMEOUT_S):
+    def __init__(self, root: str):
         self.root = root
         self.path = os.path.join(root, "results.sqlite")
-        self.claim_timeout_s = claim_timeout_s
         self.bad_rows: list[str] = []  # keys of the rows the last `runs()` could not read
+        self._unindexed: dict[str, dict[str, Any]] = {}  # records read while the index could not be written
 
     # -- setup
     def check_writable(self) -> None:
-        """Create the folder and database if needed; raise `StoreError` (a ValueError) naming the cause if either
-        cannot be written: a full disk, a corrupt store, or (any other failure) a folder that is not writable."""
+        """Create the folder and index if needed (migrating an old store); raise `StoreError` (a ValueError) naming
+        the cause if either cannot be written: a full disk, a corrupt store, or any other failure (not writable)."""
         try:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
             probe = os.path.join(self.checkpoint_dir, f".probe{os.getpid()}")
@@ -229,6 +143,7 @@ class ResultStore:
             with closing(self._connect()) as conn:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("ROLLBACK")
+            self.migrate()
         except (OSError, sqlite3.Error) as exc:
             named = store_error(exc, self.root, self.path, default="not writable")
             assert named is not None  # a default cause always names one
@@ -236,8 +151,10 @@ class ResultStore:
 
     @named_causes
     def remove_orphans(self) -> list[str]:
-        """Delete temporary files left by killed writers in the checkpoint and model folders."""
-        return remove_orphans(self.checkpoint_dir) + remove_orphans(os.path.join(self.root, "models"))
+        """Delete temporary files left by killed writers of this machine in the checkpoint, model and record
+        folders (never call it while jobs on other machines may be writing there)."""
+        return [p for d in (self.checkpoint_dir, os.path.join(self.root, "models"), records_dir(self.root))
+                for p in remove_orphans(d)]  # fmt: skip
 
     @property
     def checkpoint_dir(self) -> str:
@@ -266,13 +183,14 @@ class ResultStore:
             conn.close()
 
     def _connect(self) -> sqlite3.Connection:
-        """A connection with the current schema; an old store gains the `status` column (if it can be written)."""
+        """A connection with the current schema; an old store gains the new tables and columns (if writable)."""
         conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
             conn.executescript(SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
-            if "status" not in columns:
-                conn.execute("ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'completed'")
+            for name, kind in _ADDED.items():
+                if name not in columns:
+                    conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
         except sqlite3.OperationalError:
             if not self._readable_only(conn):
                 conn.close()
@@ -288,47 +206,128 @@ class ResultStore:
             return False
         return True
 
-    # -- queries
+    @named_causes
+    def migrate(self) -> int:
+        """Write a record file for every row of an earlier version's store that has none; returns how many."""
+        if not os.path.exists(self.path):
+            return 0
+        written = 0
+        with self._transaction() as conn:
+            rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM runs WHERE stamp IS NULL").fetchall()
+            for r in rows:
+                try:
+                    config = from_dict(json.loads(r[2]))
+                    metrics = {"curves": json.loads(r[5]), "final": json.loads(r[6]), "wall_s": r[7], "status": r[9]}
+                    record = {**finished_record(config, int(r[1]), metrics, json.loads(r[4])), "version": r[3]}
+                except (ValueError, TypeError, KeyError):
+                    continue  # an unreadable row stays in the index only; `runs` names it
+                record["key"], record["finished"] = r[0], r[8]
+                if not os.path.exists(record_path(self.root, r[0])):
+                    write_record(self.root, record)
+                    written += 1
+                conn.execute("UPDATE runs SET stamp = ? WHERE key = ?", (_stamp(record_path(self.root, r[0])), r[0]))
+        return written
+
+    # -- ingesting record files (the coordinating process only)
+    @named_causes
+    def ingest(self) -> int:
+        """Bring new and changed record files into the index; returns how many. Where the index cannot be written
+        (a read-only folder), the records are kept in memory for this object's queries instead."""
+        try:
+            names = [n for n in os.listdir(records_dir(self.root)) if n.endswith(".json")]
+        except OSError:
+            return 0
+        known: dict[str, str | None] = {}
+        if os.path.exists(self.path):
+            with closing(self._connect()) as conn:
+                for table in ("runs", "failures"):
+                    with suppress(sqlite3.OperationalError):  # an old read-only store without the table or column
+                        known.update(conn.execute(f"SELECT key, stamp FROM {table}").fetchall())
+        changed = []
+        for path, record, problem in iter_records(self.root, [n for n in names if self._changed(n, known)]):
+            if record is None:
+                print(f"cdgrad: results folder {self.root}: skipping {problem}", file=sys.stderr)
+            else:
+                changed.append((record, _stamp(path)))
+        if not changed:
+            return 0
+        try:
+            with self._transaction() as conn:
+                for record, stamp in changed:
+                    self._index(conn, record, stamp)
+        except (sqlite3.OperationalError, OSError) as exc:
+            if "readonly" not in str(exc) and "read-only" not in str(exc) and os.access(self.root, os.W_OK):
+                raise  # a failure other than a read-only folder: the records stay and the next look indexes them
+            self._unindexed.update((record["key"], record) for record, _ in changed)
+        return len(changed)
+
+    def _changed(self, name: str, known: dict[str, str | None]) -> bool:
+        try:
+            return known.get(name[: -len(".json")]) != _stamp(os.path.join(records_dir(self.root), name))
+        except OSError:
+            return False
+
+    @staticmethod
+    def _index(conn: sqlite3.Connection, record: dict[str, Any], stamp: str) -> None:
+        key, config = record["key"], json.dumps(record["config"], sort_keys=True)
+        if record["status"] in DONE:
+            values = (key, record["seed"], config, record.get("version", ""), json.dumps(record.get("env", {}),
+                      sort_keys=True), json.dumps(record.get("curves", {})), json.dumps(record.get("final", {})),
+                      float(record.get("wall_s", 0.0)), record.get("finished", ""), record["status"],
+                      record.get("job_id"), record.get("log_path"), stamp)  # fmt: skip
+            names = ", ".join((*COLUMNS, "job_id", "log_path", "stamp"))
+            conn.execute(f"INSERT OR REPLACE INTO runs ({names}) VALUES ({', '.join('?' * len(values))})", values)
+            conn.execute("DELETE FROM failures WHERE key = ?", (key,))
+        else:
+            conn.execute(
+                "INSERT OR REPLACE INTO failures (key, seed, config, error, job_id, log_path, finished, stamp) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, record["seed"], config, str(record.get("error")), record.get("job_id"), record.get("log_path"),
+                 record.get("finished", ""), stamp),
+            )  # fmt: skip
+            conn.execute("DELETE FROM runs WHERE key = ?", (key,))
+
+    # -- queries (each ingests the records first)
     @named_causes
     def done_keys(self) -> set[str]:
-        """Keys of every stored run, completed or diverged."""
+        """Keys of every finished run, completed or diverged."""
+        self.ingest()
+        keys = {k for k, r in self._unindexed.items() if r["status"] in DONE}
         if not os.path.exists(self.path):
-            return set()
+            return keys
         with closing(self._connect()) as conn:
-            return {row[0] for row in conn.execute("SELECT key FROM runs")}
+            return keys | {row[0] for row in conn.execute("SELECT key FROM runs")}
 
+    @named_causes
     def is_done(self, config: RunConfig, seed: int) -> bool:
         return run_key(config, seed) in self.done_keys()
 
     @named_causes
     def runs(self, keys: Iterable[str] | None = None, warn: bool = True) -> list[Run]:
-        """Stored runs, all of them or those with the given keys (in that order, missing ones skipped).
+        """Finished runs, all of them or those with the given keys (in that order, missing ones skipped).
 
-        A row that cannot be read or reported (invalid JSON, a config this version does not know, a `final` that
-        `final_problem` refuses) is skipped, named on stderr (with `warn`) and listed in `bad_rows`.
+        A row that cannot be read (invalid JSON, a config this version does not know) is skipped, named on
+        stderr (with `warn`) and listed in `bad_rows`.
         """
+        self.ingest()
         self.bad_rows = []
-        if not os.path.exists(self.path):
-            return []
-        with closing(self._connect()) as conn:
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
-            select = ", ".join(c if c in columns else f"'completed' AS {c}" for c in COLUMNS)
-            rows = conn.execute(f"SELECT {select} FROM runs ORDER BY finished").fetchall()
+        rows: list[Sequence[Any]] = []
+        if os.path.exists(self.path):
+            with closing(self._connect()) as conn:
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+                select = ", ".join(c if c in columns else f"'completed' AS {c}" for c in COLUMNS)
+                rows = conn.execute(f"SELECT {select} FROM runs ORDER BY finished").fetchall()
+        for rec in self._unindexed.values():
+            if rec["status"] in DONE:
+                rows.append([rec["key"], rec["seed"], json.dumps(rec["config"]), rec.get("version", ""),
+                             *(json.dumps(rec.get(k, {})) for k in ("env", "curves", "final")),
+                             rec.get("wall_s", 0.0), rec.get("finished", ""), rec["status"]])  # fmt: skip
         by_key: dict[str, Run] = {}
         for r in rows:
             try:
-                run = Run(
-                    r[0],
-                    int(r[1]),
-                    from_dict(json.loads(r[2])),
-                    r[3],
-                    json.loads(r[4]),
-                    json.loads(r[5]),
-                    json.loads(r[6]),
-                    float(r[7]),
-                    r[8],
-                    r[9],
-                )
+                env, curves, final = (json.loads(x) for x in r[4:7])
+                config = from_dict(json.loads(r[2]))
+                run = Run(r[0], int(r[1]), config, r[3], env, curves, final, float(r[7]), r[8], r[9])
                 if not isinstance(run.env, dict) or not isinstance(run.curves, dict) or not isinstance(run.final, dict):
                     raise ValueError("env, curves and final must be JSON objects")
                 problem = final_problem(run.config, run.status, run.final)
@@ -346,102 +345,98 @@ class ResultStore:
             return list(by_key.values())
         return [by_key[k] for k in keys if k in by_key]
 
+    @named_causes
+    def failures(self) -> dict[str, Failure]:
+        """Runs whose last attempt failed, by key."""
+        self.ingest()
+        out = {
+            k: Failure(k, r["seed"], r["config"], str(r["error"]), r.get("job_id"), r.get("log_path"), r["finished"])
+            for k, r in self._unindexed.items()
+            if r["status"] == "failed"
+        }
+        if os.path.exists(self.path):
+            with closing(self._connect()) as conn:
+                try:
+                    rows = conn.execute("SELECT key, seed, config, error, job_id, log_path, finished FROM failures")
+                    out.update((r[0], Failure(r[0], r[1], json.loads(r[2]), *r[3:])) for r in rows.fetchall())
+                except sqlite3.OperationalError:
+                    pass
+        return out
+
+    @named_causes
+    def submissions(self) -> dict[str, Submission]:
+        """The scheduler job each run was last handed to, by key."""
+        if not os.path.exists(self.path):
+            return {}
+        with closing(self._connect()) as conn:
+            try:
+                rows = conn.execute("SELECT key, job_id, executor, log_path, submitted FROM submissions").fetchall()
+            except sqlite3.OperationalError:
+                return {}
+        return {r[0]: Submission(*r) for r in rows}
+
     # -- writing
     @named_causes
-    def save(self, config: RunConfig, seed: int, metrics: dict[str, Any], env: dict[str, Any] | None = None) -> str:
-        """Record a finished run (and release its claim) in one transaction, then remove its checkpoint (or, with
-        `config.save_model` and a completed run, keep it as `model_path(key)`); returns the run key."""
-        from cdgrad import __version__
-
-        status = metrics.get("status", "completed")
-        if status not in STATUSES:
-            raise ValueError(f"metrics['status'] must be one of {', '.join(STATUSES)}, got {status!r}")
-        key = run_key(config, seed)
-        row = (
-            key,
-            seed,
-            json.dumps(to_dict(config), sort_keys=True),
-            __version__,
-            json.dumps(_with_segments(env or environment(config), metrics), sort_keys=True),
-            json.dumps(metrics["curves"]),
-            json.dumps(metrics["final"]),
-            float(metrics["wall_s"]),
-            time.strftime("%Y-%m-%dT%H:%M:%S"),
-            status,
-        )
-        os.makedirs(self.root, exist_ok=True)
+    def record_submissions(self, submissions: Iterable[Submission]) -> None:
+        """Remember the jobs runs were handed to (replacing earlier ones of the same runs)."""
         with self._transaction() as conn:
-            conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 10)})", row)
-            conn.execute("DELETE FROM claims WHERE key = ?", (key,))
-        self.finish_checkpoint(config, key, keep=config.save_model and status == "completed")
-        return key
+            conn.executemany(
+                "INSERT OR REPLACE INTO submissions (key, job_id, executor, log_path, submitted) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(s.key, s.job_id, s.executor, s.log_path, s.submitted) for s in submissions],
+            )
+
+    @named_causes
+    def save(
+        self,
+        config: RunConfig,
+        seed: int,
+        metrics: dict[str, Any],
+        env: dict[str, Any] | None = None,
+        job_id: str | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """Record a finished run: its record file, then its index row, then its checkpoint is removed (or, with
+        `config.save_model` and a completed run, kept as `model_path(key)`); returns the run key."""
+        env = env or environment(config)
+        if "segments" in metrics:  # the kernel path and threads of each stretch of epochs (a resumed run)
+            env = {**env, "segments": metrics["segments"]}
+        record = finished_record(config, seed, metrics, env, job_id, log_path)
+        write_record(self.root, record)
+        self.ingest()
+        self.finish_checkpoint(config, record["key"], keep=config.save_model and record["status"] == "completed")
+        return str(record["key"])
 
     @named_causes
     def finish_checkpoint(self, config: RunConfig, key: str, keep: bool | None = None) -> None:
         """The checkpoint of the stored run `key`: moved to `model_path(key)` if `keep` (default: the config's
         `save_model`), removed otherwise. Also finishes what a process killed right after storing left behind."""
-        ckpt = self.checkpoint_path(key)
-        if not os.path.exists(ckpt):
-            return
-        if config.save_model if keep is None else keep:
-            os.makedirs(os.path.dirname(self.model_path(key)), exist_ok=True)
-            replace_durably(ckpt, self.model_path(key))
-        else:
-            os.remove(ckpt)
+        finish_checkpoint(self.checkpoint_path(key), self.model_path(key), config.save_model if keep is None else keep)
 
-    # -- claims (several processes on one sweep)
-    @property
-    def owner(self) -> tuple[int, str]:
-        return os.getpid(), socket.gethostname()
 
-    def _stale(self, claim: Claim, now: float) -> bool:
-        if (claim.pid, claim.host) == self.owner:
-            return True  # our own (e.g. left by an earlier run of this process)
-        return not _owner_alive(claim) or now - claim.heartbeat > self.claim_timeout_s
+def finish_checkpoint(checkpoint: str, model: str, keep: bool) -> None:
+    """Move a finished run's `checkpoint` to `model` if `keep`, else remove it (nothing if there is none)."""
+    if not os.path.exists(checkpoint):
+        return
+    if keep:
+        os.makedirs(os.path.dirname(model), exist_ok=True)
+        replace_durably(checkpoint, model)
+    else:
+        with suppress(FileNotFoundError):  # removed meanwhile by another execution of the same run
+            os.remove(checkpoint)
 
-    @named_causes
-    def claim(self, key: str) -> bool:
-        """Claim run `key` for this process; False if it is stored already or another live process holds it."""
-        pid, host = self.owner
-        now = time.time()
-        with self._transaction() as conn:
-            if conn.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone() is not None:
-                return False
-            row = conn.execute(f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE key = ?", (key,)).fetchone()
-            if row is not None and not self._stale(Claim(*row), now):
-                return False
-            conn.execute(
-                f"INSERT OR REPLACE INTO claims ({_CLAIM_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
-                (key, pid, host, now, process_start(pid)),
-            )
-            return True
 
-    @named_causes
-    def heartbeat(self, key: str) -> None:
-        """Refresh this process's claim on `key` (called after every epoch)."""
-        pid, host = self.owner
-        with closing(self._connect()) as conn:
-            conn.execute(
-                "UPDATE claims SET heartbeat = ? WHERE key = ? AND pid = ? AND host = ?", (time.time(), key, pid, host)
-            )
-
-    @named_causes
-    def release(self, key: str) -> None:
-        """Drop this process's claim on `key` (a run that failed; a stored run's claim goes with `save`)."""
-        pid, host = self.owner
-        with closing(self._connect()) as conn:
-            conn.execute("DELETE FROM claims WHERE key = ? AND pid = ? AND host = ?", (key, pid, host))
-
-    @named_causes
-    def claims(self) -> dict[str, Claim]:
-        """Every claim in the store, live or stale, by run key."""
-        if not os.path.exists(self.path):
-            return {}
-        with closing(self._connect()) as conn:
-            return {r[0]: Claim(*r) for r in conn.execute(f"SELECT {_CLAIM_COLUMNS} FROM claims")}
-
-    def held_elsewhere(self, keys: Iterable[str]) -> dict[str, Claim]:
-        """The claims among `keys` held by other live processes (not stale)."""
-        now = time.time()
-        wanted = set(keys)
-        return {k: c for k, c in self.claims().items() if k in wanted and not self._stale(c, now)}
+__all__ = [
+    "STATUSES",
+    "Failure",
+    "ResultStore",
+    "Run",
+    "StoreError",
+    "Submission",
+    "final_problem",
+    "environment",
+    "finish_checkpoint",
+    "git_revision",
+    "kernel_path",
+    "source_revision",
+]
