@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from cdgrad.experiments.config import RunConfig, add_config_arguments, config_from_args, parse_overrides, run_key
 from cdgrad.experiments.tasks import get_task
+from cdgrad.experiments.tracking import Tracker
 
 DEFAULT_RESULTS = "results"
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress bar (default: only when stderr is a terminal)",
     )
+    _add_tracking(p)
     add_config_arguments(p)
 
     p = sub.add_parser(
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress bar (default: only when stderr is a terminal)",
     )
+    _add_tracking(p)
 
     p = sub.add_parser(
         "report",
@@ -151,6 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_seed(args.seed, "--seed")
     config = config_from_args(args)
     store = None if args.no_store else ResultStore(args.results)
+    tracker = _tracker(args, None)
     datasets = prepare([(config, args.seed)], store)  # creates the results folder only once all is checked
     key = run_key(config, args.seed)
     main = is_main_process()
@@ -179,6 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress=args.progress,
             checkpoint=None if store is None else store.checkpoint_path(key),
             callback=(lambda epoch, curves: store.heartbeat(key)) if store is not None and main else None,
+            tracker=tracker,
         )
         if store is not None and main:
             store.save(config, args.seed, metrics)
@@ -263,11 +268,13 @@ def cmd_run(args: argparse.Namespace, command: str) -> int:
             flag = "done" if key in done else ("busy" if key in busy else "todo")
             print(f"{flag}  {run_key(config, seed)}  {config.dataset} {config.model} {describe(config)} seed {seed}")
         return 0
-    run_all(runs, store, progress=args.progress)
+    tracker = _tracker(args, args.preset)
+    run_all(runs, store, progress=args.progress, tracker=tracker)
     if not is_main_process():  # under torchrun rank 0 alone writes the report
         return 0
     out_dir = args.out or os.path.join(args.results, "report")
     print(_report(args.preset, runs, args, out_dir, command))
+    _log_report(tracker, args.preset, out_dir)
     return 0
 
 
@@ -358,6 +365,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not had_group and _has_process_group():  # set up by `train` / `run` under torchrun
             sys.modules["torch.distributed"].destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ live logging (--log)
+def _add_tracking(p: argparse.ArgumentParser) -> None:
+    from cdgrad.experiments.tracking import add_tracking_arguments
+
+    add_tracking_arguments(p)
+
+
+def _tracker(args: argparse.Namespace, preset: str | None) -> Tracker | None:
+    """The tracker of `--log` (None without it); an unknown sink or a missing package fails before training."""
+    from cdgrad.experiments.tracking import tracker_from_args
+
+    return tracker_from_args(args, preset)
+
+
+def _log_report(tracker: Tracker | None, preset: str, out_dir: str) -> None:
+    """The report's table and plots (those `_report` wrote for `preset` in `out_dir`) as the sweep's artifacts."""
+    if tracker is None:
+        return
+    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    paths = [
+        os.path.join(out_dir, f)
+        for f in names
+        if f == f"{preset}.md" or (f.startswith(f"{preset}_") and f.endswith(".png"))
+    ]
+    if paths:
+        tracker.log_artifacts(preset, paths)
 
 
 def epoch_line(curves: dict[str, list[float]], i: int) -> str:

@@ -11,6 +11,7 @@ from cdgrad.experiments.config import RunConfig, run_key, validate
 from cdgrad.experiments.methods import describe
 from cdgrad.experiments.store import ResultStore
 from cdgrad.experiments.tasks import check_dataset, get_task
+from cdgrad.experiments.tracking import Tracker
 
 __all__ = ["data_key", "prepare", "run_all"]
 
@@ -56,13 +57,15 @@ def run_all(
     log: Callable[[str], None] = print,
     wait: bool = True,
     poll_s: float = 2.0,
+    tracker: Tracker | None = None,
 ) -> list[str]:
     """Train every run not yet in `store` (resuming from its checkpoint if one exists); returns all keys.
 
     Each run is claimed in the store before it is trained, so several processes on one store share the work:
     runs another live process holds are skipped, and once nothing is left to claim this process waits (polling
     every `poll_s` seconds) until those are stored too, taking over any whose owner died; with `wait=False` it
-    returns instead and logs which runs another process still holds.
+    returns instead and logs which runs another process still holds. `tracker` logs each trained run live
+    (`cdgrad.experiments.tracking`); stored runs are not trained, so nothing is logged for them.
     """
     from cdgrad.experiments.launch import init_from_env, is_main_process
     from cdgrad.experiments.train import train
@@ -126,6 +129,7 @@ def run_all(
                 checkpoint=store.checkpoint_path(key),
                 progress=progress,
                 callback=_heartbeat(store, key) if main else None,
+                tracker=tracker,  # ---- tracking
             )
             if main:
                 store.save(config, seed, metrics)

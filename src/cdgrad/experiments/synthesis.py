@@ -58,6 +58,7 @@ from cdgrad.experiments.methods import AttachedMethod, attach_method
 from cdgrad.experiments.progress import Progress
 from cdgrad.experiments.setup import load_data, make_optimizer, make_scheduler
 from cdgrad.experiments.tasks import SYNTHESIS, check_dataset
+from cdgrad.experiments.tracking import RunInfo, Tracker
 
 __all__ = [
     "FEATURE_MATCHING_WEIGHT",
@@ -237,8 +238,10 @@ def train_synthesis(
     checkpoint: str | None = None,
     progress: bool | None = None,
     callback: Callable[[int, dict[str, list[Any]]], None] | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
-    """Train SPADE on `config`'s data from `seed`; curves of the G and D losses and the test FID (one process)."""
+    """Train SPADE on `config`'s data from `seed`; curves of the G and D losses and the test FID (one process);
+    `tracker` logs it live (`cdgrad.experiments.tracking`)."""
     from cdgrad.experiments.launch import init_from_env
 
     if init_from_env() is not None:
@@ -280,6 +283,8 @@ def train_synthesis(
 
     n = len(ds.train_x)
     steps = math.ceil(n / config.batch_size)
+    if tracker is not None:  # ---- tracking: start or resume the run's live log
+        tracker.start(RunInfo(config, seed, steps, start_epoch, curves), state.get("tracking") if state else None)
     bar = Progress((config.epochs - start_epoch) * steps, desc=f"{config.method} s{seed}", enabled=progress)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads or threads)
@@ -316,6 +321,16 @@ def train_synthesis(
                 opts[1].zero_grad(set_to_none=True)
                 torch.autograd.backward(loss_d)
                 opts[1].step()
+                if tracker is not None:  # ---- tracking: per-step scalars
+                    tracker.log_step(
+                        epoch * steps + i + 1,
+                        {
+                            "train_loss": loss_g.item(),
+                            "train_d_loss": loss_d.item(),
+                            "lr": opts[0].param_groups[0]["lr"],
+                            "lr_d": opts[1].param_groups[0]["lr"],
+                        },
+                    )
                 g_sum += loss_g.detach() * len(idx)
                 d_sum += loss_d.detach() * len(idx)
                 bar.update(info=f"epoch {epoch + 1}/{config.epochs} G {loss_g.item():.3f}" if bar.enabled else None)
@@ -330,6 +345,10 @@ def train_synthesis(
                 curves["test_fid"].append(math.nan if diverged else fid(g, ds, extract, real, config.eval_batch_size))
             curves["epoch_time"].append(time.perf_counter() - t0)
             elapsed += curves["epoch_time"][-1]
+            if tracker is not None:  # ---- tracking: the epoch's curves and both methods' diagnostics
+                tracker.log_epoch(
+                    (epoch + 1) * steps, curves, ("diagnostics/g/", methods[0]), ("diagnostics/d/", methods[1])
+                )
             if diverged:
                 status = "diverged"
                 break
@@ -340,10 +359,15 @@ def train_synthesis(
                         **run_entries(config, seed, epoch + 1, elapsed, 1, curves),
                         **_state(g, d, opts, scheds, methods),
                         "generator": gen.get_state(),
+                        **({"tracking": tracker.state_dict()} if tracker is not None else {}),  # ---- tracking
                     },
                 )
             if callback is not None:
                 callback(epoch + 1, curves)
+    except BaseException:
+        if tracker is not None:  # ---- tracking: the run stopped; a resume continues its log
+            tracker.abort()
+        raise
     finally:
         bar.close()
         for m in methods:
@@ -354,4 +378,6 @@ def train_synthesis(
         "train_loss": curves["train_loss"][-1],
         "train_d_loss": curves["train_d_loss"][-1],
     }
+    if tracker is not None:  # ---- tracking: final metrics and status
+        tracker.end(final, status)
     return {"curves": curves, "final": final, "wall_s": elapsed, "status": status}

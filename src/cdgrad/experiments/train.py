@@ -41,6 +41,7 @@ from cdgrad.experiments.launch import init_from_env
 from cdgrad.experiments.progress import Progress
 from cdgrad.experiments.setup import Setup, build, load_data, make_model, make_optimizer, make_scheduler, subset
 from cdgrad.experiments.tasks import check_dataset, get_task
+from cdgrad.experiments.tracking import RunInfo, Tracker
 
 __all__ = [
     "CURVES",
@@ -103,6 +104,7 @@ def train(
     checkpoint: str | None = None,
     progress: bool | None = None,
     callback: Callable[[int, dict[str, list[Any]]], None] | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Train `config` from seed `seed`; return per-epoch curves, final metrics, wall time and status.
 
@@ -113,7 +115,7 @@ def train(
     always the last). `status` is "completed", or "diverged" when the epoch's training loss was not finite
     (training stops after that epoch, which is evaluated; no checkpoint is written for it). `dataset` (from
     `load_data(config)`) saves re-reading files in a sweep; `callback(epoch, curves)` runs after each epoch's
-    checkpoint.
+    checkpoint; `tracker` (`cdgrad.experiments.tracking`) logs the run live, on rank 0 (None: nothing is logged).
 
     Under torchrun (a default process group, or `WORLD_SIZE` in the environment) the run is data-parallel as
     described in the module docstring; every rank returns the same metrics and only rank 0 writes `checkpoint`.
@@ -122,7 +124,9 @@ def train(
     seed = check_seed(seed)
     task = get_task(config.task)
     if task.fit is not None:  # a task with a loop of its own (image synthesis: two networks)
-        return task.fit(config, seed, dataset=dataset, checkpoint=checkpoint, progress=progress, callback=callback)
+        return task.fit(
+            config, seed, dataset=dataset, checkpoint=checkpoint, progress=progress, callback=callback, tracker=tracker
+        )
     assert task.loss is not None and task.stats is not None and task.summarize is not None
     dist_info = init_from_env()
     rank, world = dist_info if dist_info is not None else (0, 1)
@@ -147,6 +151,11 @@ def train(
         else:
             curves, start_epoch, elapsed = state["curves"], state["epoch"], state["elapsed"]
     model, optimizer, method, gen = run.model, run.optimizer, run.method, run.generator
+    # ---- tracking: start or resume the run's live log (rank 0)
+    track = tracker if rank == 0 else None
+    if track is not None:
+        saved = state.get("tracking") if state is not None and start_epoch > 0 else None
+        track.start(RunInfo(config, seed, math.ceil(n / config.batch_size), start_epoch, curves), saved)
 
     net: nn.Module = model
     if world > 1:  # after loading the checkpoint; DDP also broadcasts rank 0's parameters and buffers
@@ -190,6 +199,10 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss)  # = loss.backward()
                 optimizer.step()
+                if track is not None:  # ---- tracking: per-step scalars
+                    track.log_step(
+                        epoch * steps + i + 1, {"train_loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+                    )
                 loss_sum += batch_loss
                 sums = sums + task.stats(logits.detach(), y)
                 bar.update(info=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}" if bar.enabled else None)
@@ -219,6 +232,8 @@ def train(
                     curves[f"test_{key}"].append(value)
             curves["epoch_time"].append(time.perf_counter() - t0)
             elapsed += curves["epoch_time"][-1]
+            if track is not None:  # ---- tracking: the epoch's curves and the method's diagnostics
+                track.log_epoch((epoch + 1) * steps, curves, ("diagnostics/", method))
             if diverged:
                 status = "diverged"
                 break
@@ -231,12 +246,17 @@ def train(
                         **run_entries(config, seed, epoch + 1, elapsed, world, curves),
                         **run.state_dict(),
                         **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                        **({"tracking": track.state_dict()} if track is not None else {}),  # ---- tracking
                     },
                 )
             if checkpoint is not None and world > 1:
                 torch.distributed.barrier()  # no rank goes on (and may read the file) before it is written
             if callback is not None:
                 callback(epoch + 1, curves)
+    except BaseException:
+        if track is not None:  # ---- tracking: the run stopped; a resume continues its log
+            track.abort()
+        raise
     finally:
         bar.close()
         method.remove()
@@ -250,4 +270,6 @@ def train(
         for key, value in scores.items():
             final[f"train_{key}"] = value
             final[f"gap_{key}"] = value - final[f"test_{key}"]
+    if track is not None:  # ---- tracking: final metrics and status
+        track.end(final, status)
     return {"curves": curves, "final": final, "wall_s": elapsed, "status": status}
