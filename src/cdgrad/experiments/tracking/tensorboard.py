@@ -7,10 +7,12 @@ step ending it: every curve under its own name (`train_loss`, `test_acc`, `epoch
 `diagnostics/...`; at the end, `final/<metric>` and the HParams session (the config's set fields and the status),
 so the HParams dashboard compares the runs of a preset.
 
-Resume: the writer of a resumed run starts with a purge at the checkpoint's step + 1 (TensorBoard's
-`purge_step`): whatever the killed process wrote after its last checkpoint is hidden, and the resumed process
-writes those steps once; a fresh run purges from step 0 (a leftover folder of an unfinished run). The writer is
-flushed before every checkpoint, so no step up to the checkpoint is lost.
+Resume: the sink's state in each checkpoint is the size of every event file of the run once flushed. A resumed
+run first cuts its event files back to those sizes and deletes files the checkpoint does not know (written by a
+process killed before its next checkpoint), so whatever was written after the checkpoint is gone from disk and
+the resumed process writes those steps once; a fresh run starts from an empty folder (a leftover of a run killed
+before its first checkpoint). The new writer also starts with TensorBoard's purge at the checkpoint's step + 1
+(`purge_step`), which readers that apply it (TensorBoard's own) honour too.
 """
 
 from __future__ import annotations
@@ -37,11 +39,25 @@ def hparam_values(config_dict: Mapping[str, Any], seed: int) -> dict[str, Any]:
     return out
 
 
+def _event_files(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*")))
+
+
+def _cut_back(folder: str, sizes: Mapping[str, int]) -> None:
+    """Truncate each event file in `folder` to its size in `sizes`; delete those `sizes` does not name."""
+    for path in _event_files(folder):
+        size = sizes.get(os.path.basename(path))
+        if size is None:
+            os.remove(path)
+        elif os.path.getsize(path) > size:
+            os.truncate(path, size)
+
+
 def _after_older_files(folder: str) -> None:
     """Wait until the clock's second is past that of the newest event file in `folder`: event files are read in
     name order, and the name starts with the creation second, so the new file must sort after the old ones."""
     newest = 0
-    for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+    for path in _event_files(folder):
         try:
             newest = max(newest, int(os.path.basename(path).split(".")[3]))
         except (IndexError, ValueError):
@@ -57,6 +73,7 @@ class TensorBoardSink(Sink):
 
     def __init__(self, root: str, flush_secs: int = 30) -> None:
         self.root = root
+        self.folder = root
         self.flush_secs = flush_secs
         self.writer: Any = None
         self.run: RunInfo | None = None
@@ -68,11 +85,11 @@ class TensorBoardSink(Sink):
         self.close()
         folder = os.path.join(self.root, run.key)
         os.makedirs(folder, exist_ok=True)
+        _cut_back(folder, (state or {}).get("files", {}) if run.epoch > 0 else {})
         _after_older_files(folder)
-        # a fresh run hides everything in the folder; a resumed one what was written after its checkpoint
         purge = run.step + 1 if run.epoch > 0 else 0
         self.writer = SummaryWriter(folder, purge_step=purge, flush_secs=self.flush_secs)
-        self.run, self.last_step = run, run.step
+        self.folder, self.run, self.last_step = folder, run, run.step
 
     def _scalars(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
         for name, value in metrics.items():
@@ -87,7 +104,8 @@ class TensorBoardSink(Sink):
 
     def state_dict(self) -> dict[str, Any]:
         self.writer.flush()
-        return {"step": self.last_step}
+        files = {os.path.basename(p): os.path.getsize(p) for p in _event_files(self.folder)}
+        return {"step": self.last_step, "files": files}
 
     def end(self, final: Mapping[str, float], status: str) -> None:
         from torch.utils.tensorboard.summary import hparams
