@@ -30,7 +30,7 @@ from cdgrad.experiments.tracking import Tracker  # noqa: E402
 from cdgrad.experiments.tracking.tensorboard import TensorBoardSink  # noqa: E402
 from cdgrad.experiments.train import train  # noqa: E402
 from helpers import install_preset, register_fixtures, uninstall_preset  # noqa: E402
-from tracking_helpers import EPOCHS, STEPS, driver, finish, free_port, train_argv  # noqa: E402
+from tracking_helpers import EPOCHS, STEPS, driver, expected, finish, free_port, train_argv  # noqa: E402
 
 register_fixtures()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,21 +48,6 @@ def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
         tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
         for tag in acc.Tags()["tensors"]
     }
-
-
-def expected(run) -> dict[str, list[tuple[int, float]]]:
-    """The stored curves and final metrics of `run` as (step, value) series, epoch e at step e * STEPS."""
-    c = run.curves
-    out = {
-        name: [
-            (STEPS * e, v)
-            for e, v in zip(c["test_epoch" if name.startswith("test_") else "epoch"], values, strict=True)
-        ]
-        for name, values in c.items()
-        if name not in ("epoch", "test_epoch")
-    }
-    out.update({f"final/{k}": [(STEPS * c["epoch"][-1], v)] for k, v in run.final.items()})
-    return out
 
 
 @pytest.fixture(scope="module")

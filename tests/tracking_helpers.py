@@ -43,3 +43,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def expected(run) -> dict[str, list[tuple[int, float]]]:
+    """The stored curves and final metrics of `run` as (step, value) series, epoch e at step e * STEPS."""
+    c = run.curves
+    out = {
+        name: [
+            (STEPS * e, v)
+            for e, v in zip(c["test_epoch" if name.startswith("test_") else "epoch"], values, strict=True)
+        ]
+        for name, values in c.items()
+        if name not in ("epoch", "test_epoch")
+    }
+    out.update({f"final/{k}": [(STEPS * c["epoch"][-1], v)] for k, v in run.final.items()})
+    return out
