@@ -27,7 +27,7 @@ from cdgrad.experiments import cli  # noqa: E402
 from cdgrad.experiments.config import RunConfig, run_key, to_dict  # noqa: E402
 from cdgrad.experiments.presets import Preset  # noqa: E402
 from cdgrad.experiments.store import ResultStore  # noqa: E402
-from cdgrad.experiments.tracking import Sink, Tracker, TrackingWarning  # noqa: E402
+from cdgrad.experiments.tracking import RunInfo, Sink, Tracker, TrackingWarning  # noqa: E402
 from cdgrad.experiments.tracking.mlflow import MlflowSink, find_runs  # noqa: E402
 from cdgrad.experiments.train import train  # noqa: E402
 from helpers import install_preset, register_fixtures, uninstall_preset  # noqa: E402
@@ -165,6 +165,22 @@ def test_a_run_killed_while_checkpointing_resumes_the_same_mlflow_run_without_re
     assert code == 0 and "already complete" in out, err
     assert the_run(client, "cdgrad", key).info.run_id == resumed.info.run_id
     assert histories(client, resumed.info.run_id) == got
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_taken_over_and_a_finished_one_is_not(server):
+    info = RunInfo(CONFIG, 7, STEPS)
+    killed = MlflowSink(server, "orphans")
+    killed.start(info, None)  # created with its params, then the process dies before its first checkpoint
+    rerun = MlflowSink(server, "orphans")
+    rerun.start(info, None)
+    assert rerun.run_id == killed.run_id
+    rerun.log_eval(STEPS, {"train_loss": 1.5})
+    rerun.end({"test_acc": 50.0}, "completed")
+    again = MlflowSink(server, "orphans")  # the same run trained afresh (its stored result deleted): a new MLflow run
+    again.start(info, None)
+    assert again.run_id != killed.run_id
+    client = MlflowClient(server)
+    assert histories(client, killed.run_id) == {"train_loss": [(STEPS, 1.5)], "final/test_acc": [(STEPS, 50.0)]}
 
 
 def test_a_server_down_at_start_gives_one_warning_and_the_run_is_stored(tmp_path):
