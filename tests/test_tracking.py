@@ -231,3 +231,30 @@ def test_a_bad_log_value_fails_before_anything_is_created(tmp_path, capsys):
     assert cli.main([*argv, "--log", "wandb"]) == 2
     assert "accepted values: tensorboard, mlflow" in capsys.readouterr().err
     assert not os.path.exists(results)
+
+
+def test_the_synthesis_loop_logs_both_networks_and_resumes_without_repeating_steps(tmp_path, monkeypatch):
+    gan = RunConfig(
+        task="synthesis", dataset="synthetic-dense", model="spade-small", epochs=2, batch_size=8, lr=1e-3,
+        train_subset=16, threads=1,
+    )  # fmt: skip
+    steps = 2  # 16 images in batches of 8
+    monkeypatch.setattr(AttachedMethod, "diagnostics", lambda self: {"n": 1.0}, raising=False)
+    whole = Recorder()
+    plain = train(gan, 0, tracker=Tracker([whole]))
+    assert [c[1] for c in whole.of("step")] == [1, 2, 3, 4]
+    assert set(whole.of("step")[0][2]) == {"train_loss", "train_d_loss", "lr", "lr_d"}
+    evals = whole.of("eval")
+    assert [c[1] for c in evals] == [steps, 2 * steps]
+    assert [c[2]["train_d_loss"] for c in evals] == plain["curves"]["train_d_loss"]
+    assert evals[-1][2]["test_fid"] == plain["final"]["test_fid"]
+    assert evals[0][2]["diagnostics/g/n"] == evals[0][2]["diagnostics/d/n"] == 1.0
+    assert whole.of("end") == [("end", plain["final"], "completed")]
+    ckpt = str(tmp_path / "gan.pt")
+    first, second = Recorder(), Recorder()
+    with pytest.raises(Interrupt):
+        train(gan, 0, checkpoint=ckpt, callback=interrupt_after(1), tracker=Tracker([first]))
+    resumed = train(gan, 0, checkpoint=ckpt, tracker=Tracker([second]))
+    assert second.of("start")[0][2] == {"steps": steps}
+    assert [c[1] for c in first.of("step") + second.of("step")] == [1, 2, 3, 4]
+    assert _numbers(resumed) == _numbers(plain)
