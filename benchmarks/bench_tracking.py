@@ -9,8 +9,10 @@ Two measurements, side by side in one process:
 - whole runs: `train(config, 0, tracker=...)` of each variant in turn, round after round (drift of a shared machine
   hits each alike); the median wall time per run, and the extra time per optimizer step against logging off,
   (median_sink - median_off) / steps;
-- the call alone: the median time of one `Tracker.log_step` (training loss and learning rate) through each sink,
-  timed by `torch.utils.benchmark` (see timing.py) — the part of the per-step cost that is the sink's own.
+- the sink alone: an epoch's worth of logging (a `Tracker.log_step` of the loss and learning rate per step, then the
+  epoch's `log_epoch`, which sends MLflow's batch, and the `state_dict` of its checkpoint, which flushes
+  TensorBoard's writer) timed by `torch.utils.benchmark` (see timing.py), per step: the sink's own cost, free of
+  the training's noise.
 
 Images are random (the cost does not depend on their content); one thread. Prints Markdown tables.
 """
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -67,7 +70,7 @@ def main() -> None:
     )
     ds = fake_fashion_mnist(args.train_images, 500)
     steps = args.epochs * -(-args.train_images // config.batch_size)
-    print(environment())
+    print(environment(), f"load average {os.getloadavg()[0]:.1f} at the start")
     print(f"cnn2, batch 100, {args.epochs} epochs of {args.train_images} images = {steps} steps, 1 thread\n")
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -82,25 +85,36 @@ def main() -> None:
                 if r > 0:
                     times[v].append(time.perf_counter() - t0)
         off = statistics.median(times["off"])
-        print("| logging | median s per run | extra ms per step |")
-        print("|---|---|---|")
+        print("| logging | median s per run | vs off | extra ms per step (whole run / steps) |")
+        print("|---|---|---|---|")
         for v in VARIANTS:
             med = statistics.median(times[v])
-            print(f"| {v} | {med:.3f} | {'-' if v == 'off' else f'{(med - off) / steps * 1e3:.2f}'} |")
+            extra = "-" if v == "off" else f"{(med - off) / steps * 1e3:.2f}"
+            print(f"| {v} | {med:.3f} | {med / off:.3f}x | {extra} |")
 
-        print("\n| logging | median µs per log_step call |")
+        per_epoch = -(-args.train_images // config.batch_size)
+        what = f"an epoch of {per_epoch} `log_step` calls, its `log_epoch` and checkpoint state"
+        print(f"\n| logging | µs per step ({what}) |")
         print("|---|---|")
+        curves = {"epoch": [1], "train_loss": [0.5], "train_acc": [80.0], "test_epoch": [1], "test_loss": [0.4]}
+        curves.update(test_acc=[85.0], epoch_time=[1.0])
         for v in VARIANTS[1:]:
             t = tracker(v, os.path.join(tmp, f"calls-{v}"), db)
             assert t is not None
-            t.start(RunInfo(config, 0, steps))
-            counter = iter(range(1, 10**9))
-            per_call = seconds(
-                lambda t=t, counter=counter: t.log_step(next(counter), {"train_loss": 0.5, "lr": 0.01}),
-                min_run_time=0 if args.smoke else 1.0,
-            )
+            t.start(RunInfo(config, 0, per_epoch))
+            counter = iter(range(1, 10**12))
+
+            def epoch(t: Tracker = t, counter: Iterator[int] = counter) -> None:
+                for _ in range(per_epoch):
+                    step = next(counter)
+                    t.log_step(step, {"train_loss": 0.5, "lr": 0.01})
+                t.log_epoch(step, curves)
+                t.state_dict()
+
+            per_step = seconds(epoch, min_run_time=0 if args.smoke else 2.0) / per_epoch
             t.end({"test_acc": 0.0}, "completed")
-            print(f"| {v} | {per_call * 1e6:.1f} |")
+            print(f"| {v} | {per_step * 1e6:.1f} |")
+        print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

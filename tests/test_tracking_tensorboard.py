@@ -116,6 +116,16 @@ def test_tensorboard_serves_the_same_scalars(sweep):
             for tag, series in want.items():
                 query = urllib.parse.urlencode({"run": run.key, "tag": tag})
                 assert [(step, value) for _, step, value in get(f"/scalars?{query}")] == series
+        # the HParams dashboard: the hyper-parameters that differ between the runs, from their sessions
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/data/plugin/hparams/experiment",
+            data=json.dumps({"experimentName": ""}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            infos = {h["name"]: h for h in json.load(response)["hparamInfos"]}
+        assert infos["method"]["differs"] and sorted(infos["method"]["domainDiscrete"]) == ["none", "sobolev"]
+        assert not infos["lr"]["differs"]
     finally:
         server.send_signal(signal.SIGTERM)
         try:
