@@ -183,6 +183,25 @@ def test_a_run_killed_before_its_first_checkpoint_is_taken_over_and_a_finished_o
     assert histories(client, killed.run_id) == {"train_loss": [(STEPS, 1.5)], "final/test_acc": [(STEPS, 50.0)]}
 
 
+def test_sending_within_an_epoch_keeps_the_last_step_for_its_epoch_metrics(server):
+    """With every call past the flush interval, the steps before the current one are sent at once; the epoch's
+    metrics at its last step still arrive, and the `cdgrad.logged_step` mark only names complete steps."""
+    sink = MlflowSink(server, "flushing", flush_secs=0.0)
+    sink.start(RunInfo(CONFIG, 8, STEPS), None)
+    client = MlflowClient(server)
+    for step in range(1, STEPS + 1):
+        sink.log_step(step, {"train_loss": float(step)})
+        assert client.get_run(sink.run_id).data.tags.get("cdgrad.logged_step") == (str(step - 1) if step > 1 else None)
+    sink.log_eval(STEPS, {"test_acc": 50.0})
+    run_id = sink.run_id
+    sink.end({"test_acc": 50.0}, "completed")
+    assert histories(client, run_id) == {
+        "step/train_loss": [(s, float(s)) for s in range(1, STEPS + 1)],
+        "test_acc": [(STEPS, 50.0)],
+        "final/test_acc": [(STEPS, 50.0)],
+    }
+
+
 def test_a_server_down_at_start_gives_one_warning_and_the_run_is_stored(tmp_path):
     results = tmp_path / "results"
     down = f"http://127.0.0.1:{free_port()}"

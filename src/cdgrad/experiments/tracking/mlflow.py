@@ -68,7 +68,8 @@ class MlflowSink(Sink):
         self.sent_at = time.time()
         self.client: Any = None
         self.run_id: str | None = None
-        self.logged = 0  # steps up to this one are already on the server
+        self.logged = 0  # steps up to this one are on the server
+        self.resumed_at = 0  # ... and were there when this run (re)started: a resumed run skips them
         self.final_logged = False
         self.buffer: list[Any] = []
         for name, value in HTTP_DEFAULTS.items():
@@ -124,23 +125,25 @@ class MlflowSink(Sink):
     def _buffer(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
         from mlflow.entities import Metric
 
-        if step <= self.logged:  # on the server already (a resumed run repeats the steps after its checkpoint)
+        if step <= self.resumed_at:  # on the server already (a resumed run repeats the steps after its checkpoint)
             return
         now = time.time()
+        if now - self.sent_at >= self.flush_secs:  # within an epoch: the steps before this one, which are complete
+            self.flush(before=step)
         self.buffer.extend(Metric(prefix + k, float(v), int(now * 1000), step) for k, v in metrics.items())
-        if now - self.sent_at >= self.flush_secs:
-            self.flush()
 
-    def flush(self) -> None:
-        """Send the buffered metrics (safe at any moment: a resume skips the steps already sent)."""
-        buffer, self.buffer, self.sent_at = self.buffer, [], time.time()
-        self._send(buffer, {})
+    def flush(self, before: int | None = None) -> None:
+        """Send the buffered metrics (of the steps before `before` only, when given)."""
+        keep = [m for m in self.buffer if before is not None and m.step >= before]
+        send = [m for m in self.buffer if before is None or m.step < before]
+        self.buffer, self.sent_at = keep, time.time()
+        self._send(send, {})
 
     # ------------------------------------------------------------------------------------------ protocol
     def start(self, run: RunInfo, state: Mapping[str, Any] | None) -> None:
         from mlflow.entities import Param, RunTag
 
-        self.buffer, self.run_id, self.logged, self.final_logged = [], None, 0, False
+        self.buffer, self.run_id, self.logged, self.final_logged, self.resumed_at = [], None, 0, False, 0
         client = self._client()
         experiment_id = self._experiment_id()
         run_id = (state or {}).get("run_id")
@@ -159,7 +162,7 @@ class MlflowSink(Sink):
                 run_id = None
         if run_id is not None and existing is not None:
             self.run_id = run_id
-            self.logged = int(existing.data.tags.get(LOGGED, "0"))
+            self.logged = self.resumed_at = int(existing.data.tags.get(LOGGED, "0"))
             self.final_logged = existing.data.tags.get("cdgrad.final") == "1"
             client.update_run(run_id, status="RUNNING")
             if existing.data.params:
