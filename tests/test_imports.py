@@ -154,7 +154,7 @@ TOOLKIT_LAYERS = [
     ("registry", "launch", "progress"),
     ("data", "models", "unet", "spade", "metrics", "fid", "method_params", "methods", "tasks"),
     ("config", "config_cli", "checks"),
-    ("setup", "checkpoint", "store", "store_errors", "records", "locks", "environment"),
+    ("setup", "checkpoint", "store", "store_errors", "records", "locks", "environment", "tracking"),
     ("train",),
     ("runner", "presets", "worker", "executors", "status", "sweeps"),
     ("report", "plots", "analyze", "cli"),

@@ -15,6 +15,7 @@ from cdgrad.experiments.methods import describe
 from cdgrad.experiments.setup import load_data
 from cdgrad.experiments.store import ResultStore
 from cdgrad.experiments.tasks import get_task
+from cdgrad.experiments.tracking import Tracker
 from cdgrad.experiments.train import check_seed, train
 
 __all__ = ["data_key", "prepare", "run_all", "todo_runs"]
@@ -71,6 +72,7 @@ def run_all(
     wait: bool = True,
     poll_s: float = 2.0,
     retry_failed: bool = False,
+    tracker: Tracker | None = None,
 ) -> list[str]:
     """Train every run not yet finished in `store`, in this process (resuming from its checkpoint if one exists);
     returns all keys. A run that raises stops the sweep (the error propagates); its checkpoint stays for a rerun.
@@ -79,7 +81,8 @@ def run_all(
     one machine and results folder share the work: runs another live process holds are skipped, and once nothing
     is left this process waits (polling every `poll_s` seconds) until those are finished too, taking over any whose
     holder died; with `wait=False` it returns instead and logs which runs another process still holds. Runs
-    recorded as failed (by a worker of another executor) are left alone unless `retry_failed`.
+    recorded as failed (by a worker of another executor) are left alone unless `retry_failed`. `tracker` logs each
+    trained run live (`cdgrad.experiments.tracking`); stored runs are not trained, so nothing is logged for them.
     """
 
     datasets = prepare(runs, store)
@@ -145,6 +148,7 @@ def run_all(
                 dataset=datasets[data_key(config)],
                 checkpoint=store.checkpoint_path(key),
                 progress=progress,
+                tracker=tracker,
             )
             if main:
                 store.save(config, seed, metrics)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,7 @@ from cdgrad.experiments.launch import init_from_env
 from cdgrad.experiments.progress import Progress
 from cdgrad.experiments.setup import Run, build, data_batches, load_data, measurement_batches
 from cdgrad.experiments.tasks import Context, Task, get_task
+from cdgrad.experiments.tracking import RunInfo, Tracker
 from cdgrad.functional import plain_route
 
 __all__ = ["MAX_SEED", "check_seed", "train"]
@@ -59,6 +60,17 @@ def _restore(run: Run, state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
+class Start(NamedTuple):
+    """Where a run starts: set up, and restored from its checkpoint when there is one that fits."""
+
+    run: Run
+    curves: dict[str, list[Any]] | None
+    epoch: int
+    elapsed: float
+    segments: list[dict[str, Any]]
+    tracking: dict[str, Any] | None  # the live log's state (`cdgrad.experiments.tracking`)
+
+
 def _start(
     config: RunConfig,
     seed: int,
@@ -67,21 +79,26 @@ def _start(
     checkpoint: str | None,
     rank: int,
     world: int,
-) -> tuple[Run, dict[str, list[Any]] | None, int, float, list[dict[str, Any]]]:
-    """The run set up, and restored from its checkpoint when there is one that fits: (run, curves, epoch, elapsed,
-    segments)."""
+) -> Start:
     state = resume_state(checkpoint, config, seed, rank, world)
     run = build(config, seed, ds, device)
     if state is None or checkpoint is None:
-        return run, None, 0, 0.0, []
+        return Start(run, None, 0, 0.0, [], None)
     try:
         _restore(run, state, device)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         run.remove()
         if rank == 0:
             set_aside(checkpoint, f"checkpoint {checkpoint} does not fit this run ({type(exc).__name__}: {exc})")
-        return build(config, seed, ds, device), None, 0, 0.0, []
-    return run, state["curves"], state["epoch"], state["elapsed"], segments_of(state)
+        return Start(build(config, seed, ds, device), None, 0, 0.0, [], None)
+    tracking = state.get("tracking") if state["epoch"] > 0 else None
+    return Start(run, state["curves"], state["epoch"], state["elapsed"], segments_of(state), tracking)
+
+
+def _diagnostics_prefix(run: Run, unit: Any) -> str:
+    """Where a method's diagnostics go in the live log: `diagnostics/`, or `diagnostics/<network>/` for a task
+    that trains several."""
+    return "diagnostics/" if len(run.units) == 1 else f"diagnostics/{unit.name}/"
 
 
 def _add(sums: dict[str, Tensor], batch: dict[str, Tensor] | Any) -> None:
@@ -110,11 +127,22 @@ def _all_reduce(sums: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _epoch(task: Task, run: Run, ctx: Context, perm: Tensor, bar: Progress, epoch: int) -> dict[str, Tensor]:
+def _step_scalars(run: Run, batch: Any, count: int) -> dict[str, float]:
+    """What a live log records at a step: each training loss of the batch (its mean) and each network's lr."""
+    out = {f"train_{k}": float(v.item()) / count for k, v in batch.items() if k.endswith("loss")}
+    for i, unit in enumerate(run.units):
+        out["lr" if i == 0 else f"lr_{unit.name}"] = float(unit.optimizer.param_groups[0]["lr"])
+    return out
+
+
+def _epoch(
+    task: Task, run: Run, ctx: Context, perm: Tensor, bar: Progress, epoch: int, track: Tracker | None
+) -> dict[str, Tensor]:
     """One epoch's training steps; returns the summed step outputs."""
     config = ctx.config
     sums: dict[str, Tensor] = {}
     label, key = task.progress
+    step = epoch * math.ceil(len(ctx.ds.train_x) / config.batch_size)
     for x, y in data_batches(config, ctx.ds, perm, run.generator):
         count = len(x)
         if ctx.world > 1:  # this rank's rows of the global batch (augmented whole: same random draws)
@@ -123,6 +151,9 @@ def _epoch(task: Task, run: Run, ctx: Context, perm: Tensor, bar: Progress, epoc
         _add(sums, batch)
         info = f"epoch {epoch + 1}/{config.epochs} {label} {batch[key].item() / count:.3f}" if bar.enabled else None
         bar.update(info=info)
+        step += 1
+        if track is not None:
+            track.log_step(step, _step_scalars(run, batch, count))
     return sums
 
 
@@ -134,6 +165,7 @@ def train(
     checkpoint: str | None = None,
     progress: bool | None = None,
     callback: Callable[[int, dict[str, list[Any]]], None] | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Train `config` from seed `seed`; return per-epoch curves, final metrics, wall time and status.
 
@@ -145,7 +177,9 @@ def train(
     which is evaluated; no checkpoint is written for it). `segments` lists `{"epochs", "kernel", "threads"}` for
     each stretch of epochs run on one kernel path and thread count (`cdgrad.experiments.checkpoint.add_epoch`).
     `dataset` (from `load_data(config)`) saves re-reading files in a sweep; `callback(epoch, curves)` runs after
-    each epoch's checkpoint.
+    each epoch's checkpoint; `tracker` (`cdgrad.experiments.tracking`) logs the run live, on rank 0: every step's
+    losses and learning rates, every epoch's curves and the methods' diagnostics, the final metrics; its state is
+    kept in the checkpoint, so a resumed run continues its log without repeating a step.
     """
     validate(config)
     seed = check_seed(seed)
@@ -161,13 +195,17 @@ def train(
     ctx = Context(config, ds, rank, world)
     n = len(ds.train_x)
 
-    run, restored, start_epoch, elapsed, segments = _start(config, seed, ds, device, checkpoint, rank, world)
+    run, restored, start_epoch, elapsed, segments, tracking = _start(config, seed, ds, device, checkpoint, rank, world)
     curves: dict[str, list[Any]] = restored if restored is not None else {k: [] for k in task.curves}
+    steps = math.ceil(n / config.batch_size)
+    track = tracker if rank == 0 else None
+    if track is not None:
+        track.start(RunInfo(config, seed, steps, start_epoch, curves), tracking)
+    methods = [(_diagnostics_prefix(run, u), u.method) for u in run.units]
     if world > 1:  # after loading the checkpoint; DDP also broadcasts rank 0's parameters and buffers
         ids = [device.index] if device.type == "cuda" and device.index is not None else None
         for unit in run.units:
             unit.net = nn.parallel.DistributedDataParallel(unit.module, device_ids=ids)
-    steps = math.ceil(n / config.batch_size)
     bar = Progress(
         (config.epochs - start_epoch) * steps, desc=f"{config.method} s{seed}", enabled=progress if rank == 0 else False
     )
@@ -182,7 +220,7 @@ def train(
                     unit.method.begin_epoch(epoch, measurement_batches(config, ds, seed, epoch, unit))
                 unit.net.train()
             perm = torch.randperm(n, generator=run.generator, device=device)
-            sums = _epoch(task, run, ctx, perm, bar, epoch)
+            sums = _epoch(task, run, ctx, perm, bar, epoch, track)
             add_epoch(segments, plain_route(device), torch.get_num_threads())
             for unit in run.units:
                 unit.scheduler.step()
@@ -199,6 +237,8 @@ def train(
                     curves[key].append(value)
             curves["epoch_time"].append(time.perf_counter() - t0)
             elapsed += curves["epoch_time"][-1]
+            if track is not None:
+                track.log_epoch((epoch + 1) * steps, curves, *methods)
             if diverged:
                 status = "diverged"
                 break
@@ -212,16 +252,23 @@ def train(
                         **run.state_dict(),
                         **cuda,
                         "segments": segments,
+                        **({"tracking": track.state_dict()} if track is not None else {}),
                     },
                 )
             if checkpoint is not None and world > 1:
                 torch.distributed.barrier()  # no rank goes on (and may read the file) before it is written
             if callback is not None:
                 callback(epoch + 1, curves)
+    except BaseException:
+        if track is not None:  # the run stopped: a resume continues its log
+            track.abort()
+        raise
     finally:
         bar.close()
         run.remove()
         torch.set_num_threads(threads)
 
     final = task.finish(run.units, ctx, curves)
+    if track is not None:
+        track.end(final, status)
     return {"curves": curves, "final": final, "wall_s": elapsed, "status": status, "segments": segments}
