@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cdgrad.experiments import presets as presets_mod
+from cdgrad.experiments import runner as runner_mod
 from cdgrad.experiments import train as train_mod
 from cdgrad.experiments.config import RunConfig, run_key, to_dict
 from cdgrad.experiments.presets import Preset, grid
@@ -85,7 +86,7 @@ def test_sweep_skips_done_runs_and_failed_runs_are_not_done(tmp_path, monkeypatc
             raise RuntimeError("crash in the middle of a run")
         return real_train(config, seed, **kw)
 
-    monkeypatch.setattr(train_mod, "train", flaky_train)
+    monkeypatch.setattr(runner_mod, "train", flaky_train)
     with pytest.raises(RuntimeError, match="crash"):
         run_all(runs, store, log=lambda s: None)
     assert len(store.done_keys()) == 2  # the crashed run is not counted
@@ -103,7 +104,7 @@ def test_bad_input_fails_before_training_and_leaves_the_store_alone(tmp_path, mo
     store.save(TINY, 0, _metrics())
     before = Path(store.path).read_bytes()
     trained = []
-    monkeypatch.setattr(train_mod, "train", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(runner_mod, "train", lambda *a, **k: trained.append(1))
     bad = [(TINY, 1), (TINY.replace(method="h0", sigma=1.0), 0)]
     with pytest.raises(ValueError, match="sigma"):
         run_all(bad, store, log=lambda s: None)
@@ -264,7 +265,7 @@ def _capped_connect(store, monkeypatch):
     monkeypatch.setattr(store, "_connect", capped)
 
 
-def test_a_full_disk_during_a_store_write_says_so_and_stores_nothing(tmp_path, monkeypatch):
+def test_a_full_disk_during_an_index_write_says_so_and_loses_nothing(tmp_path, monkeypatch):
     from cdgrad.experiments.store import StoreError
 
     store = ResultStore(str(tmp_path))
@@ -277,9 +278,8 @@ def test_a_full_disk_during_a_store_write_says_so_and_stores_nothing(tmp_path, m
     assert info.value.cause == "disk full" and str(tmp_path) in str(info.value)
     assert "move results.sqlite aside" not in str(info.value) and "not writable" not in str(info.value)
     monkeypatch.undo()
-    assert Path(store.path).read_bytes() == before and store.done_keys() == {run_key(TINY, 0)}
-    store.save(TINY, 1, big)  # with space again the same write succeeds
-    assert store.done_keys() == {run_key(TINY, 0), run_key(TINY, 1)}
+    assert Path(store.path).read_bytes() == before  # the index is as it was; the run's record was written first
+    assert store.done_keys() == {run_key(TINY, 0), run_key(TINY, 1)}  # with space again the record is indexed
 
 
 @pytest.mark.parametrize("where", ["probe", "keep-model"])

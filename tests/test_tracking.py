@@ -11,9 +11,9 @@ import warnings
 import pytest
 import torch
 
+import cdgrad
 from cdgrad.experiments import cli
 from cdgrad.experiments.config import RunConfig
-import cdgrad
 from cdgrad.experiments.tracking import (
     RunInfo,
     Sink,
