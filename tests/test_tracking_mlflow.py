@@ -34,7 +34,7 @@ from helpers import install_preset, register_fixtures, uninstall_preset  # noqa:
 from tracking_helpers import EPOCHS, STEPS, driver, expected, finish, free_port, train_argv  # noqa: E402
 
 register_fixtures()
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # real servers: run once in CI
 
 QUIET = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "DO_NOT_TRACK": "true"}
 BASE = {"dataset": "synthetic", "model": "tiny", "epochs": EPOCHS, "batch_size": 64, "lr": 0.1, "threads": 1}
