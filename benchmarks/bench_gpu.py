@@ -55,6 +55,8 @@ METHODS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], cdgrad.Gradient
     "centralize": (cdgrad.centralize, cdgrad.Centralize()),
 }
 MODELS = {"ResNet-56": "resnet56", "VGG-16": "vgg16"}
+# the largest differences accepted between two computations of the same Sobolev gradient of randn data
+TOLERANCE = {"published - sobolev, float64": 1e-12, "compiled - reference, float32": 1e-4}
 
 
 class Bench:
@@ -119,10 +121,10 @@ def per_layer(bench: Bench, shape: tuple[int, ...], models: list[str], compiled:
     dev = bench.device
     gen = torch.Generator(device=dev).manual_seed(0)
     g = torch.randn(shape, device=dev, generator=gen)
+    label = "x".join(map(str, shape))
     g64 = g.double()
-    err = (published_style_sobolev(g64, 1.0) - cdgrad.sobolev(g64, 1.0)).abs().max().item()
-    if not err <= 1e-12:
-        raise AssertionError(f"published and cdgrad.sobolev differ by {err} on {shape} (float64)")
+    diff = published_style_sobolev(g64, 1.0) - cdgrad.sobolev(g64, 1.0)
+    checks = {"published - sobolev, float64": diff.abs().max().item()}
     work = g.clone()
     us: dict[str, float | None] = {"clone": bench.time(lambda: g.clone())}
     refill = bench.time(lambda: work.copy_(g))
@@ -138,16 +140,17 @@ def per_layer(bench: Bench, shape: tuple[int, ...], models: list[str], compiled:
             out = compiled(g)
             sync(dev)
             compile_s = time.perf_counter() - t0
-            ok = torch.allclose(out, F.sobolev_reference(g, 1.0), rtol=1e-4, atol=1e-5)
-            if not ok:
-                raise AssertionError(f"compiled and eager reference differ on {shape}")
+            checks["compiled - reference, float32"] = (out - F.sobolev_reference(g, 1.0)).abs().max().item()
             us["compiled"] = bench.time(lambda: compiled(g))
             bench.compiled_shapes.add(tuple(shape))
         except Exception as exc:  # a backend that cannot compile here: the rest of the run goes on
-            notes.append(f"{'x'.join(map(str, shape))}: torch.compile failed ({first_line(exc)})")
+            notes.append(f"{label}: torch.compile failed ({first_line(exc)})")
     elif compiled is not None:
-        notes.append(f"{'x'.join(map(str, shape))}: not compiled (--budget-s spent)")
-    return {"shape": list(shape), "models": models, "us": us, "compile_s": compile_s}
+        notes.append(f"{label}: not compiled (--budget-s spent)")
+    for what, err in checks.items():
+        if not err <= TOLERANCE[what]:
+            notes.append(f"{label}: CHECK FAILED: max |{what}| = {err:.3g} > {TOLERANCE[what]}")
+    return {"shape": list(shape), "models": models, "us": us, "compile_s": compile_s, "max_abs_diff": checks}
 
 
 def whole_model(bench: Bench, label: str, shapes: list[tuple[int, ...]], compiled: Any) -> dict:
