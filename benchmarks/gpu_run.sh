@@ -4,13 +4,14 @@
 #   2. python benchmarks/probe_jobs.py fig6: how many runs to train at once so the sweep ends in the time left
 #   3. cdgrad run fig6 --executor local --jobs N --devices cuda:0        (data: $CDGRAD_DATA, default ./data)
 #   4. cdgrad report fig6 --out $OUT/report                             -> fig6.md and its three plots
-#   5. the results folder (store, run records, logs), without checkpoints -> fig6-results.tar.gz
+#   5. the results folder (store, run records, logs, the probe's JSON), without checkpoints -> fig6-results.tar.gz
 # and its own log, gpu_run.log: 8 files in all.  Every step runs under `timeout`; a step that fails is recorded
 # and the next one runs; the last lines of the log list each step's outcome, and the exit status is 1 when any
 # step failed.
 #
 #   mkdir -p data && cp -r ../shared/data/mnist ../shared/data/fashion-mnist data/   # once: data/ is git-ignored
 #   OUT=/some/folder bash benchmarks/gpu_run.sh             # the GPU run; BUDGET_S (default 540) is the total
+#   RESULTS=/a/results/folder OUT=... bash benchmarks/gpu_run.sh   # resume: runs finished there are skipped
 #   bash benchmarks/gpu_run.sh --smoke                      # the same steps on the CPU at tiny sizes (CI)
 #
 # --smoke: bench_gpu.py --smoke; the probe on the CPU with at most 2 workers; fig6 restricted to one data set that
@@ -36,7 +37,7 @@ REPORT_RESERVE_S=60  # the report and the archive, after the sweep
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$ROOT/src" PYTHONUNBUFFERED=1
 if [ -z "${CDGRAD_DATA:-}" ] && [ -d "$ROOT/data" ]; then export CDGRAD_DATA=$ROOT/data; fi
 WORK=$(mktemp -d)
-RESULTS=$WORK/results
+RESULTS=${RESULTS:-$WORK/results}  # set it to resume: the runs finished there are skipped
 START=$(date +%s)
 exec > >(tee -a "$OUT/gpu_run.log") 2>&1
 TEE=$!
@@ -101,7 +102,7 @@ fi
 seeds=()
 [ "$SMOKE" = 1 ] && seeds=(--max-seeds 1)
 deadline=$((START + BUDGET_S - REPORT_RESERVE_S))
-probe_args=(--device "$DEVICE" --until "$deadline" --out "$WORK/probe.json")
+probe_args=(--device "$DEVICE" --until "$deadline" --results "$RESULTS" --out "$WORK/probe.json")
 [ "$SMOKE" = 1 ] && probe_args+=(--max-jobs 2)
 jobs=""
 if step "probe" 150 "$PY" benchmarks/probe_jobs.py "${sweep[@]}" "${seeds[@]}" "${probe_args[@]}"; then
@@ -132,8 +133,8 @@ step "cdgrad run fig6" "$left" "$PY" -m cdgrad.experiments.cli run "${sweep[@]}"
 step "cdgrad report fig6" 120 "$PY" -m cdgrad.experiments.cli report "${sweep[@]}" --results "$RESULTS" \
   --out "$OUT/report"
 [ -f "$WORK/probe.json" ] && mkdir -p "$RESULTS" && cp "$WORK/probe.json" "$RESULTS/"
-[ -d "$RESULTS" ] && step "archive results" 60 tar -czf "$OUT/fig6-results.tar.gz" -C "$WORK" --exclude results/checkpoints \
-  --exclude results/locks results
+[ -d "$RESULTS" ] && step "archive results" 60 tar -czf "$OUT/fig6-results.tar.gz" -C "$(dirname "$RESULTS")" \
+  --exclude checkpoints --exclude locks "$(basename "$RESULTS")"
 
 echo "gpu_run: done in $(($(date +%s) - START)) s; files under $OUT:"
 (cd "$OUT" && find . -type f | sort)
