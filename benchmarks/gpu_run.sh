@@ -130,10 +130,13 @@ step "cdgrad run fig6" "$left" "$PY" -m cdgrad.experiments.cli run "${sweep[@]}"
   "${dry[@]}" --results "$RESULTS" --no-plots --no-progress
 
 # ---- 4. the report, 5. the results folder
-step "cdgrad report fig6" 120 "$PY" -m cdgrad.experiments.cli report "${sweep[@]}" --results "$RESULTS" \
+limit=$((START + BUDGET_S - 15 - $(date +%s)))  # the report ends inside the budget, the archive after it
+[ "$limit" -gt 120 ] && limit=120
+[ "$limit" -lt 30 ] && limit=30
+step "cdgrad report fig6" "$limit" "$PY" -m cdgrad.experiments.cli report "${sweep[@]}" --results "$RESULTS" \
   --out "$OUT/report"
 [ -f "$WORK/probe.json" ] && mkdir -p "$RESULTS" && cp "$WORK/probe.json" "$RESULTS/"
-[ -d "$RESULTS" ] && step "archive results" 60 tar -czf "$OUT/fig6-results.tar.gz" -C "$(dirname "$RESULTS")" \
+[ -d "$RESULTS" ] && step "archive results" 30 tar -czf "$OUT/fig6-results.tar.gz" -C "$(dirname "$RESULTS")" \
   --exclude checkpoints --exclude locks "$(basename "$RESULTS")"
 
 echo "gpu_run: done in $(($(date +%s) - START)) s; files under $OUT:"

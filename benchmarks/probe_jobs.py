@@ -22,6 +22,7 @@ short leaves every configuration with about as many seeds, and rerunning the com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -29,7 +30,9 @@ import os
 import resource
 import statistics
 import tempfile
+import threading
 import time
+from queue import Empty
 from typing import Any
 
 import torch
@@ -86,6 +89,7 @@ def worker(config_dict: dict[str, Any], device: str, barrier: Any, queue: Any) -
             out["device_used_bytes"], out["device_total_bytes"] = total - free, total
         queue.put(out)
     except BaseException as exc:
+        barrier.abort()  # the others, and the parent, stop waiting at once
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
         raise
 
@@ -101,9 +105,17 @@ def probe(config: Any, device: str, processes: int) -> tuple[list[dict[str, Any]
     procs = [ctx.Process(target=worker, args=(to_dict(config), device, barrier, queue)) for _ in range(processes)]
     for p in procs:
         p.start()
-    barrier.wait(timeout=600)
+    with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed: its error is on the queue
+        barrier.wait(timeout=600)
     start_s = time.perf_counter() - t0
-    results = [queue.get(timeout=600) for _ in procs]
+    results: list[dict[str, Any]] = []
+    while len(results) < processes:
+        try:
+            results.append(queue.get(timeout=1.0))
+        except Empty:
+            if not any(p.is_alive() for p in procs) and queue.empty():
+                codes = [p.exitcode for p in procs]
+                raise RuntimeError(f"probe workers ended without a result (exit codes {codes})") from None
     for p in procs:
         p.join()
     errors = [r["error"] for r in results if "error" in r]
