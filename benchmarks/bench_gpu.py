@@ -211,8 +211,8 @@ def step_overhead(bench: Bench, batch: int, rounds: int, warmup: int) -> None:
 
     dev = bench.device
     torch.manual_seed(0)
-    label, name = ("ResNet-8", "resnet8") if bench.smoke else ("ResNet-56", "resnet56")
-    base = build_model(name).to(dev)
+    label, arch = ("ResNet-8", "resnet8") if bench.smoke else ("ResNet-56", "resnet56")
+    base = build_model(arch).to(dev)
     x = torch.randn(batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
     transforms = {"none": None, "h0": cdgrad.ChannelDirected("h0", 2.0)}
