@@ -50,7 +50,7 @@ def published_style_sobolev(f: torch.Tensor, lam: float) -> torch.Tensor:
     O = x.shape[-1]
     mean = x.mean(-1, keepdim=True).repeat(*([1] * (x.dim() - 1)), O)
     c = torch.cumsum(x - mean, -1) / (lam * O * O)
-    shift = torch.diag(torch.ones(O - 1, dtype=f.dtype), 1)  # (c @ shift)[o] = c[o-1], c[-1] = 0
+    shift = torch.diag(torch.ones(O - 1, dtype=f.dtype, device=f.device), 1)  # (c @ shift)[o] = c[o-1], c[-1] = 0
     v = c.mean(-1, keepdim=True).repeat(*([1] * (x.dim() - 1)), O) - c @ shift
     u = torch.cumsum(v, -1)
     g = mean + u - u.mean(-1, keepdim=True)
