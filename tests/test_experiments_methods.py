@@ -51,11 +51,11 @@ def legacy_order(c: RunConfig) -> tuple:
     """The report order before the registry: method, then direction, convention, beta, lam, sigma."""
     return (
         LEGACY_METHODS.index(c.method),
-        c.direction or "",
-        c.convention or "",
-        c.beta or 0.0,
-        c.lam if c.lam is not None else -1.0,
-        c.sigma or 0.0,
+        c.arg("direction") or "",
+        c.arg("convention") or "",
+        c.arg("beta") or 0.0,
+        c.arg("lam") if c.arg("lam") is not None else -1.0,
+        c.arg("sigma") or 0.0,
     )
 
 

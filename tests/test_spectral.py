@@ -478,8 +478,8 @@ def test_memory_needed_is_the_documented_count():
         memory_needed("svd", (4, 3, 3, 3), 8)
     with pytest.raises(TypeError, match="weight_shape"):
         memory_needed("clip", (4, 3, 3), 8)
-    with pytest.raises(ValueError, match="at least the kernel size"):
-        memory_needed("clip", (4, 3, 5, 5), 4)
+    # an input smaller than the kernel is the folded kernel's map: counted at the input's own size
+    assert memory_needed("clip", (4, 3, 5, 5), 4, F64) == 4 * 3 * 104 * 16
 
 
 SPECTRAL_CALLS = {
@@ -534,7 +534,7 @@ def test_dense_matrix_and_clipper_refuse_sizes_that_cannot_fit(monkeypatch):
     from cdgrad.validation import MemoryRequestError
 
     _limit_memory(monkeypatch, 64 * GIB)
-    w = torch.randn(4, 3, 3, 3)
+    w = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0))
     with pytest.raises(MemoryRequestError, match=r"input_size=300 needs .*the dense matrix"):
         conv_dense_matrix(w, 300)  # (3 * 300^2) x (10 * 300^2) floats: 9.8 TB
     for projection in ("exact", "gram"):
@@ -542,7 +542,7 @@ def test_dense_matrix_and_clipper_refuse_sizes_that_cannot_fit(monkeypatch):
             OperatorNormClipper([w, w.clone()], {"0": 8, "1": 100000}, 1.0, projection=projection)
     reshaped = OperatorNormClipper([w], 100000, 1.0, projection="reshaped")  # the reshaped kernel ignores the size
     reshaped.clip_()
-    assert float(reshaped.operator_norms("reshaped")["0"]) <= 1.0 + 1e-6
+    assert float(reshaped.operator_norms("reshaped")["0"]) <= 1.0 + 1e-5  # float32 SVD round-off
 
 
 def test_available_memory_reads_the_machine(monkeypatch):
