@@ -35,10 +35,10 @@ class _Clock:
 
 PHASES = {  # profiled function -> phase (cumulative; re-binning of trimmed crops counts under "quantise")
     "_extrema": "extrema (min/max per crop)",
-    "_codes": "quantise",
+    "bin_codes": "quantise",
     "<built-in method torch.add>": "joint codes",
     "<built-in method torch.bincount>": "histograms (bincount)",
-    "_nmi_from_joint": "entropies",
+    "nmi_from_joint": "entropies",
     "_per_channel_autocorr": "moments (autocorr)",
 }
 

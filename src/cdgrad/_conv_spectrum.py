@@ -25,17 +25,17 @@ from .validation import check_memory, check_positive, check_tensor
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_weight(weight: Any, name: str = "weight") -> None:
+def check_weight(weight: Any, name: str = "weight") -> None:
     """A non-empty 4-D floating conv weight (O, I, kh, kw) with finite entries."""
     check_tensor(weight, name)
     if weight.dim() != 4:
         raise ValueError(f"{name} must be a 4-D conv weight of shape (O, I, kh, kw), got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(weight.shape)}")
-    _check_finite(weight, name)
+    check_finite(weight, name)
 
 
-def _check_finite(weight: Tensor, name: str) -> None:
+def check_finite(weight: Tensor, name: str) -> None:
     """NaN or infinite entries (a diverged model) have no singular values: a clear error instead of LinAlgError."""
     if not bool(torch.isfinite(weight.detach()).all()):
         bad = int((~torch.isfinite(weight.detach())).sum())
@@ -44,19 +44,19 @@ def _check_finite(weight: Tensor, name: str) -> None:
         )
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _input_size(input_size: Any, weight: Tensor, name: str = "input_size") -> tuple[int, int]:
+def checked_input_size(input_size: Any, weight: Tensor, name: str = "input_size") -> tuple[int, int]:
     """Normalise ``input_size`` (int or (n_h, n_w)) and check it is positive (smaller than the kernel: folded)."""
-    if _is_int(input_size):
+    if is_int(input_size):
         size = (int(input_size), int(input_size))
     elif (
         isinstance(input_size, Sequence)
         and not isinstance(input_size, str)
         and len(input_size) == 2
-        and all(_is_int(s) for s in input_size)
+        and all(is_int(s) for s in input_size)
     ):
         size = (int(input_size[0]), int(input_size[1]))
     else:
@@ -83,7 +83,7 @@ def spectrum_bytes(shape: Sequence[int], size: tuple[int, int], dtype: torch.dty
     return math.ceil(n_h * (n_w // 2 + 1) * (copies * o * i + 2 * (o + i + min(o, i))) * item)
 
 
-def _check_spectrum_memory(
+def check_spectrum_memory(
     weight: Tensor, size: tuple[int, int], copies: float, name: str = "input_size", value: Any = None
 ) -> None:
     """Refuse (`check_memory`, naming `name`) a call whose peak holds about `copies` half spectra of `weight` at
@@ -98,11 +98,11 @@ def _check_spectrum_memory(
     )
 
 
-def _check_reshaped_memory(weight: Tensor) -> None:
+def check_reshaped_memory(weight: Tensor) -> None:
     """Refuse an SVD of the reshaped kernel ``O x (I kh kw)`` that cannot fit: its copy, U and V^H."""
     o = weight.shape[0]
     n = weight[0].numel()
-    item = 8 if _work_dtype(weight) == torch.float64 else 4
+    item = 8 if work_dtype(weight) == torch.float64 else 4
     check_memory(
         (2 * o * n + min(o, n) * (o + n)) * item,
         "weight.shape",
@@ -112,11 +112,11 @@ def _check_reshaped_memory(weight: Tensor) -> None:
     )
 
 
-def _max_norm(max_norm: Any) -> float:
+def checked_max_norm(max_norm: Any) -> float:
     return check_positive(max_norm, "max_norm")
 
 
-def _work_dtype(weight: Tensor) -> torch.dtype:
+def work_dtype(weight: Tensor) -> torch.dtype:
     """float64 for float64 weights (complex128 spectra), float32 otherwise (complex64)."""
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
@@ -153,9 +153,9 @@ def unfold_correction(delta: Tensor, kernel: tuple[int, int], size: tuple[int, i
     return delta
 
 
-def _half_spectrum(weight: Tensor, size: tuple[int, int]) -> Tensor:
+def half_spectrum(weight: Tensor, size: tuple[int, int]) -> Tensor:
     """``P[u, v]`` for ``v = 0 .. n_w // 2`` as a batch of O x I matrices, shape (n_h, n_w//2+1, O, I)."""
-    w = weight.to(_work_dtype(weight))
+    w = weight.to(work_dtype(weight))
     if needs_fold(w.shape, size):
         w = fold_kernel(w, size)
     out: Tensor = torch.fft.rfft2(w, s=size).permute(2, 3, 0, 1)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._conv_spectrum import _check_finite, _check_weight, _input_size
+from ._conv_spectrum import check_finite, check_weight, checked_input_size
 from .spectral import conv_operator_norm, conv_singular_values
 from .validation import check_int, check_tensor
 
@@ -39,11 +39,11 @@ def _check_dim(dim: Any) -> int:
     return check_int(dim, "dim (0: output channels, 1: input channels)", minimum=0, maximum=1)
 
 
-def _check_distance(distance: Any, name: str = "distance") -> int:
+def check_distance(distance: Any, name: str = "distance") -> int:
     return check_int(distance, name, minimum=1)
 
 
-def _check_bins(bins: Any) -> int:
+def check_bins(bins: Any) -> int:
     return check_int(bins, "bins", minimum=1)
 
 
@@ -68,9 +68,9 @@ def axis_correlation(weight: Tensor, distance: int, dim: int) -> float:
     own mean. ``dim = 1`` is the same along ``i``. Returns ``nan`` when fewer than two pairs exist
     (e.g. ``distance >=`` the axis length) or either coordinate is constant.
     """
-    _check_weight(weight)
+    check_weight(weight)
     dim = _check_dim(dim)
-    d = _check_distance(distance)
+    d = check_distance(distance)
     n = weight.shape[dim]
     if d >= n:
         return math.nan
@@ -84,8 +84,8 @@ def correlation_profile(weight: Tensor, max_distance: int) -> dict[str, list[Any
     Returns ``{"distance": [1, ..., D], "output": [r_out(d)], "input": [r_in(d)]}``; entries with no
     pairs (``d >=`` the axis length) are ``nan``.
     """
-    _check_weight(weight)
-    dmax = _check_distance(max_distance, "max_distance")
+    check_weight(weight)
+    dmax = check_distance(max_distance, "max_distance")
     ds = list(range(1, dmax + 1))
     return {
         "distance": ds,
@@ -120,7 +120,7 @@ def channel_correlation_matrix(weight: Tensor, dim: int = 0) -> Tensor:
     Rows are the flattened filters ``w[o, :, :, :]`` (dim 0, an O x O matrix) or ``w[:, i, :, :]``
     (dim 1, I x I). A constant row has ``nan`` correlations.
     """
-    _check_weight(weight)
+    check_weight(weight)
     rows = _channels(weight, _check_dim(dim))
     rows = rows - rows.mean(dim=1, keepdim=True)
     norms = rows.norm(dim=1)
@@ -134,7 +134,7 @@ def channel_correlation_histogram(weight: Tensor, dim: int = 0, bins: int = 20) 
     Returns ``(counts, edges)`` with ``bins`` counts and ``bins + 1`` equally spaced edges; bins are
     half-open ``[e_k, e_{k+1})`` except the last, which includes 1. ``nan`` entries are left out.
     """
-    bins = _check_bins(bins)
+    bins = check_bins(bins)
     c = channel_correlation_matrix(weight, dim)
     iu = torch.triu_indices(c.shape[0], c.shape[0], offset=1, device=c.device)
     vals = c[iu[0], iu[1]]
@@ -146,7 +146,7 @@ def channel_correlation_histogram(weight: Tensor, dim: int = 0, bins: int = 20) 
 
 def channel_mean_std(weight: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
     """Per-channel mean and population standard deviation (``correction = 0``) of the entries along ``dim``."""
-    _check_weight(weight)
+    check_weight(weight)
     rows = _channels(weight, _check_dim(dim))
     return rows.mean(dim=1), rows.std(dim=1, correction=0)
 
@@ -157,7 +157,7 @@ def kernel_magnitude(weight: Tensor) -> Tensor:
     check_tensor(weight, "weight")
     if weight.dim() != 4 or weight.numel() == 0:
         raise ValueError(f"weight must be a non-empty conv weight (O, I, k_h, k_w), got shape {tuple(weight.shape)}")
-    _check_finite(weight, "weight")
+    check_finite(weight, "weight")
     m = weight.detach().to(torch.float64).abs().mean(dim=(0, 1))
     mean = m.mean()
     return m / mean if mean > 0 else torch.ones_like(m)
@@ -183,7 +183,7 @@ def singular_value_ratios(spectrum: Tensor) -> tuple[Tensor, Tensor]:
     return rank, ratio
 
 
-def _lookup_size(sizes: Any, key: str) -> Any:
+def lookup_size(sizes: Any, key: str) -> Any:
     """A per-layer size for state-dict key ``key`` (``"a.b.weight"`` or its module name ``"a.b"``)."""
     if sizes is None or not isinstance(sizes, Mapping):
         return sizes
@@ -211,18 +211,18 @@ def summarize_state_dict(
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping from names to tensors, got {type(state_dict).__name__}")
-    d = _check_distance(distance)
+    d = check_distance(distance)
     rows: list[dict[str, Any]] = []
     for name, w in state_dict.items():
         if not (isinstance(w, Tensor) and w.dim() == 4 and w.is_floating_point() and w.numel() > 0):
             continue
         if not include_pointwise and w.shape[-2] * w.shape[-1] == 1:
             continue
-        _check_finite(w, f"state_dict[{name!r}]")
-        size = _lookup_size(input_sizes, name)
+        check_finite(w, f"state_dict[{name!r}]")
+        size = lookup_size(input_sizes, name)
         op_norm = None
         if size is not None:
-            n = _input_size(size, w, f"input_sizes[{name!r}]")
+            n = checked_input_size(size, w, f"input_sizes[{name!r}]")
             op_norm = float(conv_operator_norm(w.detach(), n))
         rows.append(
             {

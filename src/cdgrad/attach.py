@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .transforms import Masked, OnUpdate, _check_transform
+from .transforms import Masked, OnUpdate, check_transform
 from .transforms_base import GradientTransform
 from .validation import FLOAT_DTYPES
 
@@ -233,7 +233,7 @@ def attach(
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    transform = _check_transform(transform, "transform")
+    transform = check_transform(transform, "transform")
     if _nested_on_update(transform):
         raise ValueError(
             f"transform {transform!r} holds an OnUpdate inside another transform; accepted: OnUpdate(t) as the "
@@ -335,7 +335,7 @@ def attach_update(optimizer: torch.optim.Optimizer, transform: GradientTransform
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    transform = _check_transform(transform, "transform")
+    transform = check_transform(transform, "transform")
     if isinstance(transform, OnUpdate) or _nested_on_update(transform):
         raise ValueError("attach_update: transform must not hold an OnUpdate (it already acts on the update)")
     optimizer = weight_updating_optimizer(optimizer)

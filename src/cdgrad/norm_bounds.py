@@ -30,13 +30,13 @@ from torch import Tensor
 
 from ._conv_spectrum import (
     SPECTRA_HELD,
-    _check_reshaped_memory,
-    _check_spectrum_memory,
-    _check_weight,
-    _half_spectrum,
-    _input_size,
-    _max_norm,
-    _work_dtype,
+    check_reshaped_memory,
+    check_spectrum_memory,
+    check_weight,
+    checked_input_size,
+    checked_max_norm,
+    half_spectrum,
+    work_dtype,
 )
 from .validation import check_int, check_tensor
 
@@ -53,7 +53,7 @@ Size = int | tuple[int, int]
 
 def _reshaped(weight: Tensor) -> Tensor:
     """``R = K.reshape(O, I kh kw)`` in the work dtype (float64 for float64 weights, float32 otherwise)."""
-    return weight.detach().to(_work_dtype(weight)).reshape(weight.shape[0], -1)
+    return weight.detach().to(work_dtype(weight)).reshape(weight.shape[0], -1)
 
 
 def _start_vector(shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -89,8 +89,8 @@ def _iters(iters: Any, minimum: int) -> int:
 
 def reshaped_norm(weight: Tensor) -> Tensor:
     """Exact ``||R||_2``, ``R = weight.reshape(O, I kh kw)`` (a 0-d tensor in the work dtype)."""
-    _check_weight(weight)
-    _check_reshaped_memory(weight)
+    check_weight(weight)
+    check_reshaped_memory(weight)
     out: Tensor = torch.linalg.svdvals(_reshaped(weight))[0]
     return out
 
@@ -102,7 +102,7 @@ def reshaped_norm_power(weight: Tensor, vector: Tensor | None = None, iters: int
     returns ``(estimate, u)``. The estimate never exceeds ``||R||_2`` and converges to it; one iteration per
     training step with a warm-started ``u`` is what ``spectral_norm`` does.
     """
-    _check_weight(weight)
+    check_weight(weight)
     n = _iters(iters, 1)
     r = _reshaped(weight)
     u = _check_vector(vector, (r.shape[0],), r)
@@ -123,9 +123,9 @@ def clip_reshaped_norm(weight: Tensor, max_norm: float) -> Tensor:
     exact projection (`cdgrad.spectral.clip_operator_norm`) this is one exact projection in its own norm, which
     bounds the true operator norm only up to ``sqrt(kh kw)``. Pure: a new tensor, same dtype, device and shape.
     """
-    _check_weight(weight)
-    c = _max_norm(max_norm)
-    _check_reshaped_memory(weight)
+    check_weight(weight)
+    c = checked_max_norm(max_norm)
+    check_reshaped_memory(weight)
     with torch.no_grad():
         r = _reshaped(weight)
         u, s, vh = torch.linalg.svd(r, full_matrices=False)
@@ -169,15 +169,15 @@ def conv_norm_power(
     ``vector`` is the ``x`` of a previous call with the same mode, so that one or two iterations per training
     step track the norm; None (or a zero vector) starts from a fixed vector. Returns ``(estimate, x)``.
     """
-    _check_weight(weight)
-    size = _input_size(input_size, weight)
-    _check_spectrum_memory(weight, size, SPECTRA_HELD["power"], value=input_size)
+    check_weight(weight)
+    size = checked_input_size(input_size, weight)
+    check_spectrum_memory(weight, size, SPECTRA_HELD["power"], value=input_size)
     n = _iters(iters, 1)
     if per_frequency:
         return _power_per_frequency(weight, size, vector, n)
     with torch.no_grad():
-        p = _half_spectrum(weight.detach(), size)
-        real = _work_dtype(weight)
+        p = half_spectrum(weight.detach(), size)
+        real = work_dtype(weight)
         x = _check_vector(vector, (weight.shape[1], *size), torch.empty(0, dtype=real, device=weight.device))
         for _ in range(n):
             y = _normal_operator(p, x, size)
@@ -189,9 +189,9 @@ def conv_norm_power(
 def _power_per_frequency(weight: Tensor, size: tuple[int, int], vector: Any, n: int) -> tuple[Tensor, Tensor]:
     """`conv_norm_power(..., per_frequency=True)` on checked arguments."""
     with torch.no_grad():
-        p = _half_spectrum(weight.detach(), size)  # (n_h, n_w//2+1, O, I)
+        p = half_spectrum(weight.detach(), size)  # (n_h, n_w//2+1, O, I)
         shape = (*p.shape[:2], p.shape[-1])
-        tiny = torch.finfo(_work_dtype(weight)).tiny
+        tiny = torch.finfo(work_dtype(weight)).tiny
         start = _start_vector(shape, torch.empty(0, dtype=p.dtype, device=p.device))
         if vector is None:
             x = start
@@ -226,15 +226,15 @@ def conv_norm_gram(weight: Tensor, input_size: Size, iters: int = 6) -> Tensor:
     ``||conv|| <= bound <= min(O, I)^(1 / 2^(T+1)) * ||conv||``. ``iters = 0`` gives the largest Frobenius norm
     of the ``P[u, v]``. Only the half spectrum is used (mirrored frequencies have the same singular values).
     """
-    _check_weight(weight)
-    size = _input_size(input_size, weight)
-    _check_spectrum_memory(weight, size, SPECTRA_HELD["gram"], value=input_size)
+    check_weight(weight)
+    size = checked_input_size(input_size, weight)
+    check_spectrum_memory(weight, size, SPECTRA_HELD["gram"], value=input_size)
     n = _iters(iters, 0)
     with torch.no_grad():
-        g = _half_spectrum(weight.detach(), size)
+        g = half_spectrum(weight.detach(), size)
         if g.shape[-2] < g.shape[-1]:  # P^H has the same singular values; its Gram matrix is the smaller one
             g = g.mH
-        log_scale = torch.zeros(g.shape[:-2], dtype=_work_dtype(weight), device=weight.device)
+        log_scale = torch.zeros(g.shape[:-2], dtype=work_dtype(weight), device=weight.device)
         for _ in range(n):
             f = torch.linalg.matrix_norm(g).clamp_min(torch.finfo(log_scale.dtype).tiny)
             log_scale = 2.0 * (log_scale + torch.log(f))

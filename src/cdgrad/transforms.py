@@ -186,7 +186,7 @@ class Centralize(ConfiguredTransform):
         return F.centralize_checked(grad)
 
 
-def _check_transform(transform: Any, name: str) -> GradientTransform:
+def check_transform(transform: Any, name: str) -> GradientTransform:
     if not isinstance(transform, GradientTransform):
         raise TypeError(
             f"{name} must be a cdgrad GradientTransform (e.g. cdgrad.ChannelDirected(...)), got "
@@ -234,7 +234,7 @@ class Scaled(Wrapper):
     """
 
     def __init__(self, transform: GradientTransform, factor: float) -> None:
-        self.transform = _check_transform(transform, "transform")
+        self.transform = check_transform(transform, "transform")
         self.factor = check_real(factor, "factor")
 
     def apply_(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
@@ -279,7 +279,7 @@ class Chain(GradientTransform):
     transform before any is modified."""
 
     def __init__(self, *transforms: GradientTransform) -> None:
-        self.transforms = tuple(_check_transform(t, f"transforms[{i}]") for i, t in enumerate(transforms))
+        self.transforms = tuple(check_transform(t, f"transforms[{i}]") for i, t in enumerate(transforms))
 
     @property
     def state_version(self) -> int:
@@ -357,7 +357,7 @@ class Masked(Wrapper):
     """
 
     def __init__(self, transform: GradientTransform, mask: Callable[[Tensor], bool] | Iterable[Tensor]) -> None:
-        self.transform = _check_transform(transform, "transform")
+        self.transform = check_transform(transform, "transform")
         if callable(mask) and not isinstance(mask, Tensor):
             self._predicate: Callable[[Tensor], bool] | None = mask
             self._params: tuple[Tensor, ...] = ()
@@ -412,7 +412,7 @@ class OnUpdate(Wrapper):
     def __init__(self, transform: GradientTransform) -> None:
         if isinstance(transform, OnUpdate):
             raise ValueError("transform is already an OnUpdate; wrap the transform itself once")
-        self.transform = _check_transform(transform, "transform")
+        self.transform = check_transform(transform, "transform")
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "OnUpdate", "transform": self.transform.state_dict()}

@@ -25,15 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._conv_spectrum import _input_size
+from .._conv_spectrum import checked_input_size
 from ..analysis import (
-    _check_bins,
-    _check_distance,
-    _lookup_size,
     channel_correlation_histogram,
     channel_mean_std,
+    check_bins,
+    check_distance,
     correlation_profile,
     kernel_magnitude,
+    lookup_size,
     singular_value_ratios,
     singular_value_spectrum,
     summarize_state_dict,
@@ -135,9 +135,9 @@ def analyze_state_dict(
     (`cdgrad.validation.MemoryRequestError`) before anything is written.
     """
     if not isinstance(input_size, Mapping):
-        _input_size(input_size, torch.empty(1, 1, 1, 1))  # validate before any work
-    _check_distance(max_distance, "max_distance")
-    _check_bins(bins)
+        checked_input_size(input_size, torch.empty(1, 1, 1, 1))  # validate before any work
+    check_distance(max_distance, "max_distance")
+    check_bins(bins)
     rows = summarize_state_dict(state_dict, None)
     if not rows:
         raise ValueError("state_dict has no conv weights (4-D floating tensors with kh * kw > 1) to analyze")
@@ -145,7 +145,7 @@ def analyze_state_dict(
     weights = {r["name"]: state_dict[r["name"]].detach().to("cpu", torch.float64) for r in rows}
     spectra: dict[str, Tensor | None] = {}
     for r in rows:
-        w, size = weights[r["name"]], _lookup_size(input_size, r["name"])
+        w, size = weights[r["name"]], lookup_size(input_size, r["name"])
         try:
             spectra[r["name"]] = singular_value_spectrum(w, size) if size is not None else None
         except MemoryRequestError:  # a size whose spectrum cannot fit: refused, before anything is written

@@ -35,7 +35,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from .._files import torch_save_durably
 from ..attach import AttachHandle, attach
-from ..transforms import _check_transform
+from ..transforms import check_transform
 from ..transforms_base import GradientTransform
 
 __all__ = ["STATE_FILE", "TransformCallback"]
@@ -59,7 +59,7 @@ class TransformCallback(TrainerCallback):  # type: ignore[misc]
         resume_from: str | os.PathLike[str] | None = None,
         batches: Callable[[int], Iterable[Tensor]] | None = None,
     ) -> None:
-        self.transform = _check_transform(transform, "transform")
+        self.transform = check_transform(transform, "transform")
         if batches is not None and not callable(batches):
             raise TypeError(f"batches must be a function epoch -> iterable of batches or None, got {batches!r}")
         self.batches = batches

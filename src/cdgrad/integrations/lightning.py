@@ -31,7 +31,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("cdgrad.integrations.lightning needs Lightning: pip install 'cdgrad[lightning]'") from error
 
 from ..attach import AttachHandle, attach
-from ..transforms import _check_transform
+from ..transforms import check_transform
 from ..transforms_base import GradientTransform
 
 __all__ = ["TransformCallback"]
@@ -45,7 +45,7 @@ class TransformCallback(pl.Callback):  # type: ignore[misc]
     """
 
     def __init__(self, transform: GradientTransform, batches: Callable[[int], Iterable[Tensor]] | None = None) -> None:
-        self.transform = _check_transform(transform, "transform")
+        self.transform = check_transform(transform, "transform")
         if batches is not None and not callable(batches):
             raise TypeError(f"batches must be a function epoch -> iterable of batches or None, got {batches!r}")
         self.batches = batches

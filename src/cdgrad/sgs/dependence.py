@@ -12,14 +12,14 @@ import torch
 from torch import Tensor
 
 from ..validation import check_choice, check_memory, check_pair, check_tensor
-from .nmi import _buffer, _check_bins, _codes, _fold, _index_dtype, _nmi_from_joint, _sturges
+from .nmi import bin_codes, check_bins, fold_last_bin, index_dtype, nmi_from_joint, sturges, workspace_buffer
 
 __all__ = ["authors_channel_dependence", "spatial_dependence"]
 
 _METHODS = ("mi", "autocorr")
 
 
-def _check_method(method: Any) -> str:
+def check_dependence_method(method: Any) -> str:
     return str(check_choice(method, "method", _METHODS))
 
 
@@ -99,26 +99,26 @@ def _per_channel_mi(
     tasks_by_bins: dict[int, list[int]] = {}
     for t in range(len(keys)):
         rows, cols = regions[2 * t + 1]
-        nb = _sturges(n * (rows.stop - rows.start) * (cols.stop - cols.start)) if bins is None else bins
+        nb = sturges(n * (rows.stop - rows.start) * (cols.stop - cols.start)) if bins is None else bins
         tasks_by_bins.setdefault(nb, []).append(t)
     step = max(1, _CHUNK // (c * h * w)) if x.device.type == "cpu" else n
     for nb, tasks in tasks_by_bins.items():
-        stride = nb + 1  # codes run over 0..nb, see `_codes`
+        stride = nb + 1  # codes run over 0..nb, see `bin_codes`
         size = c * stride * stride
-        dtype = _index_dtype(size)
+        dtype = index_dtype(size)
         offset = (torch.arange(c, device=x.device, dtype=dtype) * (stride * stride)).view(view)
         # codes on each channel's whole-map range, right for every crop that keeps the map's min and max;
         # the batch goes through in chunks so that the codes stay in cache across displacements
         counts = torch.zeros(len(tasks), size, dtype=torch.int64, device=x.device)
         for start in range(0, n, step):
             xb = x[start : start + step]
-            second = _codes(xb, lo.view(view), hi.view(view), nb, dtype, workspace, "second")
-            first = _buffer(workspace, "first", xb.shape, x, dtype)
+            second = bin_codes(xb, lo.view(view), hi.view(view), nb, dtype, workspace, "second")
+            first = workspace_buffer(workspace, "first", xb.shape, x, dtype)
             torch.add(offset, second, alpha=stride, out=first)
             for row, t in enumerate(tasks):  # joint code: channel * stride^2 + code(a) * stride + code(a + d)
                 (rp, cp), (rq, cq) = regions[2 * t + 1], regions[2 * t + 2]
                 shape = (xb.shape[0], c, rp.stop - rp.start, cp.stop - cp.start)
-                joint_index = _buffer(workspace, "joint", shape, x, dtype)
+                joint_index = workspace_buffer(workspace, "joint", shape, x, dtype)
                 torch.add(first[:, :, rp, cp], second[:, :, rq, cq], out=joint_index)
                 counts[row] += torch.bincount(joint_index.view(-1), minlength=size)
         # channels whose crop lost the map's min or max are re-coded on the crop's own range; one gather
@@ -137,13 +137,13 @@ def _per_channel_mi(
             if sub is not None and bool(redo[row].any()):
                 (rp, cp), (rq, cq) = regions[2 * t + 1], regions[2 * t + 2]
                 (lo_p, hi_p), (lo_q, hi_q) = extrema[2 * t + 1], extrema[2 * t + 2]
-                code_p = _codes(sub[:, :, rp, cp], lo_p[idx].view(view), hi_p[idx].view(view), nb, dtype)
-                code_q = _codes(sub[:, :, rq, cq], lo_q[idx].view(view), hi_q[idx].view(view), nb, dtype)
+                code_p = bin_codes(sub[:, :, rp, cp], lo_p[idx].view(view), hi_p[idx].view(view), nb, dtype)
+                code_q = bin_codes(sub[:, :, rq, cq], lo_q[idx].view(view), hi_q[idx].view(view), nb, dtype)
                 joint_index = torch.add(offset[:, : len(idx)], code_p, alpha=stride).add_(code_q)
                 joint[idx] = torch.bincount(joint_index.view(-1), minlength=len(idx) * stride * stride).view(
                     len(idx), stride, stride
                 )
-            nmi = _nmi_from_joint(_fold(joint))
+            nmi = nmi_from_joint(fold_last_bin(joint))
             for i, j in todo[keys[t]]:
                 dep[:, i, j] = nmi
     return dep, alive
@@ -196,7 +196,7 @@ def _per_channel_autocorr(x: Tensor, kh: int, kw: int, dilation: tuple[int, int]
     return dep, alive
 
 
-def _dependence(
+def dependence_matrices(
     features: Tensor,
     kernel_size: tuple[int, int],
     bins: int | None,
@@ -243,12 +243,12 @@ def spatial_dependence(
     """
     _check_features(features)
     ks = check_pair(kernel_size, "kernel_size")
-    bins = _check_bins(bins)
-    method = _check_method(method)
+    bins = check_bins(bins)
+    method = check_dependence_method(method)
     dil = check_pair(dilation, "dilation")
     if method == "mi" and bins is not None:
         _check_histogram_memory(features, ks, bins, dil)
-    return _dependence(features, ks, bins, method, dil).to(features.dtype)
+    return dependence_matrices(features, ks, bins, method, dil).to(features.dtype)
 
 
 def _check_histogram_memory(
@@ -272,7 +272,7 @@ def _nmi_without_diagonal(p: Tensor, q: Tensor) -> float:
     if not bool(keep.any()):
         return 0.0
     p, q = p[keep], q[keep]
-    bins = _sturges(p.numel())
+    bins = sturges(p.numel())
     codes = []
     inside = torch.ones_like(p, dtype=torch.bool)
     for v in (p, q):

@@ -18,17 +18,17 @@ from ..validation import check_int, check_memory, check_tensor
 __all__ = ["normalized_mutual_information"]
 
 
-def _check_bins(bins: Any) -> int | None:
+def check_bins(bins: Any) -> int | None:
     return None if bins is None else check_int(bins, "bins", minimum=1)
 
 
-def _sturges(n: int) -> int:
+def sturges(n: int) -> int:
     """Sturges' rule, `ceil(log2(n)) + 1`, in exact integer arithmetic."""
     return (n - 1).bit_length() + 1
 
 
 # ------------------------------------------------------------------------------------ histogram machinery
-def _index_dtype(upper: int) -> torch.dtype:
+def index_dtype(upper: int) -> torch.dtype:
     """Smallest integer dtype (int16 or int32 or int64) holding values in `[0, upper)`."""
     if upper <= 2**15:
         return torch.int16
@@ -37,7 +37,7 @@ def _index_dtype(upper: int) -> torch.dtype:
     return torch.int64
 
 
-def _buffer(
+def workspace_buffer(
     workspace: dict[str, Tensor] | None, key: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype
 ) -> Tensor:
     """An uninitialised tensor of `shape`, carved from a reusable flat buffer when a workspace is given."""
@@ -50,7 +50,7 @@ def _buffer(
     return buf[:numel].view(shape)
 
 
-def _codes(
+def bin_codes(
     x: Tensor,
     lo: Tensor,
     hi: Tensor,
@@ -62,21 +62,21 @@ def _codes(
     """Bin codes `trunc((x - lo) * (bins / (hi - lo)))` in `[0, bins]`; all 0 where `hi == lo`.
 
     `lo`, `hi` (broadcasting against `x`) are the sample's own min and max, so `x - lo >= 0` and the
-    truncation is a floor. Code `bins` is reached only by the maximum (up to rounding); `_fold` merges it
+    truncation is a floor. Code `bins` is reached only by the maximum (up to rounding); `fold_last_bin` merges it
     into bin `bins - 1`, so that bin is closed `[e_{B-1}, max]` as in `numpy.histogram2d`.
     """
     width = hi - lo
     scale = torch.where(width > 0, bins / torch.where(width > 0, width, torch.ones_like(width)), 0.0)
-    scaled = _buffer(workspace, "float", x.shape, x, x.dtype)
+    scaled = workspace_buffer(workspace, "float", x.shape, x, x.dtype)
     if bool((lo == 0).all()):  # x - 0 == x exactly: skip a pass (inputs after a ReLU)
         torch.mul(x, scale, out=scaled)
     else:
         torch.sub(x, lo, out=scaled).mul_(scale)
-    out = _buffer(workspace, key, x.shape, x, dtype)
+    out = workspace_buffer(workspace, key, x.shape, x, dtype)
     return out.copy_(scaled)
 
 
-def _fold(counts: Tensor) -> Tensor:
+def fold_last_bin(counts: Tensor) -> Tensor:
     """Joint counts `(..., B+1, B+1)` over codes `0..B` -> `(..., B, B)`, code `B` merged into bin `B - 1`."""
     counts = counts.clone()
     counts[..., -2, :] += counts[..., -1, :]
@@ -92,7 +92,7 @@ def _entropy(counts: Tensor, dims: tuple[int, ...]) -> Tensor:
     return out
 
 
-def _nmi_from_joint(joint: Tensor) -> Tensor:
+def nmi_from_joint(joint: Tensor) -> Tensor:
     """NMI from joint histograms `(..., B, B)`; 1 where `H(P, Q) = 0` (both samples constant)."""
     h_pq = _entropy(joint, (-2, -1))
     h_p = _entropy(joint.sum(-1), (-1,))
@@ -121,9 +121,9 @@ def normalized_mutual_information(p: Tensor, q: Tensor, bins: int | None = None)
         raise ValueError(f"p and q must have the same shape (..., n), got {tuple(p.shape)} and {tuple(q.shape)}")
     if p.dim() < 1 or p.shape[-1] < 1:
         raise ValueError(f"p and q must have shape (..., n) with n >= 1, got {tuple(p.shape)}")
-    bins = _check_bins(bins)
+    bins = check_bins(bins)
     n = p.shape[-1]
-    nbins = _sturges(n) if bins is None else bins
+    nbins = sturges(n) if bins is None else bins
     batch = p.shape[:-1]
     m = math.prod(batch)
     pf, qf = p.reshape(m, n), q.reshape(m, n)
@@ -138,10 +138,10 @@ def normalized_mutual_information(p: Tensor, q: Tensor, bins: int | None = None)
     for name, lo, hi in (("p", lo_p, hi_p), ("q", lo_q, hi_q)):
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise ValueError(f"{name} must contain only finite values")
-    stride = nbins + 1  # codes run over 0..nbins, see `_codes`
-    dtype = _index_dtype(m * stride * stride)
+    stride = nbins + 1  # codes run over 0..nbins, see `bin_codes`
+    dtype = index_dtype(m * stride * stride)
     offset = torch.arange(m, device=p.device, dtype=dtype).unsqueeze(1) * (stride * stride)
-    joint_index = torch.add(offset, _codes(pf, lo_p, hi_p, nbins, dtype), alpha=stride)
-    joint_index += _codes(qf, lo_q, hi_q, nbins, dtype)
+    joint_index = torch.add(offset, bin_codes(pf, lo_p, hi_p, nbins, dtype), alpha=stride)
+    joint_index += bin_codes(qf, lo_q, hi_q, nbins, dtype)
     joint = torch.bincount(joint_index.reshape(-1), minlength=m * stride * stride).view(m, stride, stride)
-    return _nmi_from_joint(_fold(joint)).to(p.dtype).reshape(batch)
+    return nmi_from_joint(fold_last_bin(joint)).to(p.dtype).reshape(batch)

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..transforms_base import Commit, GradientTransform, config_fields, state_fields, trained_weight
 from ..validation import check_choice, check_int, check_positive, check_tensor
-from .dependence import _check_method, _dependence, authors_channel_dependence
-from .nmi import _check_bins
+from .dependence import authors_channel_dependence, check_dependence_method, dependence_matrices
+from .nmi import check_bins
 
 __all__ = ["PIPELINES", "SpatialGradientScaling", "authors_sgs_scaling", "sgs_scaling"]
 
@@ -165,8 +165,8 @@ class SpatialGradientScaling(GradientTransform):
             k=check_positive(cfg["k"], "k"),
             num_batches=check_int(cfg["num_batches"], "num_batches", minimum=1),
             every=check_int(cfg["every"], "every", minimum=1),
-            bins=_check_bins(cfg["bins"]),
-            method=_check_method(cfg["method"]),
+            bins=check_bins(cfg["bins"]),
+            method=check_dependence_method(cfg["method"]),
             min_kernel=check_int(cfg["min_kernel"], "min_kernel", minimum=1),
             pipeline=pipeline,
             diagonal_removal=cfg["diagonal_removal"],
@@ -330,7 +330,7 @@ class SpatialGradientScaling(GradientTransform):
                             g = authors_sgs_scaling(feats, kernel, padding, hp["k"], hp["diagonal_removal"])
                             break
                         dilation = (int(module.dilation[0]), int(module.dilation[1]))
-                        dep = _dependence(feats, kernel, hp["bins"], hp["method"], dilation, workspace)
+                        dep = dependence_matrices(feats, kernel, hp["bins"], hp["method"], dilation, workspace)
                     except ValueError as exc:  # non-finite inputs: name the layer; no scaling has changed
                         raise ValueError(f"layer {name!r}: {exc} (has training diverged?)") from None
                     s += dep.to(s.device) * (feats.shape[0] / total)

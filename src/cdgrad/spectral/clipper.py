@@ -19,13 +19,13 @@ from torch.utils.hooks import RemovableHandle
 
 from .._conv_spectrum import (
     SPECTRA_HELD,
-    _check_finite,
-    _check_reshaped_memory,
-    _check_spectrum_memory,
-    _check_weight,
-    _input_size,
-    _is_int,
-    _max_norm,
+    check_finite,
+    check_reshaped_memory,
+    check_spectrum_memory,
+    check_weight,
+    checked_input_size,
+    checked_max_norm,
+    is_int,
 )
 from ..norm_bounds import conv_norm_gram, conv_norm_power, reshaped_norm
 from ..transforms_base import Commit, GradientTransform, trained_weight
@@ -131,17 +131,17 @@ class OperatorNormClipper(GradientTransform):
         every: int = 100,
         projection: str = "exact",
     ) -> None:
-        self.max_norm = _max_norm(max_norm)
+        self.max_norm = checked_max_norm(max_norm)
         self.every = self._check_every(every)
         self.projection = self._check_projection(projection)
         self._layers = self._collect(layers)
         self.input_sizes = self._sizes(input_sizes)
         for name, size in self.input_sizes.items():  # refuse now what the first projection could not hold
             if self.projection == "reshaped":
-                _check_reshaped_memory(self._weight(name))
+                check_reshaped_memory(self._weight(name))
             else:
                 held = SPECTRA_HELD["clip" if self.projection == "exact" else "gram"]
-                _check_spectrum_memory(self._weight(name), size, held, f"input_sizes[{name!r}]")
+                check_spectrum_memory(self._weight(name), size, held, f"input_sizes[{name!r}]")
         self._step_count = 0
         self._power_vectors: dict[str, Tensor] = {}
 
@@ -177,7 +177,7 @@ class OperatorNormClipper(GradientTransform):
                     raise TypeError(f"layers[{k}] must be an nn.Conv2d or a 4-D tensor, got {type(layer).__name__}")
                 _check_conv(name, layer)  # type: ignore[arg-type]  # an nn.Conv2d, checked above
             else:
-                _check_weight(layer, f"layers[{k}]")
+                check_weight(layer, f"layers[{k}]")
             found[name] = layer
         if not found:
             raise ValueError("layers must contain at least one conv layer or weight")
@@ -194,8 +194,8 @@ class OperatorNormClipper(GradientTransform):
             if missing:
                 raise ValueError(f"input_sizes has no entry for layers {missing}; it has {sorted(input_sizes)}")
             raw = {n: input_sizes[n] for n in names}
-        elif _is_int(input_sizes) or (
-            isinstance(input_sizes, Sequence) and len(input_sizes) == 2 and all(_is_int(s) for s in input_sizes)
+        elif is_int(input_sizes) or (
+            isinstance(input_sizes, Sequence) and len(input_sizes) == 2 and all(is_int(s) for s in input_sizes)
         ):  # one size for every layer; a pair of ints is always read as (n_h, n_w)
             raw = dict.fromkeys(names, input_sizes)
         elif isinstance(input_sizes, Sequence) and not isinstance(input_sizes, str):
@@ -207,7 +207,7 @@ class OperatorNormClipper(GradientTransform):
                 "input_sizes must be an int, a pair (n_h, n_w), a mapping from layer name to size, "
                 f"or a sequence of sizes, got {input_sizes!r}"
             )
-        return {n: _input_size(s, self._weight(n), f"input_sizes[{n!r}]") for n, s in raw.items()}
+        return {n: checked_input_size(s, self._weight(n), f"input_sizes[{n!r}]") for n, s in raw.items()}
 
     # -- use
     @property
@@ -240,7 +240,7 @@ class OperatorNormClipper(GradientTransform):
         """Apply one projection step to every layer now (in place, under ``torch.no_grad()``)."""
         with torch.no_grad():
             for name in self._layers:  # a diverged layer stops everything before any weight changes
-                _check_finite(self._weight(name), f"layer {name!r}")
+                check_finite(self._weight(name), f"layer {name!r}")
             project = PROJECTIONS[self.projection].apply
             for name in self._layers:
                 w = self._weight(name)
@@ -258,7 +258,7 @@ class OperatorNormClipper(GradientTransform):
         estimate = check_choice(estimate, "estimate", NORM_ESTIMATES)
         with torch.no_grad():
             for name in self._layers:
-                _check_finite(self._weight(name), f"layer {name!r}")
+                check_finite(self._weight(name), f"layer {name!r}")
             out: dict[str, float] = {}
             for n in self._layers:
                 w, size = self._weight(n), self.input_sizes[n]
@@ -303,13 +303,13 @@ class OperatorNormClipper(GradientTransform):
                 f"{sorted(_OPTIONAL_KEYS)}); missing {sorted(missing)}, unknown {sorted(unknown)}"
             )
         step = check_int(state["step_count"], "state['step_count']", minimum=0)
-        max_norm = _max_norm(state["max_norm"])
+        max_norm = checked_max_norm(state["max_norm"])
         every = self._check_every(state["every"])
         sizes = state["input_sizes"]
         if not isinstance(sizes, Mapping) or set(sizes) != set(self._layers):
             got = sorted(sizes) if isinstance(sizes, Mapping) else sizes
             raise ValueError(f"state['input_sizes'] must name exactly the layers {self.layer_names}, got {got}")
-        new_sizes = {n: _input_size(sizes[n], self._weight(n), f"input_sizes[{n!r}]") for n in self._layers}
+        new_sizes = {n: checked_input_size(sizes[n], self._weight(n), f"input_sizes[{n!r}]") for n in self._layers}
         projection = self._check_projection(state.get("projection", "exact"))  # states written before it: exact
         vectors = state.get("power_vectors", {})
         if not isinstance(vectors, Mapping) or not set(vectors) <= set(self._layers):

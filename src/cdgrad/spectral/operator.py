@@ -34,16 +34,16 @@ from torch import Tensor
 
 from .._conv_spectrum import (
     SPECTRA_HELD,
-    _check_spectrum_memory,
-    _check_weight,
-    _half_spectrum,
-    _input_size,
-    _is_int,
-    _max_norm,
-    _work_dtype,
+    check_spectrum_memory,
+    check_weight,
+    checked_input_size,
+    checked_max_norm,
+    half_spectrum,
+    is_int,
     needs_fold,
     spectrum_bytes,
     unfold_correction,
+    work_dtype,
 )
 from ..norm_bounds import clip_reshaped_norm, conv_norm_gram
 from ..validation import check_choice, check_memory
@@ -84,9 +84,9 @@ def memory_needed(
     (`clip_operator_norm`), "power" (`cdgrad.norm_bounds.conv_norm_power`) or "gram" (`conv_norm_gram`).
     """
     copies = SPECTRA_HELD[check_choice(computation, "computation", tuple(SPECTRA_HELD))]
-    if not (isinstance(weight_shape, Sequence) and len(weight_shape) == 4 and all(_is_int(d) for d in weight_shape)):
+    if not (isinstance(weight_shape, Sequence) and len(weight_shape) == 4 and all(is_int(d) for d in weight_shape)):
         raise TypeError(f"weight_shape must be a sequence of 4 ints (O, I, kh, kw), got {weight_shape!r}")
-    size = _input_size(input_size, torch.empty(0, 0, int(weight_shape[2]), int(weight_shape[3])))
+    size = checked_input_size(input_size, torch.empty(0, 0, int(weight_shape[2]), int(weight_shape[3])))
     return spectrum_bytes(weight_shape, size, dtype, copies)
 
 
@@ -106,10 +106,10 @@ def conv_singular_values(weight: Tensor, input_size: Size, *, per_frequency: boo
     device; the result has that real dtype. Differentiable through ``torch.linalg.svdvals``. An ``input_size``
     whose spectra cannot fit in the device's available memory is refused (`MemoryRequestError`).
     """
-    _check_weight(weight)
-    size = _input_size(input_size, weight)
-    _check_spectrum_memory(weight, size, SPECTRA_HELD["singular_values"], value=input_size)
-    half = torch.linalg.svdvals(_half_spectrum(weight, size))
+    check_weight(weight)
+    size = checked_input_size(input_size, weight)
+    check_spectrum_memory(weight, size, SPECTRA_HELD["singular_values"], value=input_size)
+    half = torch.linalg.svdvals(half_spectrum(weight, size))
     full = _mirror(half, size[1])
     if per_frequency:
         return full
@@ -121,10 +121,10 @@ def conv_operator_norm(weight: Tensor, input_size: Size) -> Tensor:
 
     Needs only the half spectrum ``v <= n_w // 2``; no dense matrix is formed.
     """
-    _check_weight(weight)
-    size = _input_size(input_size, weight)
-    _check_spectrum_memory(weight, size, SPECTRA_HELD["operator_norm"], value=input_size)
-    out: Tensor = torch.linalg.svdvals(_half_spectrum(weight, size)).amax()
+    check_weight(weight)
+    size = checked_input_size(input_size, weight)
+    check_spectrum_memory(weight, size, SPECTRA_HELD["operator_norm"], value=input_size)
+    out: Tensor = torch.linalg.svdvals(half_spectrum(weight, size)).amax()
     return out
 
 
@@ -141,14 +141,14 @@ def clip_operator_norm(weight: Tensor, input_size: Size, max_norm: float) -> Ten
 
     Pure: returns a new tensor (same dtype, device and shape, not attached to autograd).
     """
-    _check_weight(weight)
-    size = _input_size(input_size, weight)
-    c = _max_norm(max_norm)
-    _check_spectrum_memory(weight, size, SPECTRA_HELD["clip"], value=input_size)
+    check_weight(weight)
+    size = checked_input_size(input_size, weight)
+    c = checked_max_norm(max_norm)
+    check_spectrum_memory(weight, size, SPECTRA_HELD["clip"], value=input_size)
     kh, kw = weight.shape[-2:]
     with torch.no_grad():
-        w = weight.detach().to(_work_dtype(weight))
-        p = _half_spectrum(w, size)
+        w = weight.detach().to(work_dtype(weight))
+        p = half_spectrum(w, size)
         u, s, vh = torch.linalg.svd(p, full_matrices=False)
         excess = (s - s.clamp(max=c)).to(p.dtype)
         d = (u * excess.unsqueeze(-2)) @ vh  # (n_h, n_w//2+1, O, I), Hermitian-symmetric as a full spectrum
@@ -213,8 +213,8 @@ def conv_dense_matrix(weight: Tensor, input_size: Size) -> Tensor:
     O((n_h n_w)^2 O I) memory and time: a reference for small layers, not for production use; a size whose
     matrices cannot fit in the available memory is refused (`MemoryRequestError`).
     """
-    _check_weight(weight)
-    n_h, n_w = _input_size(input_size, weight)
+    check_weight(weight)
+    n_h, n_w = checked_input_size(input_size, weight)
     o, i, kh, kw = weight.shape
     n = n_h * n_w  # the identity basis, its padded copy and the output: (I n) x ((2 I + O) n) entries
     what = f"the dense matrix of a {o} x {i} conv at {n_h} x {n_w}"
