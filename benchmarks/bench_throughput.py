@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from cdgrad.experiments.config import RunConfig
 from cdgrad.experiments.data import Dataset, normalize
-from cdgrad.experiments.methods import attach_method
-from cdgrad.experiments.train import evaluate, make_model, make_optimizer
+from cdgrad.experiments.setup import build
+from cdgrad.experiments.tasks.supervised import CLASSIFICATION_SPEC, evaluate
 
 SHAPES = {
     "cnn2": (1, 28, 100),
@@ -52,10 +52,8 @@ def bench(model_name: str, method: str, threads: int, seconds: float) -> tuple[f
     channels, size, batch = SHAPES[model_name]
     ds = fake_dataset(channels, size, 2000)
     config = RunConfig(model=model_name, method=method, batch_size=batch, lr=0.01, **METHODS[method])
-    torch.manual_seed(0)
-    model = make_model(config, ds)
-    optimizer = make_optimizer(config, model)
-    attached = attach_method(config, model, optimizer)
+    run = build(config, 0, ds, torch.device("cpu"))  # the network, its optimizer and the method attached to it
+    model, optimizer = run.units[0].module, run.units[0].optimizer
     model.train()
 
     def step(i: int) -> None:
@@ -73,10 +71,10 @@ def bench(model_name: str, method: str, threads: int, seconds: float) -> tuple[f
         steps += 1
     train_rate = steps * batch / (time.perf_counter() - t0)
     cpu_rate = steps * batch / (time.process_time() - c0)
-    attached.remove()
+    run.remove()
     n_eval, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds / 2 or n_eval == 0:
-        evaluate(model, ds.test_x, ds.test_y, ds.mean, ds.std, config.eval_batch_size)
+        evaluate(CLASSIFICATION_SPEC, model, ds.test_x, ds.test_y, ds.mean, ds.std, config.eval_batch_size)
         n_eval += len(ds.test_x)
     return train_rate, cpu_rate, n_eval / (time.perf_counter() - t0)
 
