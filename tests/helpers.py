@@ -470,13 +470,23 @@ def spawn(worker, world: int, outdir: str, timeout: float = 300) -> list[dict]:
 
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(worker, args=(world, free_port(), outdir), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"the {world}-process run did not finish in {timeout:.0f} s")
+    for attempt in range(3):
+        ctx = mp.start_processes(
+            worker, args=(world, free_port(), outdir), nprocs=world, join=False, start_method="spawn"
+        )
+        try:
+            while not ctx.join(timeout=2):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise TimeoutError(f"the {world}-process run did not finish in {timeout:.0f} s")
+            break
+        except mp.ProcessExitedException:
+            # a process killed by a signal before it could report (gloo aborts when another process took the port
+            # between free_port() and its bind): start again on a new port; a worker's own exception is not retried
+            if attempt == 2:
+                raise
     return [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(world)]
 
 
