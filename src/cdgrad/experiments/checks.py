@@ -15,7 +15,7 @@ import torch
 
 from cdgrad.experiments.config import FIELD_TYPES, FIELDS, RunConfig
 from cdgrad.experiments.methods import validate_method
-from cdgrad.experiments.models import MODEL_REGISTRY
+from cdgrad.experiments.models import models_taking
 from cdgrad.experiments.registry import Option
 from cdgrad.experiments.tasks import get_task, task_models
 
@@ -49,7 +49,7 @@ def validate(config: RunConfig) -> None:
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
     check_types(config)
     validate_method(config)
-    with_option = [n for n in MODEL_REGISTRY.names() if "batchnorm" in MODEL_REGISTRY.get(n).keywords]
+    with_option = models_taking("batchnorm")
     if not config.batchnorm and config.model not in with_option:
         raise ValueError(
             f"batchnorm=False: model {config.model!r} has no batch-norm option; accepted models: "

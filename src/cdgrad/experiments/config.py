@@ -228,11 +228,13 @@ class RunConfig:
         """The method argument `name` as set in this config, or None when unset (the method's default applies)."""
         return self.method_args.get(name)
 
+    def value(self, name: str) -> Any:
+        """Field `name`, or the method argument `name` (None when unset)."""
+        return getattr(self, name) if name in FIELDS else self.arg(name)
+
     def replace(self, **changes: Any) -> RunConfig:
-        """A copy with `changes`; a method parameter's name (`lam=2.0`) changes that argument (None unsets it)."""
-        args = {k: changes.pop(k) for k in list(changes) if k in PARAMS and k not in FIELDS}
-        if args:
-            changes["method_args"] = {**changes.get("method_args", self.method_args), **args}
+        """A copy with `changes`; a method parameter's name (`lam=2.0`) changes that argument (None unsets it), as
+        in the constructor."""
         return dataclasses.replace(self, **changes)
 
 

@@ -51,7 +51,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: RunConfig | 
     for name in _names():
         flag = "--" + name.replace("_", "-")
         kind = value_type(name)
-        default = getattr(defaults, name) if name in FIELDS else defaults.arg(name)
+        default = defaults.value(name)
         declared = FIELDS[name].default if name in FIELDS else None
         help_text = option_help(name)
         if default != declared:

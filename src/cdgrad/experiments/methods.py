@@ -27,7 +27,7 @@ from torch import nn
 
 import cdgrad
 from cdgrad.experiments.method_params import PARAMS
-from cdgrad.experiments.models import MODEL_REGISTRY
+from cdgrad.experiments.models import models_taking
 from cdgrad.experiments.registry import Param, Registry
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def _needs_batchnorm(name: str) -> Callable[[Any], None]:
     with the batch-norm option (and the option on)."""
 
     def check(config: Any) -> None:
-        with_option = [n for n in MODEL_REGISTRY.names() if "batchnorm" in MODEL_REGISTRY.get(n).keywords]
+        with_option = models_taking("batchnorm")
         if config.model not in with_option or not config.batchnorm:
             raise ValueError(
                 f"method {name!r} re-parameterises conv + BatchNorm pairs: it needs batchnorm=True and a model "

@@ -344,6 +344,11 @@ def model_names() -> tuple[str, ...]:
     return MODEL_REGISTRY.names()
 
 
+def models_taking(keyword: str) -> list[str]:
+    """The registered networks whose builder takes `keyword` (e.g. `batchnorm`, the option to leave it out)."""
+    return [n for n in MODEL_REGISTRY.names() if keyword in MODEL_REGISTRY.get(n).keywords]
+
+
 def _resnet(depth: int) -> Callable[..., nn.Module]:
     def build(
         num_classes: int, in_channels: int, image_size: int, shortcut: str = "A", batchnorm: bool = True

@@ -36,15 +36,10 @@ class Preset:
         out = []
         for changes, seeds in self.variants:
             config = from_dict({**self.base, **changes, **(overrides or {})})
-            if any(_value(config, k) != v for k, v in (where or {}).items()):
+            if any(config.value(k) != v for k, v in (where or {}).items()):
                 continue
             out += [(config, s) for s in range(min(seeds, max_seeds) if max_seeds is not None else seeds)]
         return out
-
-
-def _value(config: RunConfig, name: str) -> Any:
-    """A field of `config`, or the method argument `name` (None when unset)."""
-    return getattr(config, name) if name in FIELDS else config.arg(name)
 
 
 def grid(
