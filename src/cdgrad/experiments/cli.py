@@ -23,7 +23,7 @@ from cdgrad.experiments import sweeps
 from cdgrad.experiments.config import RunConfig, parse_overrides, run_key
 from cdgrad.experiments.config_cli import add_config_arguments, config_from_args
 from cdgrad.experiments.tasks import get_task
-from cdgrad.experiments.tracking import Tracker
+from cdgrad.experiments.tracking import Tracker, add_tracking_arguments, tracker_from_args
 
 if TYPE_CHECKING:
     from cdgrad.experiments.store import ResultStore, Run
@@ -39,7 +39,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
         default=None,
         help="progress bar (default: only when stderr is a terminal)",
     )
-    _add_tracking(p)
+    add_tracking_arguments(p)
 
 
 def _add_common(p: argparse.ArgumentParser, sweep: bool) -> None:
@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_seed(args.seed, "--seed")
     config = config_from_args(args)
     store = None if args.no_store else ResultStore(args.results)
-    tracker = _tracker(args, None)
+    tracker = tracker_from_args(args, None)
     datasets = prepare([(config, args.seed)], store)  # creates the results folder only once all is checked
     key = run_key(config, args.seed)
     main = is_main_process()
@@ -307,7 +307,7 @@ def cmd_run(args: argparse.Namespace, command: str) -> int:
         out_dir = args.out or os.path.join(args.results, "report")
         report = lambda: print(_report(args.preset, runs, args, out_dir, command))
         return sweeps.run_with_executor(args, runs, store, report)
-    tracker = _tracker(args, args.preset)
+    tracker = tracker_from_args(args, args.preset)
     run_all(runs, store, progress=args.progress, retry_failed=args.retry_failed, tracker=tracker)
     if not is_main_process():  # under torchrun rank 0 alone writes the report
         return 0
@@ -410,19 +410,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------ live logging (--log)
-def _add_tracking(p: argparse.ArgumentParser) -> None:
-    from cdgrad.experiments.tracking import add_tracking_arguments
-
-    add_tracking_arguments(p)
-
-
-def _tracker(args: argparse.Namespace, preset: str | None) -> Tracker | None:
-    """The tracker of `--log` (None without it); an unknown sink or a missing package fails before training."""
-    from cdgrad.experiments.tracking import tracker_from_args
-
-    return tracker_from_args(args, preset)
-
-
 def _log_report(tracker: Tracker | None, preset: str, out_dir: str) -> None:
     """The report's table and plots (those `_report` wrote for `preset` in `out_dir`) as the sweep's artifacts."""
     if tracker is None:

@@ -136,13 +136,12 @@ def _step_scalars(run: Run, batch: Any, count: int) -> dict[str, float]:
 
 
 def _epoch(
-    task: Task, run: Run, ctx: Context, perm: Tensor, bar: Progress, epoch: int, track: Tracker | None
+    task: Task, run: Run, ctx: Context, perm: Tensor, bar: Progress, epoch: int, step: int, track: Tracker | None
 ) -> dict[str, Tensor]:
-    """One epoch's training steps; returns the summed step outputs."""
+    """One epoch's training steps (the first after optimizer step `step`); returns the summed step outputs."""
     config = ctx.config
     sums: dict[str, Tensor] = {}
     label, key = task.progress
-    step = epoch * math.ceil(len(ctx.ds.train_x) / config.batch_size)
     for x, y in data_batches(config, ctx.ds, perm, run.generator):
         count = len(x)
         if ctx.world > 1:  # this rank's rows of the global batch (augmented whole: same random draws)
@@ -220,7 +219,7 @@ def train(
                     unit.method.begin_epoch(epoch, measurement_batches(config, ds, seed, epoch, unit))
                 unit.net.train()
             perm = torch.randperm(n, generator=run.generator, device=device)
-            sums = _epoch(task, run, ctx, perm, bar, epoch, track)
+            sums = _epoch(task, run, ctx, perm, bar, epoch, epoch * steps, track)
             add_epoch(segments, plain_route(device), torch.get_num_threads())
             for unit in run.units:
                 unit.scheduler.step()

@@ -244,11 +244,10 @@ def _epoch_curves(sums: dict[str, Tensor], n: int) -> dict[str, float]:
 def _evaluator(config: Any, ds: Any) -> Callable[..., dict[str, float]]:
     """The FID of G at an evaluation; the real images' statistics and the extractor are prepared now (a bad
     statistics or weights file fails before training)."""
-    real = _real_statistics(config)
     extract = fid_extractor(config, ds)
-    if real is None:
-        real = feature_statistics(extract_features(extract, ds.test_x, config.eval_batch_size))
-    stats = real
+    stats = _real_statistics(config)
+    if stats is None:
+        stats = feature_statistics(extract_features(extract, ds.test_x, config.eval_batch_size))
 
     def run(units: list[Unit], ctx: Context, diverged: bool) -> dict[str, float]:
         return {"test_fid": math.nan if diverged else fid(units[0].module, ds, extract, stats, config.eval_batch_size)}

@@ -126,10 +126,11 @@ def epoch_metrics(curves: Mapping[str, Sequence[Any]], index: int) -> dict[str, 
 
 
 def diagnostics(method: Any, prefix: str = "diagnostics/") -> dict[str, float]:
-    """The scalars a method offers through an optional `diagnostics() -> {name: float}` on itself, its transform
-    or its clipper (e.g. SGS's G statistics, the clipped layers' operator norms), each under `prefix`."""
+    """The scalars a method's transform offers through an optional `diagnostics() -> {name: float}`, on itself or
+    on the transform it wraps (`OnUpdate`, `Scaled`: e.g. SGS's G statistics, the clipped layers' operator norms),
+    each under `prefix`."""
     out: dict[str, float] = {}
-    for part in (method, getattr(method, "transform", None), getattr(method, "clipper", None)):
+    for part in (method, getattr(method, "transform", None)):
         hook = getattr(part, "diagnostics", None)
         if callable(hook):
             for name, value in hook().items():
