@@ -513,3 +513,50 @@ def test_per_frequency_power_iteration_warm_starts_and_checks_its_vector():
     assert float(conv_norm_power(w, 8, vector=zero, iters=3, per_frequency=True)[0]) == float(
         conv_norm_power(w, 8, iters=3, per_frequency=True)[0]
     )
+
+
+# ----------------------------------------------------------------------------- the two per-frequency paths
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), iters=st.integers(1, 4), warm=st.booleans())
+def test_per_frequency_native_kernel_equals_the_batched_products(shape, seed, iters, warm):
+    """The native kernel (spectrum built from the taps, vectors across frequencies) against the batched complex
+    products on the FFT spectrum (float64), cold and warm, with folding (inputs smaller than the kernel); and the
+    estimate of one iteration from a warm vector is at least its Rayleigh value max_uv ||P[u, v] x_uv||."""
+    from cdgrad import _conv_spectrum, _native
+    from cdgrad import norm_bounds as nb
+
+    if _native.library() is None:
+        pytest.skip("no native kernel here")
+    w = weight_of(shape, seed)
+    size = shape[4:]
+    start = None
+    if warm:
+        gen = torch.Generator().manual_seed(seed + 1)
+        start = torch.randn((size[0], size[1] // 2 + 1, shape[1]), generator=gen, dtype=torch.complex128)
+    native = conv_norm_power(w, size, vector=start, iters=iters, per_frequency=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nb, "native_usable", lambda: False)
+        batched = conv_norm_power(w, size, vector=start, iters=iters, per_frequency=True)
+    assert float(native[0]) == pytest.approx(float(batched[0]), rel=1e-12, abs=1e-300)
+    torch.testing.assert_close(native[1], batched[1], rtol=1e-10, atol=1e-12)
+    if start is not None:
+        p = _conv_spectrum.half_spectrum_fft(w, size)
+        unit = start / torch.linalg.vector_norm(start, dim=-1, keepdim=True)
+        rayleigh = float(torch.linalg.vector_norm(p @ unit.unsqueeze(-1), dim=(-2, -1)).amax())
+        one, _ = conv_norm_power(w, size, vector=start, iters=1, per_frequency=True)
+        assert float(one) >= rayleigh * (1 - 1e-12)
+    estimates = [float(conv_norm_power(w, size, vector=start, iters=t, per_frequency=True)[0]) for t in (1, 2, 3)]
+    assert estimates == sorted(estimates) or max(estimates) - min(estimates) <= 1e-12 * max(estimates)
+
+
+def test_per_frequency_native_kernel_in_float32_tracks_float64():
+    gen = torch.Generator().manual_seed(8)
+    for o, i, n in ((16, 3, 32), (32, 16, 16), (20, 36, 9), (5, 7, 2)):
+        w = torch.randn(o, i, 3, 3, generator=gen, dtype=F64)
+        exact = float(conv_operator_norm(w, n))
+        single, x = conv_norm_power(w.float(), n, iters=40, per_frequency=True)
+        assert single.dtype == torch.float32 and x.dtype == torch.complex64
+        assert float(single) == pytest.approx(exact, rel=2e-5)
+        assert float(single) <= exact * (1 + 1e-5)

@@ -129,6 +129,24 @@ def test_per_frequency_matches_numpy_fft_and_flat_form():
     torch.testing.assert_close(flat, per.reshape(-1).sort(descending=True).values, rtol=0, atol=0)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    o=st.integers(1, 4), i=st.integers(1, 4), kh=st.integers(1, 7), kw=st.integers(1, 7),
+    n_h=st.integers(1, 9), n_w=st.integers(1, 9), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_half_spectrum_by_the_dft_basis_equals_numpy_fft(o, i, kh, kw, n_h, n_w, seed):
+    """`half_spectrum` (a product with the DFT basis up to 32 taps, the FFT beyond) against numpy's fft2 of the
+    zero-padded, folded kernel, float64, contiguous in the frequency-major layout."""
+    from cdgrad._conv_spectrum import fold_kernel, half_spectrum
+
+    w = torch.randn(o, i, kh, kw, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = half_spectrum(w, (n_h, n_w))
+    folded = fold_kernel(w, (n_h, n_w)).numpy()
+    expected = np.fft.fft2(folded, s=(n_h, n_w))[:, :, :, : n_w // 2 + 1].transpose(2, 3, 0, 1)
+    assert got.shape == expected.shape and got.dtype == torch.complex128
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12 * max(1.0, float(np.abs(expected).max())))
+
+
 def test_padding_offset_does_not_change_singular_values():
     w = torch.randn(2, 3, 3, 2, dtype=F64)
     a = torch.linalg.svdvals(dense_by_basis(w, 5, 4, shift=(0, 0)))

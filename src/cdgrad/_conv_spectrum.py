@@ -153,8 +153,78 @@ def unfold_correction(delta: Tensor, kernel: tuple[int, int], size: tuple[int, i
     return delta
 
 
+_DFT_MAX_TAPS = 32  # kernels with more taps than this take the FFT (its cost grows with log(n_h n_w), not taps)
+_BASES: dict[tuple[object, ...], Tensor] = {}
+
+
+def _phases(taps: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """``-2 pi (u a / n_h + v b / n_w)`` (float64) for the half-spectrum frequencies ``(u, v)`` (rows, ``v``
+    fastest) and the taps ``(a, b)`` (columns, ``b`` fastest), from exact integer products reduced modulo n."""
+    (kh, kw), (n_h, n_w) = taps, size
+    u = torch.arange(n_h, dtype=torch.int64)[:, None, None, None]
+    v = torch.arange(n_w // 2 + 1, dtype=torch.int64)[None, :, None, None]
+    a = torch.arange(kh, dtype=torch.int64)[None, None, :, None]
+    b = torch.arange(kw, dtype=torch.int64)[None, None, None, :]
+    phase = -2.0 * math.pi * (((u * a) % n_h).double() / n_h + ((v * b) % n_w).double() / n_w)
+    return phase.reshape(-1, kh * kw)
+
+
+def _cached(key: tuple[object, ...], make: Any) -> Tensor:
+    basis = _BASES.get(key)
+    if basis is None:
+        basis = make()
+        if len(_BASES) >= 64:
+            _BASES.clear()
+        _BASES[key] = basis
+    return basis
+
+
+def _dft_basis(taps: tuple[int, int], size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``E[(u, v), (a, b)] = exp(-2 pi i (u a / n_h + v b / n_w))``, shape ``(n_h (n_w // 2 + 1), kh kw)``; cached."""
+
+    def make() -> Tensor:
+        phase = _phases(taps, size)
+        return torch.polar(torch.ones_like(phase), phase).to(dtype=dtype, device=device)
+
+    return _cached(("complex", taps, size, dtype, device), make)
+
+
+def planar_dft_basis(taps: tuple[int, int], size: tuple[int, int], dtype: torch.dtype, width: int) -> Tensor:
+    """The DFT basis as real planes, shape ``(kh kw, 2, F_pad)``: ``[t, 0, f] = cos``, ``[t, 1, f] = -sin`` of the
+    phase ``2 pi (u a / n_h + v b / n_w)`` of tap ``t = (a, b)`` at frequency ``f = (u, v)``, zero for
+    ``f >= F = n_h (n_w // 2 + 1)`` up to the next multiple of ``width``; on the CPU, cached."""
+
+    def make() -> Tensor:
+        phase = _phases(taps, size).T  # (taps, F), the phases' sign already negative
+        count = phase.shape[1]
+        out = torch.zeros(phase.shape[0], 2, -(-count // width) * width, dtype=torch.float64)
+        out[:, 0, :count], out[:, 1, :count] = torch.cos(phase), torch.sin(phase)
+        return out.to(dtype)
+
+    return _cached(("planar", taps, size, dtype, width), make)
+
+
 def half_spectrum(weight: Tensor, size: tuple[int, int]) -> Tensor:
-    """``P[u, v]`` for ``v = 0 .. n_w // 2`` as a batch of O x I matrices, shape (n_h, n_w//2+1, O, I)."""
+    """``P[u, v]`` for ``v = 0 .. n_w // 2`` as a batch of O x I matrices, shape (n_h, n_w//2+1, O, I).
+
+    Small kernels (up to 32 taps) by one matrix product with the DFT basis,
+    ``P[u, v] = sum_{a, b} K[:, :, a, b] exp(-2 pi i (u a / n_h + v b / n_w))``, which is contiguous in the
+    frequency-major layout the batched products want; larger ones by `torch.fft.rfft2` (the two are tested equal).
+    """
+    w = weight.to(work_dtype(weight))
+    if needs_fold(w.shape, size):
+        w = fold_kernel(w, size)
+    o, i, kh, kw = w.shape
+    if kh * kw <= _DFT_MAX_TAPS:
+        complex_dtype = torch.complex128 if w.dtype == torch.float64 else torch.complex64
+        basis = _dft_basis((kh, kw), size, complex_dtype, w.device)
+        spectrum = basis @ w.reshape(o * i, kh * kw).T.to(complex_dtype)
+        return spectrum.reshape(size[0], size[1] // 2 + 1, o, i)
+    return half_spectrum_fft(w, size)
+
+
+def half_spectrum_fft(weight: Tensor, size: tuple[int, int]) -> Tensor:
+    """`half_spectrum` by `torch.fft.rfft2` of the zero-padded (folded) kernel, a permuted view."""
     w = weight.to(work_dtype(weight))
     if needs_fold(w.shape, size):
         w = fold_kernel(w, size)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _native
 from ._conv_spectrum import (
     SPECTRA_HELD,
     check_reshaped_memory,
@@ -35,9 +36,13 @@ from ._conv_spectrum import (
     check_weight,
     checked_input_size,
     checked_max_norm,
+    fold_kernel,
     half_spectrum,
+    needs_fold,
+    planar_dft_basis,
     work_dtype,
 )
+from ._kernels import native_usable
 from .validation import check_int, check_tensor
 
 __all__ = [
@@ -186,34 +191,79 @@ def conv_norm_power(
     return estimate, x
 
 
+def _squared_norms(x: Tensor) -> Tensor:
+    """``||x[..., :, j]||^2`` over the second-to-last axis, real (summing squares of the real view is several times
+    faster than a complex `vector_norm` on the CPU)."""
+    return torch.view_as_real(x).square().sum(dim=(-3, -1)) if x.is_complex() else x.square().sum(dim=-2)
+
+
 def _power_per_frequency(weight: Tensor, size: tuple[int, int], vector: Any, n: int) -> tuple[Tensor, Tensor]:
-    """`conv_norm_power(..., per_frequency=True)` on checked arguments."""
+    """`conv_norm_power(..., per_frequency=True)` on checked arguments.
+
+    Each iteration: ``z = P x``, ``y = P^H z``, ``x <- y / ||y||``; the estimate is the last iteration's
+    ``max_uv ||y_uv|| / ||z_uv||``. For a unit ``x``, ``||P^H z|| / ||z|| <= sigma_max(P)`` (``z = P x``); after
+    ``t`` iterations from ``x_0`` it is ``sqrt(m_{2t} / m_{2t-1})`` with the moments ``m_k = sum_j c_j sigma_j^k``
+    (``c_j = |<x_0, v_j>|^2``, ``v_j`` the right singular vectors): non-decreasing in ``t`` (moments are
+    log-convex) and at least the Rayleigh value ``||P x||`` of the unit iterate it started from.
+
+    On the CPU with the native kernel, one call computes the spectrum chunk by chunk from the taps and iterates
+    with vector operations across frequencies (kernels.c, `cdg_power`); elsewhere batched matrix products.
+    """
     with torch.no_grad():
-        p = half_spectrum(weight.detach(), size)  # (n_h, n_w//2+1, O, I)
-        shape = (*p.shape[:2], p.shape[-1])
-        tiny = torch.finfo(work_dtype(weight)).tiny
-        start = _start_vector(shape, torch.empty(0, dtype=p.dtype, device=p.device))
-        if vector is None:
-            x = start
-        else:
-            check_tensor(vector, "vector", floating=False)
-            if tuple(vector.shape) != shape or not vector.is_complex():
-                raise ValueError(
-                    f"vector must be a complex tensor of shape {shape} (per frequency, for this weight and input "
-                    f"size), got {vector.dtype} of shape {tuple(vector.shape)}"
-                )
-            x = vector.detach().to(dtype=p.dtype, device=p.device)
-            dead = ~torch.isfinite(torch.linalg.vector_norm(x, dim=-1, keepdim=True)) | (
-                torch.linalg.vector_norm(x, dim=-1, keepdim=True) == 0
+        w = weight.detach().to(work_dtype(weight))
+        if needs_fold(w.shape, size):
+            w = fold_kernel(w, size)
+        o, i, kh, kw = w.shape
+        shape = (size[0], size[1] // 2 + 1, i)
+        complex_dtype = torch.complex128 if w.dtype == torch.float64 else torch.complex64
+        x = _per_frequency_start(vector, shape, complex_dtype, w.device)
+        if native_usable() and w.device.type == "cpu" and type(w) is Tensor:
+            is_double = w.dtype == torch.float64
+            basis = planar_dft_basis((kh, kw), size, w.dtype, _native.POWER_WIDTH[is_double])
+            kernel, x = w.contiguous(), x.contiguous().clone()
+            ratios = torch.empty(shape[:2], dtype=torch.float64)
+            _native.power_iteration(
+                ratios.numel(), o, i, kh * kw, kernel.data_ptr(), basis.data_ptr(), x.data_ptr(),
+                ratios.data_ptr(), n, is_double, torch.get_num_threads(),
+            )  # fmt: skip
+            return torch.sqrt(ratios.amax()).to(w.dtype), x
+        return _power_batched(half_spectrum(w, size), x, n)
+
+
+def _per_frequency_start(vector: Any, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The checked ``vector`` scaled to a unit vector at every frequency (a frequency whose vector is zero or not
+    finite restarts from the fixed start vector), or the fixed start vector for None."""
+    start = None
+    if vector is None:
+        x = start = _start_vector(shape, torch.empty(0, dtype=dtype, device=device))
+    else:
+        check_tensor(vector, "vector", floating=False)
+        if tuple(vector.shape) != shape or not vector.is_complex():
+            raise ValueError(
+                f"vector must be a complex tensor of shape {shape} (per frequency, for this weight and input "
+                f"size), got {vector.dtype} of shape {tuple(vector.shape)}"
             )
-            x = torch.where(dead, start, x)
-        x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(tiny)
-        x = x.unsqueeze(-1)
-        ph = p.mH
-        for _ in range(n):
-            y = ph @ (p @ x)
-            x = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True).clamp_min(tiny)
-        estimate = torch.linalg.vector_norm(p @ x, dim=-2).amax()
+        x = vector.detach().to(dtype=dtype, device=device)
+    lengths = _squared_norms(x.unsqueeze(-1))
+    if start is None:
+        dead = ~(torch.isfinite(lengths) & (lengths > 0))
+        if bool(dead.any()):
+            x = torch.where(dead, _start_vector(shape, torch.empty(0, dtype=dtype, device=device)), x)
+            lengths = _squared_norms(x.unsqueeze(-1))
+    return x * torch.rsqrt(lengths)  # unit at every frequency: no overflow in the first product
+
+
+def _power_batched(p: Tensor, x: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The per-frequency iteration by batched matrix products on the half spectrum ``p`` (n_h, n_w//2+1, O, I)."""
+    tiny = torch.finfo(p.real.dtype).tiny
+    x = x.unsqueeze(-1)
+    ph = p.transpose(-2, -1)  # P^H y = conj(P^T conj(y)): a transposed view, no conjugated copy of P
+    for _ in range(n):
+        z = p @ x
+        y = torch.conj_physical(ph @ z.conj_physical())
+        y_norms, z_norms = _squared_norms(y), _squared_norms(z)
+        x = y * torch.rsqrt(y_norms.clamp_min(tiny)).unsqueeze(-1)
+    estimate = torch.sqrt((y_norms / z_norms.clamp_min(tiny)).amax())
     return estimate, x.squeeze(-1)
 
 

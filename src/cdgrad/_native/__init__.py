@@ -80,10 +80,14 @@ def _cache_dir() -> Path:
     return (Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "cdgrad") / "native"
 
 
+# -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C modes such as -std=c99 turn it off otherwise)
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c99")
+
+
 def _key(compiler: str) -> str:
     source = _SOURCE.read_bytes()
     return hashlib.sha256(
-        source + compiler.encode() + _cpu_signature().encode() + platform.platform().encode()
+        source + " ".join((compiler, *_FLAGS)).encode() + _cpu_signature().encode() + platform.platform().encode()
     ).hexdigest()[:20]
 
 
@@ -193,6 +197,8 @@ def _open(so: Path, manifest: Path) -> tuple[ctypes.CDLL | None, str | None]:
         lib.cdg_run.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
         lib.cdg_run1.restype = ctypes.c_int
         lib.cdg_run1.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_double] * 3 + [ctypes.c_int32] * 2
+        lib.cdg_power.restype = ctypes.c_int
+        lib.cdg_power.argtypes = [ctypes.c_int64] * 8 + [ctypes.c_int32] * 3
     except (OSError, AttributeError) as exc:
         return None, f"{so} could not be loaded ({exc})"
     return lib, None
@@ -217,7 +223,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------- building
 def _compile(compiler: str, out: Path) -> None:
-    base = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-std=c99", str(_SOURCE), "-lm"]
+    base = [compiler, *_FLAGS, str(_SOURCE), "-lm"]
     errors = []
     for extra in (["-fopenmp"], []):
         try:
@@ -425,3 +431,28 @@ def run_one(
     status = lib.cdg_run1(src, dst, b, n, m, *params, Jobs.kind(metric, n, is_double), num_threads)
     if status != 0:
         raise MemoryError("cdgrad native kernel could not allocate its work list")
+
+
+POWER_WIDTH = {False: 16, True: 8}  # frequencies per vector (float32, float64): the basis is padded to a multiple
+
+
+def power_iteration(
+    f: int,
+    o: int,
+    i: int,
+    taps: int,
+    kernel: int,
+    basis: int,
+    x: int,
+    ratio: int,
+    iters: int,
+    is_double: bool,
+    num_threads: int,
+) -> None:
+    """`iters` per-frequency power iterations from the kernel's taps (addresses of C-ordered memory; kernels.c,
+    `cdg_power`): kernel (O, I, taps), basis (taps, 2, F padded to `POWER_WIDTH`), x (F, I) complex, updated in
+    place, ratio (F,) float64 receiving ``||P^H P x||^2 / ||P x||^2``."""
+    lib = library()
+    assert lib is not None
+    if lib.cdg_power(f, o, i, taps, kernel, basis, x, ratio, iters, int(is_double), num_threads) != 0:
+        raise MemoryError("cdgrad native kernel could not allocate its work buffers")

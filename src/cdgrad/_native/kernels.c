@@ -303,3 +303,109 @@ int cdg_run1(int64_t src, int64_t dst, int64_t B, int64_t N, int64_t M, double p
     const int32_t kinds[1] = {kind};
     return cdg_run(1, s, d, dims, params, kinds, nthreads);
 }
+
+/* Per-frequency power iteration (cdgrad.norm_bounds.conv_norm_power, per_frequency=True), vectorised across
+ * frequencies and computed from the kernel itself: K holds the O x I x T taps (C order, T = kh kw of the folded
+ * kernel), B the half-spectrum DFT basis as (T, 2, Fp): cos, then -sin of the phase of tap t at frequency f,
+ * zero for the padding f >= F (Fp a multiple of the vector width), so that
+ * P[f][o, i] = sum_t K[o, i, t] (B[t, 0, f] + i B[t, 1, f]).  x holds F complex vectors of length I
+ * (interleaved re, im; updated in place).  At each frequency, `iters` times: z = P x, y = P^H z, x = y / ||y||;
+ * ratio[f] = ||y||^2 / ||z||^2 of the last one.  One vector (GCC vector extension) holds CF frequencies: the
+ * chunk's spectrum is built in a per-thread buffer and every product is one vector operation across it. */
+#define DEFINE_POWER(T, SUFFIX, CF)                                                                           \
+typedef T vec_##SUFFIX __attribute__((vector_size(CF * sizeof(T)), aligned(sizeof(T))));                      \
+static void power_chunk_##SUFFIX(const T *K, const T *B, T *x, double *ratio, int64_t Fp, int64_t O, int64_t I, \
+                                 int64_t taps, int32_t iters, int64_t w, vec_##SUFFIX *work) {                \
+    typedef vec_##SUFFIX V;                                                                                   \
+    V *spec = work, *xr = spec + 2 * O * I, *xi = xr + I, *yr = xi + I, *yi = yr + I, *zr = yi + I, *zi = zr + O; \
+    const V zero = {0};                                                                                       \
+    int64_t k = 0;                                                  /* the chunk's spectrum */                \
+    for (; k + 4 <= O * I; k += 4) {                                /* four entries: eight independent sums */ \
+        V r0 = zero, i0 = zero, r1 = zero, i1 = zero, r2 = zero, i2 = zero, r3 = zero, i3 = zero;             \
+        const T *q = K + k * taps;                                                                            \
+        for (int64_t t = 0; t < taps; t++) {                                                                  \
+            const V c = *(const V *)(B + 2 * t * Fp), s = *(const V *)(B + (2 * t + 1) * Fp);                 \
+            r0 += q[t] * c; i0 += q[t] * s; r1 += q[taps + t] * c; i1 += q[taps + t] * s;                     \
+            r2 += q[2 * taps + t] * c; i2 += q[2 * taps + t] * s; r3 += q[3 * taps + t] * c; i3 += q[3 * taps + t] * s; \
+        }                                                                                                     \
+        spec[2 * k] = r0; spec[2 * k + 1] = i0; spec[2 * k + 2] = r1; spec[2 * k + 3] = i1;                   \
+        spec[2 * k + 4] = r2; spec[2 * k + 5] = i2; spec[2 * k + 6] = r3; spec[2 * k + 7] = i3;               \
+    }                                                                                                         \
+    for (; k < O * I; k++) {                                                                                  \
+        V re = zero, im = zero;                                                                               \
+        for (int64_t t = 0; t < taps; t++) {                                                                  \
+            re += K[k * taps + t] * *(const V *)(B + 2 * t * Fp);                                             \
+            im += K[k * taps + t] * *(const V *)(B + (2 * t + 1) * Fp);                                       \
+        }                                                                                                     \
+        spec[2 * k] = re; spec[2 * k + 1] = im;                                                               \
+    }                                                                                                         \
+    for (int64_t i = 0; i < I; i++) {                                                                         \
+        xr[i] = zero; xi[i] = zero;                                                                           \
+        for (int64_t f = 0; f < w; f++) { xr[i][f] = x[2 * (f * I + i)]; xi[i][f] = x[2 * (f * I + i) + 1]; }  \
+    }                                                                                                         \
+    V zn = zero, yn = zero;                                                                                   \
+    for (int32_t it = 0; it < iters; it++) {                                                                  \
+        zn = zero; yn = zero;                                                                                 \
+        for (int64_t o = 0; o < O; o++) {                           /* z = P x */                             \
+            V rr = zero, ii = zero, ri = zero, ir = zero;                                                     \
+            const V *p = spec + 2 * o * I;                                                                    \
+            for (int64_t i = 0; i < I; i++) {                                                                 \
+                rr += p[2 * i] * xr[i]; ii += p[2 * i + 1] * xi[i];                                           \
+                ri += p[2 * i] * xi[i]; ir += p[2 * i + 1] * xr[i];                                           \
+            }                                                                                                 \
+            zr[o] = rr - ii; zi[o] = ri + ir;                                                                 \
+            zn += zr[o] * zr[o] + zi[o] * zi[o];                                                              \
+        }                                                                                                     \
+        for (int64_t i = 0; i < I; i++) {                           /* y = P^H z */                           \
+            V a = zero, b = zero, c = zero, d = zero;                                                         \
+            for (int64_t o = 0; o < O; o++) {                                                                 \
+                const V *p = spec + 2 * (o * I + i);                                                          \
+                a += p[0] * zr[o]; b += p[1] * zi[o]; c += p[0] * zi[o]; d += p[1] * zr[o];                   \
+            }                                                                                                 \
+            yr[i] = a + b; yi[i] = c - d;                                                                     \
+            yn += yr[i] * yr[i] + yi[i] * yi[i];                                                              \
+        }                                                                                                     \
+        V scale = zero;                                                                                       \
+        for (int64_t f = 0; f < CF; f++) scale[f] = yn[f] > 0 ? (T)(1.0 / sqrt((double)yn[f])) : (T)0;        \
+        for (int64_t i = 0; i < I; i++) { xr[i] = yr[i] * scale; xi[i] = yi[i] * scale; }                     \
+    }                                                                                                         \
+    for (int64_t i = 0; i < I; i++)                                                                           \
+        for (int64_t f = 0; f < w; f++) { x[2 * (f * I + i)] = xr[i][f]; x[2 * (f * I + i) + 1] = xi[i][f]; }  \
+    for (int64_t f = 0; f < w; f++) ratio[f] = zn[f] > 0 ? (double)yn[f] / (double)zn[f] : 0.0;               \
+}                                                                                                             \
+                                                                                                              \
+static void power_##SUFFIX(const T *K, const T *B, T *x, double *ratio, int64_t F, int64_t O, int64_t I,     \
+                           int64_t taps, int32_t iters, int32_t nthreads, int *failed) {                      \
+    const int64_t Fp = (F + CF - 1) / CF * CF;                                                                \
+    (void)nthreads;                                                                                           \
+    _Pragma("omp parallel num_threads(nthreads) if (F * O * I >= PARALLEL_MIN && nthreads > 1)")              \
+    {                                                                                                         \
+        vec_##SUFFIX *work = (vec_##SUFFIX *)malloc((size_t)(4 * I + 2 * O + 2 * O * I) * sizeof(vec_##SUFFIX)); \
+        if (!work) *failed = 1;                                                                               \
+        _Pragma("omp for schedule(static)")                                                                   \
+        for (int64_t f0 = 0; f0 < F; f0 += CF) {                                                              \
+            if (work)                                                                                         \
+                power_chunk_##SUFFIX(K, B + f0, x + 2 * f0 * I, ratio + f0, Fp, O, I, taps, iters,             \
+                                     F - f0 < CF ? F - f0 : CF, work);                                        \
+        }                                                                                                     \
+        free(work);                                                                                           \
+    }                                                                                                         \
+}
+
+DEFINE_POWER(float, f32, 16)
+DEFINE_POWER(double, f64, 8)
+
+/* Fp = F rounded up to a multiple of the vector width: 16 (float) or 8 (double); B has Fp columns. */
+int cdg_power_width(int32_t is_double) { return is_double ? 8 : 16; }
+
+int cdg_power(int64_t F, int64_t O, int64_t I, int64_t taps, int64_t kernel, int64_t basis, int64_t x, int64_t ratio,
+              int32_t iters, int32_t is_double, int32_t nthreads) {
+    int failed = 0;
+    if (is_double)
+        power_f64((const double *)kernel, (const double *)basis, (double *)x, (double *)ratio, F, O, I, taps, iters,
+                  nthreads, &failed);
+    else
+        power_f32((const float *)kernel, (const float *)basis, (float *)x, (double *)ratio, F, O, I, taps, iters,
+                  nthreads, &failed);
+    return failed ? -1 : 0;
+}
