@@ -153,6 +153,7 @@ def profile_small_call(min_time, shape=(16, 16, 3, 3)):
     out = torch.empty_like(g)
     b, n, m = 1, g.shape[0], g.numel() // g.shape[0]
     threads = torch.get_num_threads()
+    job = _native.Jobs.static(b, n, m, 1.0 / (n * n), 0.0, _native.SOBOLEV, False)
     stages = {
         "the whole call: cdgrad.sobolev(g, 1.0)": lambda: cdgrad.sobolev(g, 1.0),
         "validation (grad, metric, lam, beta, dim)": lambda: (
@@ -164,9 +165,7 @@ def profile_small_call(min_time, shape=(16, 16, 3, 3)):
         ),
         "route (kernel usable, exact tensor on the CPU)": lambda: F.route(g),
         "the output tensor (empty_like)": lambda: torch.empty_like(g),
-        "the kernel call (ctypes, by value)": lambda: _native.run_one(
-            g.data_ptr(), out.data_ptr(), b, n, m, (1.0 / (n * n), 0.0, 0.0), _native.SOBOLEV, False, threads
-        ),
+        "the kernel call (ctypes, the job packed)": lambda: _native.run_one(g.data_ptr(), out.data_ptr(), job, threads),
         "for scale: g.clone()": lambda: g.clone(),
     }
     print(f"\n| stage of one pure call, {'x'.join(map(str, shape))} | us |\n|---|---|")

@@ -211,3 +211,26 @@ def test_laplacian_on_long_lines_matches_the_fourier_multiplier(sigma, dtype):
         expected_t = torch.from_numpy(expected if dim is None else expected.T)
         tolerance = 1e-12 if dtype == torch.float64 else 2e-6
         assert float((out.double() - expected_t).abs().max()) <= tolerance * float(x.abs().max())
+
+
+@pytest.mark.parametrize("name", ["sobolev", "h0", "laplacian", "centralize"])
+def test_jobs_kept_per_layout_follow_a_change_of_layout_or_dtype(name):
+    """A tensor's job is packed once per (shape, strides, dtype) and kept: tensors of one shape in other layouts
+    and dtypes, in one list and across calls, in place and out of place, each get their own job."""
+    t = TRANSFORMS[name]("output")
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 6, 3, 3, generator=gen, dtype=torch.float64)
+    variants = [
+        base.float(),
+        base.float().to(memory_format=torch.channels_last),
+        base.clone(),
+        base.float().transpose(2, 3).contiguous().transpose(2, 3),  # same shape, strides of no native layout
+    ]
+    for _ in range(2):  # the second round finds every job already packed
+        work = [v.clone(memory_format=torch.preserve_format) for v in variants]
+        t.transform_(work, work)
+        for v, w in zip(variants, work, strict=True):
+            expected = _reference(name, v.double(), 0)
+            assert w.stride() == v.stride()
+            assert float((w.double() - expected).abs().max()) <= 1e-5 * max(1.0, float(expected.abs().max()))
+            assert torch.equal(t(v, v), w)

@@ -236,44 +236,84 @@ def _centralize_layout(x: Tensor) -> tuple[int, int, int] | None:
     return None
 
 
+_STATICS: dict[tuple[object, ...], dict[tuple[object, ...], _native.Static]] = {}
+
+
+def _statics(family: tuple[object, ...]) -> dict[tuple[object, ...], _native.Static]:
+    """The packed static parts of the jobs of one transform family (kernel, coefficients, dim), per tensor
+    (shape, strides, dtype); empty where a tensor has no native layout."""
+    found = _STATICS.get(family)
+    if found is None:
+        if len(_STATICS) >= 64:
+            _STATICS.clear()
+        found = _STATICS[family] = {}
+    elif len(found) >= 4096:
+        found.clear()
+    return found
+
+
 def _run_(
     grads: Sequence[Tensor],
     metric: int,
     params: Callable[[int], tuple[float, float, float]],
     reference: Callable[[Tensor, int | None], Tensor],
     dim: int | None,
+    family: tuple[object, ...],
 ) -> None:
     """In place, every exact `torch.Tensor` of `grads` by one call of the compiled kernel (`metric` one of
-    `_native.H0`, ... with `params(n)` its coefficients for an axis of length n); CPU tensors in other layouts
-    or half types through a contiguous float copy; without the kernel (or on other devices), `reference`."""
+    `_native.H0`, ... with `params(n)` its coefficients for an axis of length n, `family` a key naming `metric`,
+    the coefficients and `dim`); CPU tensors in other layouts or half types through a contiguous float copy;
+    without the kernel (or on other devices), `reference`.
+
+    A tensor's job (layout, coefficients, kernel code) is computed once per shape, strides and dtype and kept
+    packed: a step costs a dictionary lookup and an address per tensor."""
     native = native_usable()
     central = metric == _native.CENTRALIZE
+    statics = _statics(family) if native else {}
     jobs, copies = _native.Jobs(), []
-    axis: int | None
+    src, dst, packed = jobs.src.append, jobs.dst.append, jobs.statics.append  # the per-tensor loop, kept lean
     for g in grads:
-        if central:
-            axis, layout, is_double = 0, _centralize_layout(g), g.dtype == torch.float64
-        else:
-            axis, layout, is_double = _plan(g, dim)
-        if layout is None or not native:
-            if g.numel() == 0:
+        if native and type(g) is Tensor and g.is_cpu:
+            key = (g.shape, g.dtype) if g.is_contiguous() else (g.shape, g.stride(), g.dtype)
+            static = statics.get(key)
+            if static is None:
+                static = statics[key] = _static(g, metric, params, dim)
+            if static:
+                ptr = g.data_ptr()
+                src(ptr)
+                dst(ptr)
+                packed(static)
                 continue
-            if not native or g.device.type != "cpu" or type(g) is not Tensor:
-                g.copy_(reference(g, axis))
-                continue
-            work = g.to(dtype=compute_dtype(g.dtype), memory_format=torch.contiguous_format, copy=True)
-            copies.append((g, work))
-            g, is_double = work, work.dtype == torch.float64
-            layout = _centralize_layout(work) if central else _native_layout(work, axis)
-            assert layout is not None
-        b, n, m = layout
-        ptr = g.data_ptr()
-        p0, p1, p2 = params(n)
-        jobs.add(ptr, ptr, b, n, m, p0, p1, metric, is_double, p2)
+        if g.numel() == 0:
+            continue
+        axis = 0 if central else _plan(g, dim)[0]
+        if not native or g.device.type != "cpu" or type(g) is not Tensor:
+            g.copy_(reference(g, axis))
+            continue
+        work = g.to(dtype=compute_dtype(g.dtype), memory_format=torch.contiguous_format, copy=True)
+        copies.append((g, work))
+        static = _static(work, metric, params, dim)
+        assert static
+        jobs.add_static(work.data_ptr(), work.data_ptr(), static)
     if len(jobs):
         jobs.run(torch.get_num_threads())
     for g, work in copies:
         g.copy_(work)
+
+
+def _static(
+    g: Tensor, metric: int, params: Callable[[int], tuple[float, float, float]], dim: int | None
+) -> _native.Static:
+    """The packed static part of `g`'s job, or empty bytes when its memory has no native layout."""
+    if metric == _native.CENTRALIZE:
+        layout, is_double = _centralize_layout(g), g.dtype == torch.float64
+    else:
+        _, layout, is_double = _plan(g, dim)
+    if layout is None:
+        return b""
+    b, n, m = layout
+    p0, p1, p2 = params(n)
+    return _native.Jobs.static(b, n, m, p0, p1, metric, is_double, p2)
 
 
 def channel_directed_plain_(grads: Sequence[Tensor], metric: str, lam: float, beta: float, dim: int | None) -> None:
@@ -284,7 +324,7 @@ def channel_directed_plain_(grads: Sequence[Tensor], metric: str, lam: float, be
     float copy; without the kernel (or on other devices) the reference is computed and copied back.
     """
     kernel, params = _channel_params(metric, lam, beta)
-    _run_(grads, kernel, params, lambda g, axis: REFERENCE[metric](g, lam, axis, beta), dim)
+    _run_(grads, kernel, params, lambda g, axis: REFERENCE[metric](g, lam, axis, beta), dim, (metric, lam, beta, dim))
 
 
 _NATIVE_SIGMA = 1e6  # the kernel's recursions lose digits like sqrt(sigma) eps beyond; larger sigma: the FFT path
@@ -309,16 +349,27 @@ def laplacian_plain_(grads: Sequence[Tensor], sigma: float, dim: int | None) -> 
                 g.copy_(laplacian_reference(g, sigma, None if dim is None else dim % g.dim()))
         return
     coefficients = laplacian_coefficients(sigma)
-    _run_(grads, _native.LAPLACIAN, lambda n: coefficients, lambda g, axis: laplacian_reference(g, sigma, axis), dim)
+    _run_(
+        grads,
+        _native.LAPLACIAN,
+        lambda n: coefficients,
+        lambda g, axis: laplacian_reference(g, sigma, axis),
+        dim,
+        ("laplacian", sigma, dim),
+    )
 
 
 def centralize_plain_(grads: Sequence[Tensor]) -> None:
     """In place `g <- g - mean over dims 1.. of g` for every exact `torch.Tensor` of `grads` (2+ dims): one call
     of the compiled kernel for all of them."""
-    _run_(grads, _native.CENTRALIZE, lambda n: (0.0, 0.0, 0.0), lambda g, axis: centralize_reference(g), 0)
-
-
-_DIRECT_MAX = 1 << 16  # up to this many entries the kernel writes a fresh tensor directly (no copy first)
+    _run_(
+        grads,
+        _native.CENTRALIZE,
+        lambda n: (0.0, 0.0, 0.0),
+        lambda g, axis: centralize_reference(g),
+        0,
+        ("centralize",),
+    )
 
 
 def _out_of_place(
@@ -326,26 +377,24 @@ def _out_of_place(
     metric: int,
     params: Callable[[int], tuple[float, float, float]],
     dim: int | None,
+    family: tuple[object, ...],
     in_place: Callable[[list[Tensor]], None],
     reference: Callable[[], Tensor],
 ) -> Tensor:
-    """A new tensor: small native-layout tensors by one kernel call from `grad` into a fresh tensor of the same
-    layout; larger ones by a sequential copy, then the in-place kernel (faster than writing a fresh buffer
-    column-chunk-wise); the reference without the kernel or off the CPU."""
-    if not native_usable() or grad.device.type != "cpu" or grad.numel() == 0:
+    """A new tensor: native-layout tensors by one kernel call from `grad` into a fresh tensor of the same layout
+    (the job packed once per layout, as `_run_` keeps them); other layouts and half types by a contiguous float
+    copy and the in-place kernel; the reference without the kernel or off the CPU."""
+    if not grad.is_cpu or not native_usable() or grad.numel() == 0:
         return reference()
-    if grad.numel() <= _DIRECT_MAX:
-        if metric == _native.CENTRALIZE:
-            layout, is_double = _centralize_layout(grad), grad.dtype == torch.float64
-        else:
-            _, layout, is_double = _plan(grad, dim)
-        if layout is not None:
-            out = torch.empty_like(grad)
-            b, n, m = layout
-            _native.run_one(
-                grad.data_ptr(), out.data_ptr(), b, n, m, params(n), metric, is_double, torch.get_num_threads()
-            )
-            return out
+    statics = _statics(family)
+    key = (grad.shape, grad.dtype) if grad.is_contiguous() else (grad.shape, grad.stride(), grad.dtype)
+    static = statics.get(key)
+    if static is None:
+        static = statics[key] = _static(grad, metric, params, dim)
+    if static:
+        out = torch.empty_like(grad)
+        _native.run_one(grad.data_ptr(), out.data_ptr(), static, torch.get_num_threads())
+        return out
     out = grad.to(dtype=compute_dtype(grad.dtype), copy=True)
     in_place([out])
     return out if out.dtype == grad.dtype else out.to(grad.dtype)
@@ -366,6 +415,7 @@ def channel_directed_plain(grad: Tensor, metric: str, lam: float, beta: float, d
         kernel,
         params,
         dim,
+        (metric, lam, beta, dim),
         lambda out: channel_directed_plain_(out, metric, lam, beta, dim),
         lambda: REFERENCE[metric](grad, lam, dim, beta),
     )
@@ -381,6 +431,7 @@ def laplacian_plain(grad: Tensor, sigma: float, dim: int | None) -> Tensor:
         _native.LAPLACIAN,
         lambda n: coefficients,
         dim,
+        ("laplacian", sigma, dim),
         lambda out: laplacian_plain_(out, sigma, dim),
         lambda: laplacian_reference(grad, sigma, dim),
     )
@@ -389,5 +440,11 @@ def laplacian_plain(grad: Tensor, sigma: float, dim: int | None) -> Tensor:
 def centralize_plain(grad: Tensor) -> Tensor:
     """Out of place centralisation for an exact `torch.Tensor` (as `centralize_plain_` computes it)."""
     return _out_of_place(
-        grad, _native.CENTRALIZE, lambda n: (0.0, 0.0, 0.0), 0, centralize_plain_, lambda: centralize_reference(grad)
+        grad,
+        _native.CENTRALIZE,
+        lambda n: (0.0, 0.0, 0.0),
+        0,
+        ("centralize",),
+        centralize_plain_,
+        lambda: centralize_reference(grad),
     )

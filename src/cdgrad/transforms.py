@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from . import functional as F
-from .transforms_base import Commit, ConfiguredTransform, GradientTransform, state_fields
+from .transforms_base import Commit, ConfiguredTransform, GradientTransform, plain_floating, state_fields
 from .validation import check_choice, check_nonnegative, check_positive, check_real
 
 __all__ = [
@@ -75,6 +75,9 @@ class Directional(ConfiguredTransform):
         return _in_scope(param, self.scope, self.direction)
 
     def check(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        dim = DIRECTIONS[self.direction]
+        if len(grads) == len(params) and plain_floating(grads, 1 if dim is None else dim + 1):
+            return  # the common case, in one pass
         super().check(grads, params)
         _check_direction_dims(grads, self.direction)
 

@@ -53,6 +53,15 @@ _STRIDED = torch.strided
 _FLOATING = frozenset(FLOAT_DTYPES)
 
 
+def plain_floating(grads: Sequence[Tensor], min_dims: int = 0) -> bool:
+    """Whether every tensor of `grads` is a plain dense floating `torch.Tensor` with `min_dims` or more dims: the
+    common case, which needs no further checks (one pass, no per-tensor calls)."""
+    for g in grads:
+        if type(g) is not Tensor or g.layout is not _STRIDED or g.dtype not in _FLOATING or g.dim() < min_dims:
+            return False
+    return True
+
+
 def trained_weight(module: torch.nn.Module) -> Tensor:
     """The parameter that holds `module`'s weight and receives its gradient: `module.weight`, or, for a module whose
     weight is parametrized (`torch.nn.utils.parametrize`, e.g. spectral norm), the parametrization's `original`.
@@ -124,10 +133,7 @@ class GradientTransform:
         """Raise `TypeError`/`ValueError` if any gradient cannot be transformed; modifies nothing."""
         if len(grads) != len(params):
             raise ValueError(f"grads and params must have equal lengths, got {len(grads)} and {len(params)}")
-        for g in grads:
-            if type(g) is not Tensor or g.layout is not _STRIDED or g.dtype not in _FLOATING:
-                break
-        else:
+        if plain_floating(grads):
             return  # the common case: plain dense floating tensors
         for i, g in enumerate(grads):
             check_grad(g, f"grads[{i}]")

@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -80,15 +81,16 @@ def _cache_dir() -> Path:
     return (Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "cdgrad") / "native"
 
 
-# -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C modes such as -std=c99 turn it off otherwise)
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c99")
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99")
+# Tried first, dropped if the compiler refuses them: -ffp-contract=fast (a * b + c as one fused multiply-add; ISO C
+# modes such as -std=c99 turn it off otherwise), -mprefer-vector-width=512 (where the CPU has 512-bit vectors, a
+# 64-column chunk's running sums stay in registers; an x86 option), -fopenmp (threads).
+_TUNING = ("-ffp-contract=fast", "-mprefer-vector-width=512")
 
 
 def _key(compiler: str) -> str:
-    source = _SOURCE.read_bytes()
-    return hashlib.sha256(
-        source + " ".join((compiler, *_FLAGS)).encode() + _cpu_signature().encode() + platform.platform().encode()
-    ).hexdigest()[:20]
+    build = " ".join((compiler, *_FLAGS, *_TUNING, _cpu_signature(), platform.platform()))
+    return hashlib.sha256(_SOURCE.read_bytes() + build.encode()).hexdigest()[:20]
 
 
 def _warn(message: str) -> None:
@@ -194,9 +196,9 @@ def _open(so: Path, manifest: Path) -> tuple[ctypes.CDLL | None, str | None]:
     try:
         lib = _dlopen(so, data)
         lib.cdg_run.restype = ctypes.c_int
-        lib.cdg_run.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
-        lib.cdg_run1.restype = ctypes.c_int
-        lib.cdg_run1.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_double] * 3 + [ctypes.c_int32] * 2
+        lib.cdg_run.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int32]
+        lib.cdg_run_one.restype = ctypes.c_int
+        lib.cdg_run_one.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int32]
         lib.cdg_power.restype = ctypes.c_int
         lib.cdg_power.argtypes = [ctypes.c_int64] * 8 + [ctypes.c_int32] * 3
     except (OSError, AttributeError) as exc:
@@ -225,7 +227,7 @@ def _locked(path: Path) -> Iterator[None]:
 def _compile(compiler: str, out: Path) -> None:
     base = [compiler, *_FLAGS, str(_SOURCE), "-lm"]
     errors = []
-    for extra in (["-fopenmp"], []):
+    for extra in (["-fopenmp", *_TUNING], ["-fopenmp"], [*_TUNING], []):
         try:
             proc = subprocess.run(base + extra + ["-o", str(out)], capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -356,17 +358,30 @@ H0, SOBOLEV, LAPLACIAN, CENTRALIZE = 0, 1, 2, 3
 _LONG_AXIS = 1024  # float32 data along longer axes is accumulated in double
 
 
-class Jobs:
-    """A batch of kernel jobs, each on C-ordered (B, N, M) memory, run by one call of the compiled kernel."""
+Static = bytes  # a job's layout, coefficients and kernel code, packed as kernels.c's job_t (`Jobs.static`)
+_JOB = struct.Struct("=3q3d2i")  # job_t: B, N, M, p0, p1, p2, kind, unused
 
-    __slots__ = ("src", "dst", "dims", "params", "kinds")
+
+class Jobs:
+    """A batch of kernel jobs, each on C-ordered (B, N, M) memory, run by one call of the compiled kernel.
+
+    A job is its source and destination addresses plus its static part (shape, coefficients, kernel code), packed
+    once as the C code reads it (`Jobs.static`), so that a caller can keep the static part of a tensor layout it
+    has seen before and a step costs one address per tensor."""
+
+    __slots__ = ("src", "dst", "statics")
 
     def __init__(self) -> None:
         self.src: list[int] = []
         self.dst: list[int] = []
-        self.dims: list[int] = []
-        self.params: list[float] = []
-        self.kinds: list[int] = []
+        self.statics: list[Static] = []
+
+    @staticmethod
+    def static(b: int, n: int, m: int, p0: float, p1: float, metric: int, is_double: bool, p2: float = 0.0) -> Static:
+        """The packed static part of a job.  H0 / Sobolev: `out = metric gradient (p0 = inv) + p1 * f` along N;
+        Laplacian: `(I - sigma L)^-1 f` along N with (p0, p1, p2) = (r, 1 - r, r / sigma) (kernels.c);
+        centralisation: each of the b rows of length n (m = 1) minus its mean."""
+        return _JOB.pack(b, n, m, p0, p1, p2, Jobs.kind(metric, n, is_double), 0)
 
     def add(
         self,
@@ -381,14 +396,14 @@ class Jobs:
         is_double: bool,
         p2: float = 0.0,
     ) -> None:
-        """One job; dst may equal src.  H0 / Sobolev: `out = metric gradient (p0 = inv) + p1 * f` along N;
-        Laplacian: `(I - sigma L)^-1 f` along N with (p0, p1, p2) = (r, 1 - r, r / sigma) (kernels.c);
-        centralisation: each of the b rows of length n (m = 1) minus its mean."""
+        """One job (`Jobs.static` describes the arguments); dst may equal src."""
+        self.add_static(src, dst, self.static(b, n, m, p0, p1, metric, is_double, p2))
+
+    def add_static(self, src: int, dst: int, static: Static) -> None:
+        """One job from a packed static part (`Jobs.static`)."""
         self.src.append(src)
         self.dst.append(dst)
-        self.dims += (b, n, m)
-        self.params += (p0, p1, p2)
-        self.kinds.append(self.kind(metric, n, is_double))
+        self.statics.append(static)
 
     def __len__(self) -> int:
         return len(self.src)
@@ -401,35 +416,17 @@ class Jobs:
     def run(self, num_threads: int) -> None:
         lib = library()
         assert lib is not None
-        arrays = (
-            array("q", self.src),
-            array("q", self.dst),
-            array("q", self.dims),
-            array("d", self.params),
-            array("i", self.kinds),
-        )
-        status = lib.cdg_run(len(self.src), *(a.buffer_info()[0] for a in arrays), num_threads)
+        src, dst = array("q", self.src), array("q", self.dst)
+        status = lib.cdg_run(len(src), src.buffer_info()[0], dst.buffer_info()[0], b"".join(self.statics), num_threads)
         if status != 0:
             raise MemoryError("cdgrad native kernel could not allocate its work list")
 
 
-def run_one(
-    src: int,
-    dst: int,
-    b: int,
-    n: int,
-    m: int,
-    params: tuple[float, float, float],
-    metric: int,
-    is_double: bool,
-    num_threads: int,
-) -> None:
-    """One job (as `Jobs.add` describes it) by one call, its description passed by value: the pure functions'
-    path, without building a job list."""
+def run_one(src: int, dst: int, static: Static, num_threads: int) -> None:
+    """One job (`Jobs.static`) by one call without a job list: the pure functions' path."""
     lib = library()
     assert lib is not None
-    status = lib.cdg_run1(src, dst, b, n, m, *params, Jobs.kind(metric, n, is_double), num_threads)
-    if status != 0:
+    if lib.cdg_run_one(src, dst, static, num_threads) != 0:
         raise MemoryError("cdgrad native kernel could not allocate its work list")
 
 

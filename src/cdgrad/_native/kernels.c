@@ -27,6 +27,18 @@
 #endif
 
 #define CH 64
+/* The rows of the work item after the current one, requested while the current item's last pass runs (the
+ * hardware prefetcher follows one stream, not a chunk's many short rows M apart).  Prefetches are hints: an
+ * address past the end of memory never faults. */
+typedef struct {
+    const char *p;
+    int64_t rows, stride, width; /* width and stride in bytes */
+} ahead_t;
+
+static inline void prefetch_row(ahead_t a, int64_t o) {
+    if (o < a.rows)
+        for (int64_t b = 0; b < a.width; b += 64) __builtin_prefetch(a.p + o * a.stride + b);
+}
 /* Below this many elements one thread is faster than waking a team (measured on 2 cores). */
 #define PARALLEL_MIN (1 << 18)
 
@@ -35,14 +47,14 @@ static inline int risky(double amax, double growth, double inv, double beta) {
     return !(amax * growth * (1.0 + inv + fabs(beta)) < 1e36) || !(inv < 1e30) || !(fabs(beta) < 1e30);
 }
 
-#define DEFINE_KERNELS(T, A, SUFFIX, SAFE)                                                                 \
+#define DEFINE_KERNELS(T, A, SUFFIX, SAFE, ABS)                                                                 \
 static inline __attribute__((always_inline)) int h0_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t w, double inv,        \
-                              double beta) {                                                            \
+                              double beta, ahead_t ahead) {                                                            \
     A mean[CH], mx[CH];                                                                            \
     _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { mean[j] = 0.0; mx[j] = 0.0; }                                     \
     for (int64_t o = 0; o < N; o++) {                                                                   \
         const T *r = src + o * M;                                                                       \
-        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { const A v = (A)r[j], av = v < 0 ? -v : v; mean[j] += v; mx[j] = mx[j] > av ? mx[j] : av; } \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { const A v = (A)r[j], av = ABS(v); mean[j] += v; mx[j] = mx[j] > av ? mx[j] : av; } \
     }                                                                                                   \
     if (SAFE) {                                                                                         \
         A amax = 0.0;                                                                                   \
@@ -54,18 +66,19 @@ static inline __attribute__((always_inline)) int h0_chunk_##SUFFIX(const T *src,
     for (int64_t o = 0; o < N; o++) {                                                                   \
         const T *r = src + o * M;                                                                       \
         T *q = dst + o * M;                                                                             \
+        prefetch_row(ahead, o);                                                                         \
         _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) q[j] = (T)(mean[j] * b + a * (A)r[j]);           \
     }                                                                                                   \
     return 0;                                                                                           \
 }                                                                                                       \
                                                                                                         \
 static inline __attribute__((always_inline)) int sobolev_chunk_##SUFFIX(const T *src, T *dst, int64_t N, int64_t M, int64_t w, double inv,   \
-                                   double beta) {                                                       \
+                                   double beta, ahead_t ahead) {                                                       \
     A mean[CH], run[CH], s0[CH], s1[CH], mc[CH], base[CH];                                         \
     _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { mean[j] = 0.0; run[j] = 0.0; s0[j] = 0.0; s1[j] = 0.0; }          \
     for (int64_t o = 0; o < N; o++) {                       /* pass 1: fbar (s1: largest |f|) */        \
         const T *r = src + o * M;                                                                       \
-        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { const A v = (A)r[j], av = v < 0 ? -v : v; mean[j] += v; s1[j] = s1[j] > av ? s1[j] : av; } \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) { const A v = (A)r[j], av = ABS(v); mean[j] += v; s1[j] = s1[j] > av ? s1[j] : av; } \
     }                                                                                                   \
     if (SAFE) {                                                                                         \
         A amax = 0.0;                                                                                   \
@@ -75,19 +88,20 @@ static inline __attribute__((always_inline)) int sobolev_chunk_##SUFFIX(const T 
     }                                                                                                   \
     _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) s1[j] = 0.0;                                                        \
     _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) mean[j] /= (A)N;                                               \
-    for (int64_t o = 0; o < N; o++) {                       /* pass 2: sum C[o], sum o*C[o] */          \
+    for (int64_t o = 0; o < N; o++) {         /* pass 2: sum C[o], sum o*C[o] (C = run * inv: inv applied after) */ \
         const T *r = src + o * M;                                                                       \
-        const A od = (A)o;                                                                    \
-        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) {                                                               \
-            run[j] += (A)r[j] - mean[j];                                                           \
-            const A c = run[j] * (A)inv;                                                              \
-            s0[j] += c;                                                                                 \
-            s1[j] += od * c;                                                                            \
+        const A od = (A)o;                                                                              \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) {                                          \
+            run[j] += (A)r[j] - mean[j];                                                                \
+            s0[j] += run[j];                                                                            \
+            s1[j] += od * run[j];                                                                       \
         }                                                                                               \
     }                                                                                                   \
     /* mean(C) = s0/N;  sum_o U[o] = mean(C) N(N+1)/2 - sum_j (N-1-j) C[j] */                            \
-    const A Nd = (A)N;                                                                        \
-    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) {                                                                   \
+    const A Nd = (A)N;                                                                                  \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) {                                              \
+        s0[j] *= (A)inv;                                                                                \
+        s1[j] *= (A)inv;                                                                                \
         mc[j] = s0[j] / Nd;                                                                             \
         const A sum_u = mc[j] * Nd * (Nd + (A)1) * (A)0.5 - ((Nd - (A)1) * s0[j] - s1[j]);             \
         base[j] = mean[j] - sum_u / Nd;                     /* fbar - mean(U) */                        \
@@ -96,6 +110,7 @@ static inline __attribute__((always_inline)) int sobolev_chunk_##SUFFIX(const T 
     }                                                                                                   \
     for (int64_t o = 0; o < N; o++) {                       /* pass 3: output, row by row */            \
         const T *r = src + o * M;                                                                       \
+        prefetch_row(ahead, o);                                                                         \
         T *q = dst + o * M;                                                                             \
         const A o1 = (A)(o + 1);                                                              \
         _Pragma("GCC ivdep") for (int64_t j = 0; j < w; j++) {                                                               \
@@ -108,9 +123,9 @@ static inline __attribute__((always_inline)) int sobolev_chunk_##SUFFIX(const T 
     return 0;                                                                                           \
 }
 
-DEFINE_KERNELS(float, float, f32, 1)      /* short axes: float accumulation vectorises twice as wide */
-DEFINE_KERNELS(float, double, f32d, 0)    /* long axes, or entries near the float32 range: double accumulation */
-DEFINE_KERNELS(double, double, f64, 0)
+DEFINE_KERNELS(float, float, f32, 1, fabsf)  /* short axes: float accumulation vectorises twice as wide */
+DEFINE_KERNELS(float, double, f32d, 0, fabs)  /* long axes, or entries near the float32 range: double accumulation */
+DEFINE_KERNELS(double, double, f64, 0, fabs)
 
 #define SEG 8     /* chains side by side on one long line */
 #define KMAX 512  /* the longest start-up the line solver takes; longer (sigma > ~1e4) uses the exact wrap */
@@ -227,13 +242,13 @@ DEFINE_LAPLACIAN(float, f32)
 DEFINE_LAPLACIAN(double, f64)
 
 #define DISPATCH(W)                                                                                     \
-    switch (kinds[i]) {                                                                                 \
-    case 0: { if (h0_chunk_f32((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta)) h0_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta); } break;  \
-    case 1: h0_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta); break; \
-    case 2: h0_chunk_f64((const double *)src[i] + off, (double *)dst[i] + off, N, M, W, inv, beta); break; \
-    case 3: { if (sobolev_chunk_f32((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta)) sobolev_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta); } break; \
-    case 4: sobolev_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta); break; \
-    case 5: sobolev_chunk_f64((const double *)src[i] + off, (double *)dst[i] + off, N, M, W, inv, beta); break; \
+    switch (kind) {                                                                                 \
+    case 0: { if (h0_chunk_f32((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta, ahead)) h0_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta, ahead); } break;  \
+    case 1: h0_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta, ahead); break; \
+    case 2: h0_chunk_f64((const double *)src[i] + off, (double *)dst[i] + off, N, M, W, inv, beta, ahead); break; \
+    case 3: { if (sobolev_chunk_f32((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta, ahead)) sobolev_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta, ahead); } break; \
+    case 4: sobolev_chunk_f32d((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, inv, beta, ahead); break; \
+    case 5: sobolev_chunk_f64((const double *)src[i] + off, (double *)dst[i] + off, N, M, W, inv, beta, ahead); break; \
     case 6: case 7: laplacian_chunk_f32((const float *)src[i] + off, (float *)dst[i] + off, N, M, W, p[0], p[1], p[2]); break; \
     case 8: laplacian_chunk_f64((const double *)src[i] + off, (double *)dst[i] + off, N, M, W, p[0], p[1], p[2]); break; \
     default: break;                                                                                     \
@@ -241,67 +256,105 @@ DEFINE_LAPLACIAN(double, f64)
 
 #define ROWS 16 /* centralisation: rows per work item */
 
-/* kinds[i] = 3 * metric + variant; metric 0 = H0, 1 = Sobolev, 2 = Laplacian, 3 = centralisation; variant
- * 0 = f32, 1 = f32d, 2 = f64.  dims[3i..3i+2] = (B, N, M) (centralisation: (rows, row length, 1));
- * params[3i..3i+2] = (inv, beta, unused) or, for the Laplacian, (r, 1 - r, r / sigma); src/dst are addresses. */
-int cdg_run(int64_t n, const int64_t *src, const int64_t *dst, const int64_t *dims, const double *params,
-            const int32_t *kinds, int32_t nthreads) {
+/* A job as the caller packs it once per tensor layout (56 bytes, native byte order): kind = 3 * metric +
+ * variant, metric 0 = H0, 1 = Sobolev, 2 = Laplacian, 3 = centralisation, variant 0 = f32, 1 = f32d, 2 = f64;
+ * (B, N, M) the C-ordered layout with the smoothed axis N (centralisation: (rows, row length, 1)); (p0, p1, p2) =
+ * (inv, beta, unused) or, for the Laplacian, (r, 1 - r, r / sigma). */
+typedef struct {
+    int64_t B, N, M;
+    double p0, p1, p2;
+    int32_t kind, unused;
+} job_t;
+
+/* A work item: rows b.. of job i (centralisation: ROWS rows; otherwise row block b) and columns c .. c + CH. */
+static int has_items(const job_t *j) { return j->B > 0 && j->N > 0 && j->M > 0; }
+
+/* The item after (i, b, c) in job order; i = n after the last. */
+static void next_item(const job_t *job, int64_t n, int64_t *i, int64_t *b, int64_t *c) {
+    const job_t *j = job + *i;
+    if (j->kind >= 9) {
+        if ((*b += ROWS) < j->B) return;
+    } else {
+        if ((*c += CH) < j->M) return;
+        *c = 0;
+        if (++*b < j->B) return;
+    }
+    *b = 0;
+    *c = 0;
+    do ++*i; while (*i < n && !has_items(job + *i));
+}
+
+/* The rows of item (i, b, c) for prefetching, when it is a column chunk. */
+static ahead_t ahead_of(const job_t *job, const int64_t *src, int64_t n, int64_t i, int64_t b, int64_t c) {
+    if (i >= n || job[i].kind >= 9) return (ahead_t){NULL, 0, 0, 0};
+    const int64_t size = job[i].kind % 3 == 2 ? 8 : 4, N = job[i].N, M = job[i].M;
+    return (ahead_t){(const char *)src[i] + (b * N * M + c) * size, N, M * size, (M - c < CH ? M - c : CH) * size};
+}
+
+static void run_item(const job_t *j, int64_t src_address, int64_t dst_address, int64_t b, int64_t c, ahead_t ahead) {
+    const int64_t N = j->N, M = j->M;
+    const int32_t kind = j->kind;
+    if (kind >= 9) {
+        const int64_t rows = (j->B - b) < ROWS ? (j->B - b) : ROWS;
+        if (kind == 11)
+            centralize_rows_f64((const double *)src_address + b * N, (double *)dst_address + b * N, rows, N);
+        else
+            centralize_rows_f32((const float *)src_address + b * N, (float *)dst_address + b * N, rows, N);
+        return;
+    }
+    const int64_t *src = &src_address, *dst = &dst_address, i = 0;  /* the names DISPATCH uses */
+    const int64_t w = (M - c) < CH ? (M - c) : CH, off = b * N * M + c;
+    const double p[3] = {j->p0, j->p1, j->p2}, inv = p[0], beta = p[1];
+    if (w == CH) {
+        DISPATCH(CH)
+    } else {
+        DISPATCH(w)
+    }
+}
+
+/* n jobs: job[i] on the memory at src[i], written to dst[i] (which may equal src[i]).  Small batches, or one
+ * thread, run item after item with no work list; larger ones are shared among nthreads OpenMP threads. */
+int cdg_run(int64_t n, const int64_t *src, const int64_t *dst, const job_t *job, int32_t nthreads) {
     int64_t total = 0, elements = 0;
     for (int64_t i = 0; i < n; i++) {
-        const int64_t B = dims[3 * i], N = dims[3 * i + 1], M = dims[3 * i + 2];
-        if (N > 0) total += kinds[i] >= 9 ? (B + ROWS - 1) / ROWS : B * ((M + CH - 1) / CH);
-        elements += B * N * M;
+        if (!has_items(job + i)) continue;
+        total += job[i].kind >= 9 ? (job[i].B + ROWS - 1) / ROWS : job[i].B * ((job[i].M + CH - 1) / CH);
+        elements += job[i].B * job[i].N * job[i].M;
     }
     if (total == 0) return 0;
-    int64_t *items = (int64_t *)malloc((size_t)total * 3 * sizeof(int64_t));
-    if (!items) return -1;
-    int64_t k = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t B = dims[3 * i], N = dims[3 * i + 1], M = dims[3 * i + 2];
-        if (N == 0) continue;
-        if (kinds[i] >= 9) {
-            for (int64_t b = 0; b < B; b += ROWS) { items[3 * k] = i; items[3 * k + 1] = b; items[3 * k + 2] = 0; k++; }
-            continue;
-        }
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t c = 0; c < M; c += CH) { items[3 * k] = i; items[3 * k + 1] = b; items[3 * k + 2] = c; k++; }
-    }
-    (void)nthreads;
+    int64_t i = 0, b = 0, c = 0;
+    while (!has_items(job + i)) i++;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (elements >= PARALLEL_MIN && nthreads > 1)
-#endif
-    for (int64_t t = 0; t < total; t++) {
-        const int64_t i = items[3 * t], b = items[3 * t + 1], c = items[3 * t + 2];
-        const int64_t N = dims[3 * i + 1], M = dims[3 * i + 2];
-        if (kinds[i] >= 9) {
-            const int64_t rows = (dims[3 * i] - b) < ROWS ? (dims[3 * i] - b) : ROWS;
-            if (kinds[i] == 11)
-                centralize_rows_f64((const double *)src[i] + b * N, (double *)dst[i] + b * N, rows, N);
-            else
-                centralize_rows_f32((const float *)src[i] + b * N, (float *)dst[i] + b * N, rows, N);
-            continue;
+    if (elements >= PARALLEL_MIN && nthreads > 1) {
+        int64_t *items = (int64_t *)malloc((size_t)total * 3 * sizeof(int64_t));
+        if (!items) return -1;
+        for (int64_t k = 0; k < total; k++, next_item(job, n, &i, &b, &c)) {
+            items[3 * k] = i; items[3 * k + 1] = b; items[3 * k + 2] = c;
         }
-        const int64_t w = (M - c) < CH ? (M - c) : CH;
-        const int64_t off = b * N * M + c;
-        const double *p = params + 3 * i;
-        const double inv = p[0], beta = p[1];
-        if (w == CH) {
-            DISPATCH(CH)
-        } else {
-            DISPATCH(w)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+        for (int64_t t = 0; t < total; t++) {
+            const int64_t k = items[3 * t];
+            const ahead_t ahead = t + 1 < total ? ahead_of(job, src, n, items[3 * t + 3], items[3 * t + 4], items[3 * t + 5])
+                                                : (ahead_t){NULL, 0, 0, 0};
+            run_item(job + k, src[k], dst[k], items[3 * t + 1], items[3 * t + 2], ahead);
         }
+        free(items);
+        return 0;
     }
-    free(items);
+#endif
+    (void)nthreads;
+    while (i < n) {
+        int64_t i2 = i, b2 = b, c2 = c;
+        next_item(job, n, &i2, &b2, &c2);
+        run_item(job + i, src[i], dst[i], b, c, ahead_of(job, src, n, i2, b2, c2));
+        i = i2, b = b2, c = c2;
+    }
     return 0;
 }
 
-/* One job, its description passed by value (no arrays to build on the caller's side): the pure functions. */
-int cdg_run1(int64_t src, int64_t dst, int64_t B, int64_t N, int64_t M, double p0, double p1, double p2, int32_t kind,
-             int32_t nthreads) {
-    const int64_t s[1] = {src}, d[1] = {dst}, dims[3] = {B, N, M};
-    const double params[3] = {p0, p1, p2};
-    const int32_t kinds[1] = {kind};
-    return cdg_run(1, s, d, dims, params, kinds, nthreads);
+/* One job (the pure functions): no address arrays to build on the caller's side. */
+int cdg_run_one(int64_t src, int64_t dst, const job_t *job, int32_t nthreads) {
+    return cdg_run(1, &src, &dst, job, nthreads);
 }
 
 /* Per-frequency power iteration (cdgrad.norm_bounds.conv_norm_power, per_frequency=True), vectorised across
