@@ -52,7 +52,7 @@ def estimates(w: torch.Tensor, n: tuple[int, int], moved: torch.Tensor) -> dict[
     _, xf = conv_norm_power(w, n, iters=50, per_frequency=True)
     _, u = reshaped_norm_power(w, iters=50)
     fns = {
-        "exact (FFT + SVD)": lambda: conv_operator_norm(moved, n),
+        "exact (spectrum + SVD)": lambda: conv_operator_norm(moved, n),
         "power, cold, 10 its": lambda: conv_norm_power(moved, n, iters=10)[0],
         "power, warm, 2 its": lambda: conv_norm_power(moved, n, vector=x, iters=2)[0],
         "per-freq power, cold, 10 its": lambda: conv_norm_power(moved, n, iters=10, per_frequency=True)[0],
@@ -81,7 +81,7 @@ def bench_bounds(image: int, min_run_time: float, dev: torch.device, nets: tuple
     for _, w, n in picks.values():
         w = w.to(dev)
         found = estimates(w, n, nudged(w, gen))
-        exact = found["exact (FFT + SVD)"][1]
+        exact = found["exact (spectrum + SVD)"][1]
         for k, (fn, value) in found.items():
             t = seconds(fn, min_run_time=min_run_time)
             print(f"  {str(tuple(w.shape)) + f' @ {n[0]}':26s} {k:28s} {1e3 * t:9.3f} {value / exact:10.4f}")
@@ -91,7 +91,7 @@ def bench_bounds(image: int, min_run_time: float, dev: torch.device, nets: tuple
         print(f"\n  {net}, all {len(layers)} convs:  {'estimate':28s} {'time ms':>9s} {'tightness min..max':>20s}")
         for k in per_layer[0]:
             t = seconds(lambda k=k, fs=per_layer: [f[k][0]() for f in fs], min_run_time=min_run_time)
-            ratios = [f[k][1] / f["exact (FFT + SVD)"][1] for f in per_layer]
+            ratios = [f[k][1] / f["exact (spectrum + SVD)"][1] for f in per_layer]
             print(f"  {'':26s} {k:28s} {1e3 * t:9.2f} {min(ratios):9.4f}..{max(ratios):.4f}")
 
 

@@ -196,6 +196,27 @@ def test_parameters_without_gradient_are_skipped():
     assert [g.shape for g in spy.seen[0]] == [model[2].weight.shape]
 
 
+def test_parameters_added_or_replaced_after_attach_are_selected():
+    """The selection is kept between steps and decided afresh when the optimizer's parameters change: a group
+    added after `attach`, a parameter replaced in a group's list."""
+    model = init(small_net())
+    first, second = model[0].weight, model[2].weight
+    opt = torch.optim.SGD([first], lr=0.1)
+    spy = Spy(cdgrad.ChannelDirected("sobolev", 1.0))
+    handle = cdgrad.attach(opt, spy)
+    loss_fn(model, 0).backward()
+    opt.step()
+    assert [id(p) for p in handle.selected()] == [id(first)]
+    opt.add_param_group({"params": [second], "lr": 0.05})
+    loss_fn(model, 1).backward()
+    opt.step()
+    assert [g.shape for g in spy.seen[-1]] == [first.shape, second.shape]
+    replacement = torch.nn.Parameter(torch.randn_like(second))
+    replacement.grad = torch.randn_like(second)
+    opt.param_groups[1]["params"][0] = replacement  # in place: the list object is the same
+    assert [id(p) for p in handle.selected()] == [id(first), id(replacement)]
+
+
 def test_step_with_a_closure_transforms_the_closures_gradients():
     """`step(closure)` computes the gradients inside the step, after the pre-hook: the transform runs after each
     evaluation of the closure. SGD: step(closure), positional or keyword, equals backward-then-step; LBFGS (several

@@ -94,8 +94,9 @@ def weight_updating_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.O
 class AttachHandle:
     """Returned by `attach`; `remove()` detaches the transform (also usable as a context manager).
 
-    Each parameter's selection is decided once and cached until the transform's `state_version` changes
-    (a `load_state_dict`, a hyper-parameter assignment), then decided afresh.
+    The selection is decided once and kept until the transform's `state_version` changes (a `load_state_dict`, a
+    hyper-parameter assignment) or the optimizer's parameters change (a group added, a parameter replaced), then
+    decided afresh.
     """
 
     def __init__(
@@ -105,8 +106,10 @@ class AttachHandle:
         self.transform = transform
         # attach(..., params=) is `masked(transform, params)`: one selection mechanism
         self._effective: GradientTransform = transform if params is None else Masked(transform, params)
-        self._select_cache: dict[int, bool] = {}
-        self._cache_version = self._effective.state_version
+        # the parameters the transform selects, decided once per (state version, parameters of the optimizer)
+        self._chosen: list[Tensor] = []
+        self._chosen_for: tuple[int, tuple[int, ...]] | None = None
+        self._known: list[Tensor] = []  # holds every parameter seen, so that no id in the key is reused
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self.removed = False
         self._post_hook = optimizer.register_step_post_hook(self._post_step)
@@ -116,30 +119,26 @@ class AttachHandle:
         return self._selection()[0]
 
     def _selection(self) -> tuple[list[Tensor], list[Tensor]]:
-        version = self._effective.state_version
-        if version != self._cache_version:  # the transform's state changed: decide afresh
-            self._select_cache.clear()
-            self._cache_version = version
-        cache, select = self._select_cache, self._effective.select
+        groups = self.optimizer.param_groups
+        key = (self._effective.state_version, tuple(id(p) for group in groups for p in group["params"]))
+        if key != self._chosen_for:  # new state or other parameters: decide afresh
+            select = self._effective.select
+            self._known = [p for group in groups for p in group["params"]]
+            self._chosen = [p for p in self._known if select(p)]
+            self._chosen_for = key
         params, grads = [], []
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                key = id(p)
-                chosen = cache.get(key)
-                if chosen is None:  # a parameter's shape does not change: decide once per state
-                    chosen = cache[key] = bool(select(p))
-                if chosen:
-                    if g.layout is not torch.strided or g.dtype not in _FLOATING:
-                        raise TypeError(
-                            f"cdgrad.attach: the gradient of a parameter of shape {tuple(p.shape)} is "
-                            f"{'sparse' if g.layout is not torch.strided else g.dtype}; accepted: dense "
-                            "floating-point gradients (float16, bfloat16, float32, float64)"
-                        )
-                    params.append(p)
-                    grads.append(g)
+        for p in self._chosen:
+            g = p.grad
+            if g is None:
+                continue
+            if g.layout is not torch.strided or g.dtype not in _FLOATING:
+                raise TypeError(
+                    f"cdgrad.attach: the gradient of a parameter of shape {tuple(p.shape)} is "
+                    f"{'sparse' if g.layout is not torch.strided else g.dtype}; accepted: dense "
+                    "floating-point gradients (float16, bfloat16, float32, float64)"
+                )
+            params.append(p)
+            grads.append(g)
         return params, grads
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
