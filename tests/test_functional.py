@@ -6,6 +6,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import cdgrad
+from cdgrad import _kernels as K
 from cdgrad import _native
 from cdgrad import functional as F
 from helpers import dense_laplacian_smooth, dense_sobolev, fft_sobolev, loop_centralize, loop_h0, rel_err
@@ -245,6 +246,36 @@ def test_bad_types_and_values():
         cdgrad.centralize(torch.randn(5))
     with pytest.raises(ValueError, match="metric"):
         F.channel_directed(torch.randn(3, 3), "h1", 1.0)
+
+
+def test_a_replayed_call_equals_the_validated_one_and_bad_input_is_still_refused():
+    """A pure call whose arguments and gradient layout were validated before replays that decision (the kept kernel
+    job) without the checks: the same numbers, and every argument that was not validated before still gets its
+    error, even right after a valid call with equal-looking values."""
+    g = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(5))
+    for fn, args, fresh in (
+        (F.channel_directed, ("sobolev", 0.7, 0.1, 0), lambda: K.sobolev_reference(g, 0.7, 0, 0.1)),
+        (cdgrad.laplacian_smooth, (0.4, 0), lambda: K.laplacian_reference(g, 0.4, 0)),
+        (cdgrad.centralize, (), lambda: K.centralize_reference(g)),
+    ):
+        first, again = fn(g, *args), fn(g, *args)  # validated, then replayed
+        assert torch.equal(first, again) and again.data_ptr() != first.data_ptr()
+        assert rel_err(again.double(), fresh().double()) < 1e-6
+    cdgrad.sobolev(g, 1.0)
+    with pytest.raises(TypeError, match="lam"):
+        cdgrad.sobolev(g, True)  # equal to 1 and to 1.0, but a bool
+    with pytest.raises(ValueError, match="lam"):
+        cdgrad.sobolev(g, float("nan"))
+    with pytest.raises(ValueError, match="dim"):
+        cdgrad.sobolev(g, 1.0, dim=4)
+    with pytest.raises(TypeError, match="floating"):
+        cdgrad.sobolev(g.to(torch.int32), 1.0)
+    with pytest.raises(TypeError, match="sparse"):
+        cdgrad.sobolev(g.to_sparse(), 1.0)
+    np = pytest.importorskip("numpy")
+    assert torch.equal(cdgrad.sobolev(g, np.float64(1.0)), cdgrad.sobolev(g, 1.0))  # validated, then equal
+    assert torch.equal(cdgrad.sobolev(g, 1), cdgrad.sobolev(g, 1.0))
+    assert torch.equal(cdgrad.sobolev(g, 1.0, dim=-4), cdgrad.sobolev(g, 1.0, dim=0))
 
 
 def test_native_fast_path_is_used_for_lists(monkeypatch):

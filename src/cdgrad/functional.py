@@ -77,6 +77,12 @@ def plain_route(device: torch.device | str) -> Literal["native", "reference"]:
 
 
 # ----------------------------------------------------------------------------------------- validation
+def _plain(value: object) -> bool:
+    """A plain `int` or `float` (not a bool, not a numpy or tensor scalar): such arguments equal to validated ones
+    are valid themselves, so the pure functions may replay a validated call's decision for them."""
+    return type(value) is float or type(value) is int
+
+
 def check_metric(metric: Any) -> str:
     """One of `METRICS`."""
     return str(check_choice(metric, "metric", METRICS))
@@ -182,6 +188,10 @@ def multiply_(grad: Tensor, factor: Tensor) -> None:
 # -------------------------------------------------------------------------------------- public API
 def channel_directed(grad: Tensor, metric: str, lam: float, beta: float = 0.0, dim: int | None = 0) -> Tensor:
     """Metric gradient plus `beta` times the ordinary gradient, out of place, validated."""
+    if type(metric) is str and _plain(lam) and _plain(beta) and (dim is None or type(dim) is int):
+        out = K.replay_out_of_place(grad, ("channel", metric, lam, beta, dim))  # a call validated before
+        if out is not None:
+            return out
     check_grad(grad)
     metric = check_metric(metric)
     lam = check_positive(lam, "lam")
@@ -231,6 +241,10 @@ def laplacian_smooth(grad: Tensor, sigma: float, dim: int | None = None) -> Tens
     published code does).  Computed with the Fourier multiplier `1 / (1 + 2 sigma (1 - cos(2 pi k / n)))`.
     sigma = 0 returns f.
     """
+    if _plain(sigma) and (dim is None or type(dim) is int):
+        out = K.replay_out_of_place(grad, ("laplacian", sigma, dim))  # a call validated before
+        if out is not None:
+            return out
     check_grad(grad)
     sigma = check_nonnegative(sigma, "sigma")
     return laplacian_smooth_checked(grad, sigma, check_dim(dim, grad))
@@ -252,6 +266,9 @@ def centralize(grad: Tensor) -> Tensor:
 
     Needs a tensor with 2 or more dims (conv and linear weights); dim 0 is the output axis.
     """
+    out = K.replay_out_of_place(grad, ("centralize",))  # a gradient of this layout validated before
+    if out is not None:
+        return out
     return centralize_checked(check_centralizable(grad))
 
 
