@@ -294,8 +294,8 @@ def _run_(
     native = native_usable()
     central = metric == _native.CENTRALIZE
     statics = _statics(family) if native else {}
-    jobs, copies = _native.Jobs(), []
-    src, dst, packed = jobs.src.append, jobs.dst.append, jobs.statics.append  # the per-tensor loop, kept lean
+    jobs, copies = _native.Jobs(in_place=True), []
+    address, packed = jobs.src.append, jobs.statics.append  # the per-tensor loop, kept lean
     for g in grads:
         if native and type(g) is Tensor and g.is_cpu:
             key = (g.shape, g.dtype) if g.is_contiguous() else (g.shape, g.stride(), g.dtype)  # _layout_key, inline
@@ -303,9 +303,7 @@ def _run_(
             if static is None:
                 static = statics[key] = _static(g, metric, params, dim)
             if static:
-                ptr = g.data_ptr()
-                src(ptr)
-                dst(ptr)
+                address(g.data_ptr())
                 packed(static)
                 continue
         if g.numel() == 0:

@@ -371,9 +371,10 @@ class Jobs:
 
     __slots__ = ("src", "dst", "statics")
 
-    def __init__(self) -> None:
+    def __init__(self, in_place: bool = False) -> None:
+        """`in_place`: every job writes where it reads (`dst` is `src`, one list)."""
         self.src: list[int] = []
-        self.dst: list[int] = []
+        self.dst: list[int] = self.src if in_place else []
         self.statics: list[Static] = []
 
     @staticmethod
@@ -402,7 +403,10 @@ class Jobs:
     def add_static(self, src: int, dst: int, static: Static) -> None:
         """One job from a packed static part (`Jobs.static`)."""
         self.src.append(src)
-        self.dst.append(dst)
+        if self.dst is not self.src:
+            self.dst.append(dst)
+        elif dst != src:
+            raise ValueError("an in-place job list takes jobs whose destination is their source")
         self.statics.append(static)
 
     def __len__(self) -> int:
@@ -416,7 +420,8 @@ class Jobs:
     def run(self, num_threads: int) -> None:
         lib = library()
         assert lib is not None
-        src, dst = array("q", self.src), array("q", self.dst)
+        src = array("q", self.src)
+        dst = src if self.dst is self.src else array("q", self.dst)
         status = lib.cdg_run(len(src), src.buffer_info()[0], dst.buffer_info()[0], b"".join(self.statics), num_threads)
         if status != 0:
             raise MemoryError("cdgrad native kernel could not allocate its work list")
