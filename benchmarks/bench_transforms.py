@@ -155,8 +155,11 @@ def profile_small_call(min_time, shape=(16, 16, 3, 3)):
     threads = torch.get_num_threads()
     job = _native.Jobs.static(b, n, m, 1.0 / (n * n), 0.0, _native.SOBOLEV, False)
     stages = {
-        "the whole call: cdgrad.sobolev(g, 1.0)": lambda: cdgrad.sobolev(g, 1.0),
-        "validation (grad, metric, lam, beta, dim)": lambda: (
+        "the whole call: cdgrad.sobolev(g, 1.0), replayed (validated before)": lambda: cdgrad.sobolev(g, 1.0),
+        "the validated path of a first call (checks, route, job lookup, kernel)": lambda: F.channel_directed_checked(
+            check_grad(g), F.check_metric("sobolev"), check_positive(1.0, "lam"), check_real(0.0, "beta"), 0
+        ),
+        "validation alone (grad, metric, lam, beta, dim)": lambda: (
             check_grad(g),
             F.check_metric("sobolev"),
             check_positive(1.0, "lam"),
