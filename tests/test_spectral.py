@@ -147,6 +147,22 @@ def test_half_spectrum_by_the_dft_basis_equals_numpy_fft(o, i, kh, kw, n_h, n_w,
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12 * max(1.0, float(np.abs(expected).max())))
 
 
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (1, 2), (2, 4), (4, 4)])
+def test_half_spectrum_is_exact_at_quarter_turns(size):
+    """Where every phase is a multiple of a quarter turn the DFT basis is exactly 0 and +-1 (as the FFT's twiddles
+    are): the spectrum of a real kernel is exactly real wherever it is real, with no 1e-16 residues, which a Gram
+    iteration would square into float32 denormals."""
+    from cdgrad._conv_spectrum import half_spectrum
+
+    w = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(2))
+    got = half_spectrum(w, size)
+    for u in range(size[0]):
+        for v in range(size[1] // 2 + 1):
+            real = (2 * u) % size[0] == 0 and (2 * v) % size[1] == 0  # phases 0 or pi only: a real spectrum
+            assert not real or bool((got[u, v].imag == 0).all()), (u, v)
+    assert bool((got.imag != 0).any()) == any(n > 2 for n in size)
+
+
 def test_padding_offset_does_not_change_singular_values():
     w = torch.randn(2, 3, 3, 2, dtype=F64)
     a = torch.linalg.svdvals(dense_by_basis(w, 5, 4, shift=(0, 0)))

@@ -157,16 +157,26 @@ _DFT_MAX_TAPS = 32  # kernels with more taps than this take the FFT (its cost gr
 _BASES: dict[tuple[object, ...], Tensor] = {}
 
 
-def _phases(taps: tuple[int, int], size: tuple[int, int]) -> Tensor:
-    """``-2 pi (u a / n_h + v b / n_w)`` (float64) for the half-spectrum frequencies ``(u, v)`` (rows, ``v``
-    fastest) and the taps ``(a, b)`` (columns, ``b`` fastest), from exact integer products reduced modulo n."""
+def _roots(taps: tuple[int, int], size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """``cos`` and ``sin`` (float64) of the phase ``-2 pi (u a / n_h + v b / n_w)`` for the half-spectrum
+    frequencies ``(u, v)`` (rows, ``v`` fastest) and the taps ``(a, b)`` (columns, ``b`` fastest).
+
+    The turn is taken from exact integer products reduced modulo n; at multiples of a quarter turn the values are
+    exactly 0 and +-1, as in the FFT (``sin(pi)`` rounds to 1e-16, and such residues, squared in a Gram
+    iteration, fall into the float32 denormals and slow every product down)."""
     (kh, kw), (n_h, n_w) = taps, size
     u = torch.arange(n_h, dtype=torch.int64)[:, None, None, None]
     v = torch.arange(n_w // 2 + 1, dtype=torch.int64)[None, :, None, None]
     a = torch.arange(kh, dtype=torch.int64)[None, None, :, None]
     b = torch.arange(kw, dtype=torch.int64)[None, None, None, :]
-    phase = -2.0 * math.pi * (((u * a) % n_h).double() / n_h + ((v * b) % n_w).double() / n_w)
-    return phase.reshape(-1, kh * kw)
+    turn = (((u * a) % n_h) * n_w + ((v * b) % n_w) * n_h).reshape(-1, kh * kw)  # in units of 1 / (n_h n_w)
+    phase = -2.0 * math.pi * (turn.double() / (n_h * n_w))
+    cos, sin = torch.cos(phase), torch.sin(phase)
+    quarter = (4 * turn) % (n_h * n_w) == 0
+    k = ((4 * turn) // (n_h * n_w)) % 4  # e^{-i k pi / 2}: 1, -i, -1, i
+    exact_cos = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=torch.float64)[k]
+    exact_sin = torch.tensor([0.0, -1.0, 0.0, 1.0], dtype=torch.float64)[k]
+    return torch.where(quarter, exact_cos, cos), torch.where(quarter, exact_sin, sin)
 
 
 def _cached(key: tuple[object, ...], make: Any) -> Tensor:
@@ -183,8 +193,8 @@ def _dft_basis(taps: tuple[int, int], size: tuple[int, int], dtype: torch.dtype,
     """``E[(u, v), (a, b)] = exp(-2 pi i (u a / n_h + v b / n_w))``, shape ``(n_h (n_w // 2 + 1), kh kw)``; cached."""
 
     def make() -> Tensor:
-        phase = _phases(taps, size)
-        return torch.polar(torch.ones_like(phase), phase).to(dtype=dtype, device=device)
+        cos, sin = _roots(taps, size)
+        return torch.complex(cos, sin).to(dtype=dtype, device=device)
 
     return _cached(("complex", taps, size, dtype, device), make)
 
@@ -195,10 +205,10 @@ def planar_dft_basis(taps: tuple[int, int], size: tuple[int, int], dtype: torch.
     ``f >= F = n_h (n_w // 2 + 1)`` up to the next multiple of ``width``; on the CPU, cached."""
 
     def make() -> Tensor:
-        phase = _phases(taps, size).T  # (taps, F), the phases' sign already negative
-        count = phase.shape[1]
-        out = torch.zeros(phase.shape[0], 2, -(-count // width) * width, dtype=torch.float64)
-        out[:, 0, :count], out[:, 1, :count] = torch.cos(phase), torch.sin(phase)
+        cos, sin = _roots(taps, size)
+        count = cos.shape[0]
+        out = torch.zeros(cos.shape[1], 2, -(-count // width) * width, dtype=torch.float64)
+        out[:, 0, :count], out[:, 1, :count] = cos.T, sin.T
         return out.to(dtype)
 
     return _cached(("planar", taps, size, dtype, width), make)
