@@ -17,8 +17,12 @@ from torch import Tensor
 from . import _native
 
 __all__ = [
+    "CENTRALIZE_FAMILY",
     "DIRECTIONS",
     "METRICS",
+    "channel_family",
+    "laplacian_family",
+    "replay_out_of_place",
     "centralize_reference",
     "centralize_inplace_",
     "centralize_plain",
@@ -256,6 +260,19 @@ def _statics(family: tuple[object, ...], registry: dict[tuple[object, ...], Stat
     return found
 
 
+def channel_family(metric: str, lam: float, beta: float, dim: int | None) -> tuple[object, ...]:
+    """The key of the kept jobs of `channel_directed` with these arguments (in place and pure)."""
+    return ("channel", metric, lam, beta, dim)
+
+
+def laplacian_family(sigma: float, dim: int | None) -> tuple[object, ...]:
+    """The key of the kept jobs of `laplacian_smooth` with these arguments (in place and pure)."""
+    return ("laplacian", sigma, dim)
+
+
+CENTRALIZE_FAMILY: tuple[object, ...] = ("centralize",)
+
+
 def _layout_key(g: Tensor) -> tuple[object, ...]:
     return (g.shape, g.dtype) if g.is_contiguous() else (g.shape, g.stride(), g.dtype)
 
@@ -271,6 +288,11 @@ def replay_out_of_place(grad: object, family: tuple[object, ...]) -> Tensor | No
     static = statics.get(_layout_key(grad))
     if not static or not native_usable():
         return None
+    return _into_fresh(grad, static)
+
+
+def _into_fresh(grad: Tensor, static: _native.Static) -> Tensor:
+    """The job `static` from `grad` into a fresh tensor of the same layout."""
     out = torch.empty_like(grad)
     _native.run_one(grad.data_ptr(), out.data_ptr(), static, torch.get_num_threads())
     return out
@@ -346,7 +368,7 @@ def channel_directed_plain_(grads: Sequence[Tensor], metric: str, lam: float, be
     float copy; without the kernel (or on other devices) the reference is computed and copied back.
     """
     kernel, params = _channel_params(metric, lam, beta)
-    family = ("channel", metric, lam, beta, dim)
+    family = channel_family(metric, lam, beta, dim)
     _run_(grads, kernel, params, lambda g, axis: REFERENCE[metric](g, lam, axis, beta), dim, family)
 
 
@@ -378,7 +400,7 @@ def laplacian_plain_(grads: Sequence[Tensor], sigma: float, dim: int | None) -> 
         lambda n: coefficients,
         lambda g, axis: laplacian_reference(g, sigma, axis),
         dim,
-        ("laplacian", sigma, dim),
+        laplacian_family(sigma, dim),
     )
 
 
@@ -391,7 +413,7 @@ def centralize_plain_(grads: Sequence[Tensor]) -> None:
         lambda n: (0.0, 0.0, 0.0),
         lambda g, axis: centralize_reference(g),
         0,
-        ("centralize",),
+        CENTRALIZE_FAMILY,
     )
 
 
@@ -415,9 +437,7 @@ def _out_of_place(
     if static is None:
         static = statics[key] = _static(grad, metric, params, dim)
     if static:
-        out = torch.empty_like(grad)
-        _native.run_one(grad.data_ptr(), out.data_ptr(), static, torch.get_num_threads())
-        return out
+        return _into_fresh(grad, static)
     out = grad.to(dtype=compute_dtype(grad.dtype), copy=True)
     in_place([out])
     return out if out.dtype == grad.dtype else out.to(grad.dtype)
@@ -438,7 +458,7 @@ def channel_directed_plain(grad: Tensor, metric: str, lam: float, beta: float, d
         kernel,
         params,
         dim,
-        ("channel", metric, lam, beta, dim),
+        channel_family(metric, lam, beta, dim),
         lambda out: channel_directed_plain_(out, metric, lam, beta, dim),
         lambda: REFERENCE[metric](grad, lam, dim, beta),
     )
@@ -454,7 +474,7 @@ def laplacian_plain(grad: Tensor, sigma: float, dim: int | None) -> Tensor:
         _native.LAPLACIAN,
         lambda n: coefficients,
         dim,
-        ("laplacian", sigma, dim),
+        laplacian_family(sigma, dim),
         lambda out: laplacian_plain_(out, sigma, dim),
         lambda: laplacian_reference(grad, sigma, dim),
     )
@@ -467,7 +487,7 @@ def centralize_plain(grad: Tensor) -> Tensor:
         _native.CENTRALIZE,
         lambda n: (0.0, 0.0, 0.0),
         0,
-        ("centralize",),
+        CENTRALIZE_FAMILY,
         centralize_plain_,
         lambda: centralize_reference(grad),
     )

@@ -189,7 +189,7 @@ def multiply_(grad: Tensor, factor: Tensor) -> None:
 def channel_directed(grad: Tensor, metric: str, lam: float, beta: float = 0.0, dim: int | None = 0) -> Tensor:
     """Metric gradient plus `beta` times the ordinary gradient, out of place, validated."""
     if type(metric) is str and _plain(lam) and _plain(beta) and (dim is None or type(dim) is int):
-        out = K.replay_out_of_place(grad, ("channel", metric, lam, beta, dim))  # a call validated before
+        out = K.replay_out_of_place(grad, K.channel_family(metric, lam, beta, dim))  # a call validated before
         if out is not None:
             return out
     check_grad(grad)
@@ -242,7 +242,7 @@ def laplacian_smooth(grad: Tensor, sigma: float, dim: int | None = None) -> Tens
     sigma = 0 returns f.
     """
     if _plain(sigma) and (dim is None or type(dim) is int):
-        out = K.replay_out_of_place(grad, ("laplacian", sigma, dim))  # a call validated before
+        out = K.replay_out_of_place(grad, K.laplacian_family(sigma, dim))  # a call validated before
         if out is not None:
             return out
     check_grad(grad)
@@ -266,7 +266,7 @@ def centralize(grad: Tensor) -> Tensor:
 
     Needs a tensor with 2 or more dims (conv and linear weights); dim 0 is the output axis.
     """
-    out = K.replay_out_of_place(grad, ("centralize",))  # a gradient of this layout validated before
+    out = K.replay_out_of_place(grad, K.CENTRALIZE_FAMILY)  # a gradient of this layout validated before
     if out is not None:
         return out
     return centralize_checked(check_centralizable(grad))

@@ -192,9 +192,9 @@ def conv_norm_power(
 
 
 def _squared_norms(x: Tensor) -> Tensor:
-    """``||x[..., :, j]||^2`` over the second-to-last axis, real (summing squares of the real view is several times
-    faster than a complex `vector_norm` on the CPU)."""
-    return torch.view_as_real(x).square().sum(dim=(-3, -1)) if x.is_complex() else x.square().sum(dim=-2)
+    """``||x[..., :, j]||^2`` of a complex ``x`` over its second-to-last axis, real (summing squares of the real
+    view is several times faster than a complex `vector_norm` on the CPU)."""
+    return torch.view_as_real(x).square().sum(dim=(-3, -1))
 
 
 def _power_per_frequency(weight: Tensor, size: tuple[int, int], vector: Any, n: int) -> tuple[Tensor, Tensor]:
